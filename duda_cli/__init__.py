@@ -1,0 +1,1 @@
+"""The `duda` command line: option parsing, console output and exit codes only."""

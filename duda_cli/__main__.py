@@ -1,0 +1,3 @@
+from duda_cli.app import main
+
+main()

@@ -1,0 +1,40 @@
+"""The Typer application: `duda <command>`. Each command lives in `duda_cli/commands/`."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from duda_cli.commands import config_cmd, prepare_data
+from stages import __version__
+
+app = typer.Typer(
+    name="duda",
+    help="Online-offline dual domain adaptation (DUDA) for semantic segmentation.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"duda {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[Optional[bool], typer.Option(
+        "--version", callback=_version, is_eager=True, help="Print the version and exit.")] = None,
+) -> None:
+    """Online-offline dual domain adaptation (DUDA) for semantic segmentation."""
+
+
+prepare_data.register(app)
+app.add_typer(config_cmd.app, name="config")
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,38 @@
+"""`duda prepare-data`: build the dataset index artifact."""
+
+from __future__ import annotations
+
+import typer
+from rich.table import Table
+
+from duda_cli import options
+from duda_cli.console import ConsoleReporter, default_path, finish, load, setup_logging, user_errors
+from stages import prepare_data as stage
+
+
+def register(app: typer.Typer) -> None:
+    app.command("prepare-data")(prepare_data)
+
+
+def prepare_data(config: options.Config, set_: options.Set = None, out: options.Out = None,
+                 force: options.Force = False, seed: options.Seed = None,
+                 data_root: options.DataRoot = None, as_json: options.Json = False,
+                 quiet: options.Quiet = False) -> None:
+    """Index the source and target datasets (or generate the synthetic benchmark)."""
+    setup_logging(quiet)
+    with user_errors():
+        cfg = load(config, set_, seed, data_root)
+        result = stage.run(cfg, default_path(cfg, out, "data"), force=force,
+                           reporter=ConsoleReporter(quiet))
+    finish(result, as_json, quiet, "dataset index", _table(result.manifest.summary))
+
+
+def _table(summary: dict) -> Table:
+    table = Table(title="dataset index")
+    for column in ("domain", "split", "layout", "pairs", "images without labels",
+                   "labels without images"):
+        table.add_column(column, justify="right" if column[0] in "pil" else "left")
+    for row in summary.get("splits", []):
+        table.add_row(row["domain"], row["split"], row["layout"], str(row["pairs"]),
+                      str(row["images_without_labels"]), str(row["labels_without_images"]))
+    return table

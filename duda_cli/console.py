@@ -1,0 +1,125 @@
+"""Console output for the commands: errors, progress bars, tables, `--json`.
+
+Human output goes to stderr; `--json` prints one object to stdout. `DudaError` becomes one
+message and exit code 2; anything else is a bug and keeps its traceback (exit 1).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                           TimeElapsedColumn, TimeRemainingColumn)
+from rich.table import Table
+
+from stages.artifacts import StageResult
+from stages.config import Config, load_config
+from stages.errors import DudaError
+from stages.reporting import Reporter, Task
+
+stderr = Console(stderr=True)
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """Turn a `DudaError` into one message on stderr and exit code 2."""
+    try:
+        yield
+    except DudaError as error:
+        stderr.print(f"[bold red]error:[/] {error.message}", highlight=False, markup=True,
+                     soft_wrap=True)
+        if error.fix:
+            stderr.print(f"[bold]fix:[/] {error.fix}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+
+
+def setup_logging(quiet: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+    logger = logging.getLogger("duda")
+    logger.handlers[:] = [handler]
+    logger.setLevel(logging.WARNING if quiet else logging.INFO)
+    logger.propagate = False
+
+
+def load(config: Path, overrides: list[str] | None, seed: int | None,
+         data_root: Path | None) -> Config:
+    overrides = list(overrides or [])
+    if seed is not None:
+        overrides.append(f"seed={seed}")
+    return load_config(config, overrides, data_root)
+
+
+def default_path(config: Config, given: Path | None, name: str) -> Path:
+    """`given`, or runs/<experiment>/<name>."""
+    return given if given is not None else Path("runs") / config.experiment / name
+
+
+class _RichTask(Task):
+    def __init__(self, progress: Progress, description: str, total: int | None,
+                 completed: int) -> None:
+        super().__init__(description, total, completed)
+        self._progress = progress
+        self._id = progress.add_task(description, total=total, completed=completed, info="")
+
+    def advance(self, steps: int = 1, **fields: Any) -> None:
+        super().advance(steps, **fields)
+        info = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                        for k, v in self.fields.items())
+        self._progress.update(self._id, advance=steps, info=info)
+
+    def close(self) -> None:
+        self._progress.stop()
+
+
+class ConsoleReporter(Reporter):
+    """A rich progress bar on a terminal; plain periodic log lines otherwise."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.quiet = quiet
+
+    def task(self, description: str, total: int | None, completed: int = 0,
+             log_every: int = 0) -> Task:
+        if self.quiet or not stderr.is_terminal:
+            return Task(description, total, completed,
+                        log_every=0 if self.quiet else (log_every or _default_every(total)))
+        progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                            TimeElapsedColumn(), TimeRemainingColumn(),
+                            TextColumn("{task.fields[info]}"), console=stderr, transient=False)
+        progress.start()
+        return _RichTask(progress, description, total, completed)
+
+    def info(self, message: str) -> None:
+        if not self.quiet:
+            stderr.print(message, highlight=False)
+
+
+def _default_every(total: int | None) -> int:
+    return max(1, (total or 100) // 10)
+
+
+def finish(result: StageResult, as_json: bool, quiet: bool, what: str,
+           table: Table | None = None) -> None:
+    """Print the artifact path (and its headline table), or the JSON object."""
+    summary = result.manifest.summary
+    if as_json:
+        print(json.dumps({"artifact": str(result.path), "up_to_date": result.up_to_date,
+                          "summary": summary}))
+        return
+    if quiet:
+        return
+    if table is not None:
+        stderr.print(table)
+    if result.up_to_date:
+        stderr.print(f"{what} is up to date (same config and inputs): {result.path}",
+                     highlight=False)
+    else:
+        stderr.print(f"wrote {what}: {result.path}", highlight=False)

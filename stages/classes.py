@@ -1,0 +1,88 @@
+"""The class tables: the 19 Cityscapes training classes, their palette, and the evaluation protocols.
+
+Defined once here and used by every stage (ALGORITHM.md A.1, F.2). A `ClassTable` is what a
+dataset index records and what checkpoints and pseudo-label stores are checked against.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict
+
+IGNORE_INDEX = 255
+
+CITYSCAPES_CLASSES: tuple[str, ...] = (
+    "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign",
+    "vegetation", "terrain", "sky", "person", "rider", "car", "truck", "bus", "train",
+    "motorcycle", "bicycle",
+)
+
+CITYSCAPES_PALETTE: tuple[tuple[int, int, int], ...] = (
+    (128, 64, 128), (244, 35, 232), (70, 70, 70), (102, 102, 156), (190, 153, 153),
+    (153, 153, 153), (250, 170, 30), (220, 220, 0), (107, 142, 35), (152, 251, 152),
+    (70, 130, 180), (220, 20, 60), (255, 0, 0), (0, 0, 142), (0, 0, 70), (0, 60, 100),
+    (0, 80, 100), (0, 0, 230), (119, 11, 32),
+)
+
+# ALGORITHM.md A.1: Cityscapes / GTA5 label id -> trainId. Every id not listed maps to 255.
+CITYSCAPES_ID_TO_TRAINID: dict[int, int] = {
+    7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11,
+    25: 12, 26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18,
+}
+
+# ALGORITHM.md A.1: SYNTHIA-RAND-CITYSCAPES class id -> trainId (19-way: terrain, truck, train kept).
+SYNTHIA_ID_TO_TRAINID: dict[int, int] = {
+    3: 0, 4: 1, 2: 2, 21: 3, 5: 4, 7: 5, 15: 6, 9: 7, 6: 8, 16: 9, 1: 10, 10: 11, 17: 12,
+    8: 13, 18: 14, 19: 15, 20: 16, 12: 17, 11: 18,
+}
+
+# ALGORITHM.md F.2: the SYNTHIA protocols are subsets of the 19-class IoU vector.
+PROTOCOLS: dict[int, tuple[int, ...]] = {
+    19: tuple(range(19)),
+    16: (0, 1, 2, 3, 4, 5, 6, 7, 8, 10, 11, 12, 13, 15, 17, 18),
+    13: (0, 1, 2, 6, 7, 8, 10, 11, 12, 13, 15, 17, 18),
+}
+
+
+def lookup_table(mapping: dict[int, int], size: int = 256) -> list[int]:
+    """A dense id -> trainId table of `size` entries; ids not in `mapping` map to 255."""
+    table = [IGNORE_INDEX] * size
+    for source_id, train_id in mapping.items():
+        table[source_id] = train_id
+    return table
+
+
+class ClassTable(BaseModel):
+    """Class names and colours of a dataset, and which protocols (class subsets) it reports."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    names: tuple[str, ...]
+    palette: tuple[tuple[int, int, int], ...]
+    protocols: dict[int, tuple[int, ...]]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.names)
+
+    def describe(self) -> str:
+        return f"{self.num_classes} classes ({', '.join(self.names[:4])}, …)"
+
+
+def cityscapes_table(protocols: tuple[int, ...] = (19,)) -> ClassTable:
+    """The 19-class Cityscapes table reporting the given protocols (19, and 16/13 for SYNTHIA)."""
+    return ClassTable(
+        names=CITYSCAPES_CLASSES,
+        palette=CITYSCAPES_PALETTE,
+        protocols={n: PROTOCOLS[n] for n in protocols},
+    )
+
+
+def custom_table(names: list[str]) -> ClassTable:
+    """A table for a user's own classes: a generated palette and the all-class protocol only."""
+    palette = tuple(
+        CITYSCAPES_PALETTE[i] if i < len(CITYSCAPES_PALETTE)
+        else ((37 * i) % 256, (91 * i) % 256, (163 * i) % 256)
+        for i in range(len(names))
+    )
+    return ClassTable(names=tuple(names), palette=palette,
+                      protocols={len(names): tuple(range(len(names)))})

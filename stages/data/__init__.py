@@ -1,0 +1,1 @@
+"""Datasets: on-disk layouts, label conversion, the synthetic benchmark, the dataset index."""

@@ -1,0 +1,131 @@
+"""The dataset index artifact (`duda.dataset_index`): image/label pairs per domain and split.
+
+`prepare-data` writes `index.json` (the `IndexFile` model) into the artifact; every later stage
+reads it through `load_dataset_index`. Labels listed here are already trainIds (uint8 PNG,
+255 = ignore): conversion happens once, in prepare-data. A relative path in the index is
+relative to the artifact directory (converted labels, the synthetic benchmark); an absolute one
+points into the user's dataset.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from stages.artifacts import DATASET_INDEX, ArtifactRef, Manifest, load_artifact
+from stages.classes import ClassTable
+from stages.errors import DudaError
+
+INDEX_FILE = "index.json"
+
+Domain = Literal["source", "target"]
+
+
+class SampleEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: str
+    image: str
+    label: str | None = None
+
+
+class SplitEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    samples: list[SampleEntry]
+    pixel_counts: list[int] | None = None  # per trainId, over the split's labels
+
+
+class DomainEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    layout: str
+    root: str | None = None
+    splits: dict[str, SplitEntry]
+
+
+class IndexFile(BaseModel):
+    """The content of `index.json`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    classes: ClassTable
+    domains: dict[str, DomainEntry]
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One image with its trainId label (None where the split has no ground truth)."""
+
+    id: str
+    image: Path
+    label: Path | None
+
+
+class DatasetIndex:
+    """A loaded, validated dataset index artifact."""
+
+    def __init__(self, path: Path, manifest: Manifest, content: IndexFile) -> None:
+        self.path = path
+        self.manifest = manifest
+        self.content = content
+
+    @property
+    def classes(self) -> ClassTable:
+        return self.content.classes
+
+    @property
+    def num_classes(self) -> int:
+        return self.content.classes.num_classes
+
+    @property
+    def ref(self) -> ArtifactRef:
+        return self.manifest.ref(self.path)
+
+    def has_split(self, domain: Domain, split: str) -> bool:
+        entry = self.content.domains.get(domain)
+        return entry is not None and split in entry.splits
+
+    def samples(self, domain: Domain, split: str) -> list[Sample]:
+        """The samples of `domain`/`split`, in index order (the order stores use)."""
+        if not self.has_split(domain, split):
+            present = {d: sorted(e.splits) for d, e in self.content.domains.items()}
+            raise DudaError(f"dataset index {self.path} has no {domain} split '{split}' "
+                            f"(it has {present})",
+                            "add the split to data.<domain>.splits and rerun prepare-data")
+        return [Sample(id=s.id, image=self._resolve(s.image),
+                       label=self._resolve(s.label) if s.label is not None else None)
+                for s in self.content.domains[domain].splits[split].samples]
+
+    def _resolve(self, path: str) -> Path:
+        candidate = Path(path)
+        return candidate if candidate.is_absolute() else self.path / candidate
+
+
+def load_dataset_index(path: str | Path) -> DatasetIndex:
+    """Load and validate a dataset index artifact."""
+    path = Path(path)
+    manifest = load_artifact(path, DATASET_INDEX)
+    index_path = path / INDEX_FILE
+    try:
+        content = IndexFile.model_validate_json(index_path.read_text())
+    except FileNotFoundError:
+        raise DudaError(f"dataset index {path} has a manifest but no {INDEX_FILE}",
+                        "rebuild it with `duda prepare-data --force`") from None
+    except (ValidationError, ValueError) as error:
+        raise DudaError(f"dataset index {path}: {INDEX_FILE} is corrupt "
+                        f"({str(error).splitlines()[0]})",
+                        "rebuild it with `duda prepare-data --force`") from None
+    return DatasetIndex(path.resolve(), manifest, content)
+
+
+def check_classes(index: DatasetIndex, names: list[str] | tuple[str, ...], what: str) -> None:
+    """Refuse an artifact (`what`) whose class names differ from the dataset index's."""
+    if tuple(names) != tuple(index.classes.names):
+        raise DudaError(f"{what} was made for {len(names)} classes ({', '.join(names[:3])}, …) "
+                        f"but dataset index {index.path} has {index.classes.describe()}",
+                        "use artifacts made for the same class table, or rebuild them "
+                        "against this dataset index")
