@@ -7,7 +7,6 @@ from rich.table import Table
 
 from duda_cli import options
 from duda_cli.console import ConsoleReporter, default_path, finish, load, setup_logging, user_errors
-from stages import prepare_data as stage
 
 
 def register(app: typer.Typer) -> None:
@@ -19,6 +18,8 @@ def prepare_data(config: options.Config, set_: options.Set = None, out: options.
                  data_root: options.DataRoot = None, as_json: options.Json = False,
                  quiet: options.Quiet = False) -> None:
     """Index the source and target datasets (or generate the synthetic benchmark)."""
+    from stages import prepare_data as stage  # imported here: `duda --help` stays fast
+
     setup_logging(quiet)
     with user_errors():
         cfg = load(config, set_, seed, data_root)

@@ -1,0 +1,96 @@
+"""Artifacts: manifest written last, validation on load, up-to-date no-op, cleanup on error."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from stages.artifacts import (CHECKPOINT, DATASET_INDEX, MANIFEST, ArtifactWriter,
+                              load_artifact, read_manifest)
+from stages.errors import DudaError
+
+
+def build(path, config_hash="h", inputs=None, **kwargs):
+    with ArtifactWriter(path, kind=DATASET_INDEX, stage="prepare_data", config={"a": 1},
+                        config_hash=config_hash, inputs=inputs, **kwargs) as writer:
+        if writer.up_to_date:
+            return writer.result()
+        (path / "payload.txt").write_text("x")
+        writer.finish({"pairs": 3}, digest="d")
+    return writer.result()
+
+
+def test_manifest_round_trip(tmp_path) -> None:
+    result = build(tmp_path / "a")
+    manifest = load_artifact(tmp_path / "a", DATASET_INDEX)
+    assert manifest == result.manifest
+    assert manifest.schema_id == "duda.dataset_index/1"
+    assert manifest.summary == {"pairs": 3}
+    assert json.loads((tmp_path / "a" / MANIFEST).read_text())["schema"] == manifest.schema_id
+
+
+def test_same_config_is_up_to_date_and_force_rebuilds(tmp_path) -> None:
+    first = build(tmp_path / "a")
+    again = build(tmp_path / "a")
+    assert again.up_to_date and again.manifest.id == first.manifest.id
+    forced = build(tmp_path / "a", force=True)
+    assert not forced.up_to_date
+
+
+def test_other_config_is_refused_without_force(tmp_path) -> None:
+    build(tmp_path / "a")
+    with pytest.raises(DudaError, match="--force"):
+        build(tmp_path / "a", config_hash="other")
+
+
+def test_error_leaves_nothing_behind(tmp_path) -> None:
+    with pytest.raises(DudaError):
+        with ArtifactWriter(tmp_path / "a", kind=DATASET_INDEX, stage="s", config={},
+                            config_hash="h"):
+            (tmp_path / "a" / "half.txt").write_text("x")
+            raise DudaError("bad input")
+    assert not (tmp_path / "a").exists()
+
+
+def test_resumable_output_keeps_its_state_and_needs_resume(tmp_path) -> None:
+    with pytest.raises(KeyboardInterrupt):
+        with ArtifactWriter(tmp_path / "r", kind=CHECKPOINT, stage="warmup", config={},
+                            config_hash="h", resumable=True):
+            (tmp_path / "r" / "train_state.pt").write_text("x")
+            raise KeyboardInterrupt
+    assert (tmp_path / "r" / "train_state.pt").exists()
+    with pytest.raises(DudaError, match="--resume"):
+        ArtifactWriter(tmp_path / "r", kind=CHECKPOINT, stage="warmup", config={},
+                       config_hash="h", resumable=True).__enter__()
+    writer = ArtifactWriter(tmp_path / "r", kind=CHECKPOINT, stage="warmup", config={},
+                            config_hash="h", resumable=True, resume=True).__enter__()
+    assert writer.resuming
+
+
+def test_unfinished_and_wrong_kind_are_refused(tmp_path) -> None:
+    (tmp_path / "u").mkdir()
+    with pytest.raises(DudaError, match="unfinished"):
+        read_manifest(tmp_path / "u")
+    build(tmp_path / "a")
+    with pytest.raises(DudaError, match="expected a duda.checkpoint"):
+        load_artifact(tmp_path / "a", CHECKPOINT)
+    with pytest.raises(DudaError, match="does not exist"):
+        read_manifest(tmp_path / "missing")
+
+
+def test_corrupt_manifest_is_refused(tmp_path) -> None:
+    build(tmp_path / "a")
+    (tmp_path / "a" / MANIFEST).write_text("{not json")
+    with pytest.raises(DudaError, match="corrupt"):
+        read_manifest(tmp_path / "a")
+
+
+def test_future_version_is_refused(tmp_path) -> None:
+    build(tmp_path / "a")
+    path = tmp_path / "a" / MANIFEST
+    data = json.loads(path.read_text())
+    data["schema"] = "duda.dataset_index/9"
+    path.write_text(json.dumps(data))
+    with pytest.raises(DudaError, match="reads duda.dataset_index/1"):
+        load_artifact(tmp_path / "a", DATASET_INDEX)
