@@ -1,0 +1,1 @@
+"""Network pieces shared by the training stages: losses, pseudo-label rules, the mean teacher."""
