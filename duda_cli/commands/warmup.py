@@ -1,0 +1,52 @@
+"""`duda warmup`: train the source-only (optionally adversarial) warmup checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from duda_cli import options
+from duda_cli.console import ConsoleReporter, default_path, finish, load, setup_logging, user_errors
+
+Init = Annotated[Path | None, typer.Option(
+    "--init", help="Initial weights: a torchvision ImageNet ResNet state dict, a checkpoint "
+    "artifact, or an external DeepLabV2 checkpoint.", show_default=False)]
+
+
+def register(app: typer.Typer) -> None:
+    app.command("warmup")(warmup)
+
+
+def warmup(config: options.Config, data: options.Data = None, init: Init = None,
+           out: options.Out = None, resume: options.Resume = False,
+           force: options.Force = False, set_: options.Set = None,
+           device: options.Device = "auto", seed: options.Seed = None,
+           data_root: options.DataRoot = None, as_json: options.Json = False,
+           quiet: options.Quiet = False) -> None:
+    """Source-only supervised training (optionally with the adversarial warmup)."""
+    from stages import warmup as stage  # imported here: `duda --help` stays fast
+
+    setup_logging(quiet)
+    with user_errors():
+        cfg = load(config, set_, seed, data_root)
+        result = stage.run(cfg, default_path(cfg, data, "data"), default_path(cfg, out, "warmup"),
+                           init=init, resume=resume, force=force, device=device,
+                           reporter=ConsoleReporter(quiet))
+    finish(result, as_json, quiet, "warmup checkpoint", _table(result.manifest.summary))
+
+
+def _table(summary: dict) -> Table:
+    table = Table(title="warmup")
+    table.add_column("figure")
+    table.add_column("value", justify="right")
+    table.add_row("iterations", str(summary.get("iteration")))
+    for name, value in (summary.get("final_loss") or {}).items():
+        table.add_row(f"final {name}", f"{value:.4f}")
+    if summary.get("miou_last") is not None:
+        table.add_row("target-val mIoU (last)", f"{100 * summary['miou_last']:.2f}")
+        table.add_row(f"target-val mIoU (best, iteration {summary['best_iteration']})",
+                      f"{100 * summary['miou_best']:.2f}")
+    return table

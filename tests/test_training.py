@@ -1,0 +1,76 @@
+"""Shared training helpers: optimizer groups and LR, RNG capture/restore, metrics, resume check."""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from stages.config import OptimizerConfig
+from stages.errors import DudaError
+from stages.training import (
+    append_metrics,
+    apply_lr_factor,
+    build_optimizer,
+    capture_rng_state,
+    changed_fields,
+    check_resume_config,
+    learning_rate_factor,
+    restore_rng_state,
+    truncate_metrics,
+)
+
+
+def test_optimizer_is_nesterov_sgd_and_scales_each_group_from_its_base():
+    backbone, head = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(3))
+    cfg = OptimizerConfig(lr=0.01, weight_decay=1.0e-4)
+    optimizer = build_optimizer([{"params": [backbone], "lr": 0.001, "base_lr": 0.001},
+                                 {"params": [head], "lr": 0.01, "base_lr": 0.01}], cfg)
+    assert optimizer.defaults["nesterov"] and optimizer.defaults["momentum"] == 0.9
+    assert [g["weight_decay"] for g in optimizer.param_groups] == [1.0e-4, 1.0e-4]
+    factor = learning_rate_factor(0, 100, cfg)
+    assert factor == pytest.approx(0.2)  # B.2: linear warmup starts at 0.2
+    assert apply_lr_factor(optimizer, factor) == pytest.approx(0.002)
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([0.0002, 0.002])
+    apply_lr_factor(optimizer, 0.5)  # factors never compound
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([0.0005, 0.005])
+
+
+def test_rng_state_survives_a_weights_only_round_trip():
+    random.seed(1)
+    np.random.seed(2)
+    torch.manual_seed(3)
+    np.random.standard_normal()  # leaves a cached gaussian in numpy's legacy state
+    buffer = io.BytesIO()
+    torch.save(capture_rng_state(), buffer)
+    expected = (random.random(), np.random.standard_normal(), torch.rand(3))
+    random.seed(9)
+    np.random.seed(9)
+    torch.manual_seed(9)
+    buffer.seek(0)
+    restore_rng_state(torch.load(buffer, weights_only=True))
+    got = (random.random(), np.random.standard_normal(), torch.rand(3))
+    assert got[0] == expected[0] and got[1] == expected[1] and torch.equal(got[2], expected[2])
+
+
+def test_metrics_lines_after_the_resume_point_are_dropped(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    for iteration in (1, 2, 3):
+        append_metrics(path, {"iteration": iteration, "loss/source_ce": 1.0 / iteration})
+    truncate_metrics(path, 2)
+    assert [json.loads(line)["iteration"] for line in path.read_text().splitlines()] == [1, 2]
+
+
+def test_resume_check_lists_every_changed_field(tmp_path):
+    stored = {"seed": 0, "warmup": {"iterations": 4, "optimizer": {"lr": 0.01}}}
+    current = {"seed": 0, "warmup": {"iterations": 8, "optimizer": {"lr": 0.01, "new": True}}}
+    assert changed_fields(stored, current) == ["warmup.iterations: 4 -> 8",
+                                               "warmup.optimizer.new: (absent) -> true"]
+    check_resume_config(stored, stored, tmp_path)
+    with pytest.raises(DudaError, match="warmup.iterations: 4 -> 8") as error:
+        check_resume_config(stored, current, tmp_path)
+    assert "--force" in error.value.fix
