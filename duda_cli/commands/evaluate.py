@@ -1,0 +1,43 @@
+"""`duda evaluate`: mIoU of a checkpoint on a labelled split, with a per-class table."""
+
+from __future__ import annotations
+
+import typer
+from rich.table import Table
+
+from duda_cli import options
+from duda_cli.console import ConsoleReporter, default_path, finish, load, setup_logging, user_errors
+
+
+def register(app: typer.Typer) -> None:
+    app.command("evaluate")(evaluate)
+
+
+def evaluate(config: options.Config, checkpoint: options.Checkpoint, data: options.Data = None,
+             set_: options.Set = None, out: options.Out = None, force: options.Force = False,
+             device: options.Device = "auto", seed: options.Seed = None,
+             data_root: options.DataRoot = None, as_json: options.Json = False,
+             quiet: options.Quiet = False) -> None:
+    """Evaluate a checkpoint (teacher or student) on target-val: mIoU per protocol, IoU per class."""
+    from stages import evaluate as stage  # imported here: `duda --help` stays fast
+
+    setup_logging(quiet)
+    with user_errors():
+        cfg = load(config, set_, seed, data_root)
+        result = stage.run(cfg, default_path(cfg, data, "data"), checkpoint,
+                           default_path(cfg, out, "evaluate"), force=force, device=device,
+                           reporter=ConsoleReporter(quiet))
+    finish(result, as_json, quiet, "evaluation", _table(result.manifest.summary))
+
+
+def _table(summary: dict) -> Table:
+    table = Table(title=f"{summary.get('model', '')} on {summary.get('domain', '')}/"
+                        f"{summary.get('split', '')} ({summary.get('images', 0)} images)")
+    table.add_column("class")
+    table.add_column("IoU %", justify="right")
+    for name, iou in summary.get("per_class", {}).items():
+        table.add_row(name, f"{100 * iou:.1f}")
+    table.add_section()
+    for protocol, miou in summary.get("miou_by_protocol", {}).items():
+        table.add_row(f"mIoU-{protocol}", f"{100 * miou:.1f}", style="bold")
+    return table

@@ -1,0 +1,225 @@
+"""The `evaluate` stage: mIoU of a checkpoint's teacher or student on a labelled split.
+
+ALGORITHM.md F: whole-image (or sliding-window) inference at the configured size, optional
+flip TTA, predictions upsampled to the ground truth's size, one confusion matrix summed over
+the split, IoU per class and mIoU for every protocol of the dataset's class table (19, and
+16/13 for SYNTHIA-trained models). For the mean teacher, its BatchNorm statistics can first be
+recomputed on target-train (E.7, E.8). Writes an evaluation artifact (`duda.evaluation`) with
+`report.json` and, on request, colourised predictions and image | prediction | ground-truth
+panels under `predictions/`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from stages.artifacts import EVALUATION, ArtifactWriter, StageResult, atomic_write_json
+from stages.checkpoint import LoadedModel, check_compatible, load_checkpoint_manifest, load_model
+from stages.classes import IGNORE_INDEX, ClassTable
+from stages.config import Config, config_hash, stage_config
+from stages.data.crops import resize_image
+from stages.data.full_images import FullImageDataset, collate_full_images
+from stages.data.index import DatasetIndex, Sample, load_dataset_index
+from stages.data.io import read_image
+from stages.devices import resolve_device
+from stages.errors import DudaError
+from stages.inference import SlidingWindow, predict_classes
+from stages.metrics import ConfusionMatrix
+from stages.reporting import Reporter
+
+REPORT_FILE = "report.json"
+PREDICTIONS_DIR = "predictions"
+
+logger = logging.getLogger("duda")
+
+
+def run(config: Config, data: str | Path, checkpoint: str | Path, out: str | Path, *,
+        force: bool = False, device: str = "auto", reporter: Reporter | None = None,
+        ) -> StageResult:
+    """Evaluate `checkpoint` on config.evaluate.domain / split of the dataset index `data`."""
+    reporter = reporter or Reporter()
+    settings = config.evaluate
+    index = load_dataset_index(data)
+    checkpoint = Path(checkpoint)
+    checkpoint_manifest = load_checkpoint_manifest(checkpoint)
+    samples = index.samples(settings.domain, settings.split)
+    _check_labelled(index, samples, settings.domain, settings.split)
+    torch_device = resolve_device(device)
+    section = stage_config(config, "evaluate")
+    inputs = {"data": index.ref, "checkpoint": checkpoint_manifest.ref(checkpoint)}
+
+    with ArtifactWriter(out, kind=EVALUATION, stage="evaluate", config=section,
+                        config_hash=config_hash(section), inputs=inputs, force=force,
+                        device=str(torch_device)) as writer:
+        if writer.up_to_date:
+            reporter.info(f"evaluation {writer.path} is up to date")
+            return writer.result()
+        loaded = load_model(checkpoint, settings.model, torch_device)
+        check_compatible(loaded, index.classes.names, what=f"dataset index {index.path}")
+        recalibration = _recalibrate(config, index, loaded, torch_device, reporter)
+        size = _inference_size(config)
+        window = None
+        if settings.sliding_window:
+            window = SlidingWindow(tuple(settings.window or config.input.crop_size),
+                                   settings.window_overlap)
+        matrix = _evaluate(loaded, samples, size, window, config, writer.path,
+                           index.classes, torch_device, reporter)
+        report = _report(matrix, index.classes, {
+            "domain": settings.domain, "split": settings.split, "images": len(samples),
+            "size": list(size), "flip": settings.flip,
+            "sliding_window": window.describe() if window else None,
+            "model": loaded.which, "iteration": loaded.iteration,
+            "bn_recalibration": recalibration,
+            "checkpoint": str(checkpoint.resolve()),
+        })
+        atomic_write_json(writer.path / REPORT_FILE, report)
+        summary = {key: report[key] for key in ("miou", "miou_by_protocol", "per_class")}
+        summary.update(model=loaded.which, domain=settings.domain, split=settings.split,
+                       images=len(samples), primary_protocol=report["primary_protocol"])
+        digest = hashlib.sha256(matrix.matrix.cpu().numpy().tobytes()).hexdigest()
+        writer.finish(summary, digest)
+    return writer.result()
+
+
+def _check_labelled(index: DatasetIndex, samples: list[Sample], domain: str, split: str) -> None:
+    unlabelled = [sample.id for sample in samples if sample.label is None]
+    if unlabelled:
+        raise DudaError(f"the {domain} split '{split}' of dataset index {index.path} has no "
+                        f"ground truth for {len(unlabelled)} of {len(samples)} images "
+                        f"(first: {unlabelled[0]})",
+                        "evaluate a labelled split: set evaluate.domain / evaluate.split, "
+                        "e.g. --set evaluate.split=val")
+    if not samples:
+        raise DudaError(f"the {domain} split '{split}' of dataset index {index.path} is empty",
+                        "evaluate a split with images")
+
+
+def _inference_size(config: Config) -> tuple[int, int]:
+    settings = config.evaluate
+    if settings.size is not None:
+        return (settings.size[0], settings.size[1])
+    base = config.input.target_size if settings.domain == "target" else config.input.source_size
+    return (base[0], base[1])
+
+
+def _loader(dataset: FullImageDataset, batch_size: int, num_workers: int) -> DataLoader:
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                      collate_fn=collate_full_images, pin_memory=False)
+
+
+def _recalibrate(config: Config, index: DatasetIndex, loaded: LoadedModel,
+                 device: torch.device, reporter: Reporter) -> dict[str, Any] | None:
+    """ALGORITHM.md E.7: recompute the teacher's BN statistics on target-train (full images at
+    the target size). Returns what was done, for the report."""
+    settings = config.evaluate
+    if not settings.recalibrate_bn:
+        return None
+    if loaded.which != "teacher":
+        return {"applied": False, "reason": f"the evaluated model is the {loaded.which}"}
+    from stages.nn.teacher import recalibrate_batchnorm
+
+    samples = index.samples("target", "train")
+    dataset = FullImageDataset(samples, config.input.target_size,
+                               loaded.model_config.normalization)
+    loader = _loader(dataset, settings.batch_size, settings.num_workers)
+    total = len(loader) if settings.recalibrate_batches == 0 else min(
+        settings.recalibrate_batches, len(loader))
+    with reporter.task("recalibrating BN", total=total) as task:
+        def batches():
+            for batch in itertools.islice(loader, total):
+                yield batch["image"]
+                task.advance(1)
+
+        seen = recalibrate_batchnorm(loaded.model, batches(), device)
+    loaded.model.eval()
+    return {"applied": True, "domain": "target", "split": "train", "batches": seen,
+            "images": min(len(samples), seen * settings.batch_size),
+            "size": list(config.input.target_size)}
+
+
+def _evaluate(loaded: LoadedModel, samples: list[Sample], size: tuple[int, int],
+              window: SlidingWindow | None, config: Config, out: Path, classes: ClassTable,
+              device: torch.device, reporter: Reporter) -> ConfusionMatrix:
+    settings = config.evaluate
+    model = loaded.model.eval()
+    dataset = FullImageDataset(samples, size, loaded.model_config.normalization,
+                               with_labels=True)
+    loader = _loader(dataset, settings.batch_size, settings.num_workers)
+    matrix = ConfusionMatrix(len(classes.names))
+    if settings.save_predictions:
+        (out / PREDICTIONS_DIR).mkdir(exist_ok=True)
+    with reporter.task(f"evaluating {settings.domain}/{settings.split}",
+                       total=len(dataset)) as task:
+        for batch in loader:
+            images = batch["image"].to(device, non_blocking=True)
+            labels = [label.to(device, non_blocking=True) for label in batch["label"]]
+            for rows, out_size in _groups_by_size(labels):
+                prediction = predict_classes(model, images[rows], out_size, flip=settings.flip,
+                                             sliding_window=window)
+                target = torch.stack([labels[i] for i in rows])
+                matrix.update(prediction, target)
+                if settings.save_predictions:
+                    for row, i in enumerate(rows):
+                        sample = samples[int(batch["index"][i])]
+                        _save_prediction(out / PREDICTIONS_DIR, sample,
+                                         prediction[row].cpu().numpy(),
+                                         target[row].cpu().numpy(), classes)
+            task.advance(images.shape[0], miou=matrix.miou())
+    return matrix
+
+
+def _groups_by_size(labels: list[torch.Tensor]) -> list[tuple[list[int], tuple[int, int]]]:
+    """Batch rows grouped by label size (one group when every label has the same size)."""
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, label in enumerate(labels):
+        groups.setdefault((int(label.shape[0]), int(label.shape[1])), []).append(i)
+    return [(rows, size) for size, rows in groups.items()]
+
+
+def colorize(label: np.ndarray, palette: tuple[tuple[int, int, int], ...]) -> np.ndarray:
+    """(H, W) uint8/int class map -> (H, W, 3) uint8 RGB; 255 and unknown ids are black."""
+    table = np.zeros((256, 3), np.uint8)
+    table[: len(palette)] = np.asarray(palette, np.uint8)
+    table[IGNORE_INDEX] = 0
+    return table[np.clip(label, 0, 255).astype(np.uint8)]
+
+
+def _save_prediction(folder: Path, sample: Sample, prediction: np.ndarray, target: np.ndarray,
+                     classes: ClassTable) -> None:
+    colour = colorize(prediction, classes.palette)
+    Image.fromarray(colour).save(folder / f"{sample.id}.png")
+    image = resize_image(read_image(sample.image), prediction.shape)
+    panel = np.concatenate([image, colour, colorize(target, classes.palette)], axis=1)
+    Image.fromarray(panel).save(folder / f"{sample.id}_panel.png")
+
+
+def _report(matrix: ConfusionMatrix, classes: ClassTable,
+            protocol: dict[str, Any]) -> dict[str, Any]:
+    iou = matrix.iou().tolist()
+    present = matrix.present().tolist()
+    by_protocol = matrix.miou_by_protocol(classes.protocols)
+    primary = next(iter(by_protocol))
+    return {
+        "miou": by_protocol[primary],
+        "primary_protocol": primary,
+        "miou_by_protocol": by_protocol,
+        "protocols": {name: [classes.names[i] for i in ids]
+                      for name, ids in ((str(k), v) for k, v in classes.protocols.items())},
+        "per_class": dict(zip(classes.names, iou)),
+        "present_in_ground_truth": dict(zip(classes.names, present)),
+        "absent_classes_note": "a class absent from both ground truth and prediction has "
+                               "IoU 0 and counts in the mean (the reference formula, F.1)",
+        "pixel_accuracy": matrix.pixel_accuracy(),
+        "confusion_matrix": matrix.matrix.cpu().tolist(),
+        "confusion_matrix_axes": "rows: ground truth, columns: prediction",
+        "protocol": protocol,
+    }

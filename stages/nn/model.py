@@ -1,0 +1,202 @@
+"""DeepLabV2 with a dilated ResNet backbone (ALGORITHM.md B.1), and its optimiser parameter groups.
+
+The model is `backbone` (a torchvision ResNet made output-stride 8 by dilating layer3 by 2 and
+layer4 by 4), an optional `Dropout2d` (DUDA's p = 0.5), and `classifier`, the four-branch ASPP
+of DeepLabV2 whose branch outputs are summed. Logits are upsampled bilinearly
+(align_corners=True) to the input size, so every loss and metric works at input resolution.
+Parameter names start with `backbone.` or `classifier.`; `parameter_groups` gives the backbone
+its smaller learning rate from that prefix (ALGORITHM.md B.2).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.models import resnet as tv_resnet
+
+from stages.config import ModelConfig
+
+BACKBONE_PREFIX = "backbone."
+HEAD_PREFIX = "classifier."
+
+
+class DilatedBasicBlock(tv_resnet.BasicBlock):
+    """torchvision's BasicBlock with dilation allowed on its two 3×3 convs.
+
+    torchvision refuses `dilation > 1` for BasicBlock; the block is built undilated and the
+    dilation and padding are then set on both 3×3 convs (padding = dilation keeps the size).
+    """
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1,
+                 downsample: nn.Module | None = None, groups: int = 1, base_width: int = 64,
+                 dilation: int = 1, norm_layer: Callable[..., nn.Module] | None = None) -> None:
+        super().__init__(inplanes, planes, stride, downsample, groups, base_width, 1, norm_layer)
+        for conv in (self.conv1, self.conv2):
+            conv.dilation = (dilation, dilation)
+            conv.padding = (dilation, dilation)
+
+
+class _NarrowResNet(tv_resnet.ResNet):
+    """A torchvision ResNet whose channel counts are scaled by `width_multiplier`.
+
+    The stage widths 64/128/256/512 (and the stem) become round(w · c). With w = 1 the module
+    and parameter names and shapes equal torchvision's resnet18, so ImageNet weights load.
+    """
+
+    def __init__(self, block: type[nn.Module], layers: list[int], width_multiplier: float,
+                 replace_stride_with_dilation: list[bool]) -> None:
+        object.__setattr__(self, "_width", width_multiplier)
+        object.__setattr__(self, "_first_layer", True)
+        super().__init__(block, layers, replace_stride_with_dilation=replace_stride_with_dilation)
+        stem = _scaled(64, width_multiplier)
+        self.conv1 = nn.Conv2d(3, stem, kernel_size=7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(stem)
+        nn.init.kaiming_normal_(self.conv1.weight, mode="fan_out", nonlinearity="relu")
+
+    def _make_layer(self, block: type[nn.Module], planes: int, blocks: int, stride: int = 1,
+                    dilate: bool = False) -> nn.Sequential:
+        if self._first_layer:
+            self.inplanes = _scaled(64, self._width)
+            object.__setattr__(self, "_first_layer", False)
+        return super()._make_layer(block, _scaled(planes, self._width), blocks, stride, dilate)
+
+
+def _scaled(channels: int, width_multiplier: float) -> int:
+    return max(1, round(channels * width_multiplier))
+
+
+class ResNetBackbone(nn.Module):
+    """The convolutional part of a torchvision ResNet (no pooling head, no fc).
+
+    forward: (B, 3, H, W) float -> (B, out_channels, ⌈H/8⌉, ⌈W/8⌉) float (output stride 8).
+    Attribute names (conv1, bn1, layer1 … layer4) are torchvision's, so a torchvision state dict
+    maps onto `backbone.<name>` one to one.
+    """
+
+    def __init__(self, resnet: tv_resnet.ResNet) -> None:
+        super().__init__()
+        self.conv1 = resnet.conv1
+        self.bn1 = resnet.bn1
+        self.relu = resnet.relu
+        self.maxpool = resnet.maxpool
+        self.layer1 = resnet.layer1
+        self.layer2 = resnet.layer2
+        self.layer3 = resnet.layer3
+        self.layer4 = resnet.layer4
+        last_block = resnet.layer4[-1]
+        last_norm = last_block.bn3 if hasattr(last_block, "bn3") else last_block.bn2
+        self.out_channels = last_norm.num_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+
+
+def _resnet101() -> tv_resnet.ResNet:
+    return tv_resnet.resnet101(weights=None, replace_stride_with_dilation=[False, True, True])
+
+
+def _resnet50() -> tv_resnet.ResNet:
+    return tv_resnet.resnet50(weights=None, replace_stride_with_dilation=[False, True, True])
+
+
+def _resnet18(width_multiplier: float) -> tv_resnet.ResNet:
+    return _NarrowResNet(DilatedBasicBlock, [2, 2, 2, 2], width_multiplier,
+                         replace_stride_with_dilation=[False, True, True])
+
+
+BACKBONES: dict[str, Callable[[ModelConfig], tv_resnet.ResNet]] = {
+    "resnet101": lambda cfg: _resnet101(),
+    "resnet50": lambda cfg: _resnet50(),
+    "resnet18": lambda cfg: _resnet18(cfg.width_multiplier),
+}
+
+
+class ASPP(nn.Module):
+    """DeepLabV2's classifier: parallel 3×3 convs with dilation = padding = rate, outputs summed.
+
+    (B, in_channels, h, w) -> (B, num_classes, h, w). Weights N(0, 0.01), biases 0 (B.1).
+    """
+
+    def __init__(self, in_channels: int, num_classes: int, rates: list[int]) -> None:
+        super().__init__()
+        self.branches = nn.ModuleList(
+            nn.Conv2d(in_channels, num_classes, kernel_size=3, padding=rate, dilation=rate,
+                      bias=True)
+            for rate in rates)
+        for conv in self.branches:
+            nn.init.normal_(conv.weight, mean=0.0, std=0.01)
+            nn.init.zeros_(conv.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.branches[0](x)
+        for branch in self.branches[1:]:
+            out = out + branch(x)
+        return out
+
+
+class DeepLabV2(nn.Module):
+    """forward(x: (B, 3, H, W) normalised float) -> logits (B, num_classes, H, W) float."""
+
+    def __init__(self, config: ModelConfig, num_classes: int) -> None:
+        super().__init__()
+        self.config = config
+        self.num_classes = num_classes
+        self.backbone = ResNetBackbone(BACKBONES[config.backbone](config))
+        # ALGORITHM.md B.1 / E.9 #21: DUDA's Dropout2d(0.5) on the layer4 features.
+        self.dropout = nn.Dropout2d(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.classifier = ASPP(self.backbone.out_channels, num_classes, list(config.aspp_rates))
+        if config.freeze_bn_affine:
+            freeze_batchnorm_affine(self)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> backbone features (B, C_feat, ⌈H/8⌉, ⌈W/8⌉)."""
+        return self.backbone(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.classifier(self.dropout(self.backbone(x)))  # (B, C, h, w), h ≈ H/8
+        return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=True)
+
+
+def freeze_batchnorm_affine(model: nn.Module) -> None:
+    """ALGORITHM.md B.1: BN γ/β get requires_grad=False; the modules stay in train mode, so
+    they still normalise with batch statistics and update their running statistics."""
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            for parameter in module.parameters(recurse=False):
+                parameter.requires_grad_(False)
+
+
+def build_model(cfg: ModelConfig, num_classes: int) -> DeepLabV2:
+    """A randomly initialised DeepLabV2 for `num_classes` classes (weights: stages.nn.weights)."""
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be positive, got {num_classes}")
+    return DeepLabV2(cfg, num_classes)
+
+
+def parameter_groups(model: nn.Module, lr: float, backbone_lr_multiplier: float,
+                     weight_decay: float) -> list[dict[str, Any]]:
+    """Two SGD groups: the backbone at lr × backbone_lr_multiplier, the head at lr.
+
+    ALGORITHM.md B.2: every trainable tensor (biases included) gets the weight decay; frozen
+    tensors (BN affine when frozen) are left out. Each group carries `base_lr`, the learning
+    rate a scheduler multiplies by its factor, and a `name`.
+    """
+    backbone, head = [], []
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        # Accept a DDP / mean-teacher wrapper's "module." prefix.
+        bare = name.removeprefix("module.")
+        (backbone if bare.startswith(BACKBONE_PREFIX) else head).append(parameter)
+    groups = []
+    for group_name, params, group_lr in (("backbone", backbone, lr * backbone_lr_multiplier),
+                                         ("head", head, lr)):
+        if params:
+            groups.append({"name": group_name, "params": params, "lr": group_lr,
+                           "base_lr": group_lr, "weight_decay": weight_decay})
+    return groups
