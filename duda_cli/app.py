@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from duda_cli.commands import config_cmd, prepare_data
+from duda_cli.commands import config_cmd, evaluate, generate_pseudo, prepare_data, pseudo, warmup
 from stages import __version__
 
 app = typer.Typer(
@@ -33,6 +33,10 @@ def _root(
 
 
 prepare_data.register(app)
+evaluate.register(app)
+warmup.register(app)
+generate_pseudo.register(app)
+pseudo.register(app)
 app.add_typer(config_cmd.app, name="config")
 
 

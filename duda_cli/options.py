@@ -13,10 +13,10 @@ Set = Annotated[Optional[list[str]], typer.Option(
     "--set", help="Override a config value: section.key=value (repeatable).",
     show_default=False)]
 Out = Annotated[Optional[Path], typer.Option(
-    "--out", "-o", help="Artifact directory to write [default: runs/<experiment>/<stage>].",
+    "--out", "-o", help="Artifact directory to write (default: runs/<experiment>/<stage>).",
     show_default=False)]
 Data = Annotated[Optional[Path], typer.Option(
-    "--data", help="Dataset index artifact (from prepare-data) [default: runs/<experiment>/data].",
+    "--data", help="Dataset index artifact (from prepare-data) (default: runs/<experiment>/data).",
     show_default=False)]
 Checkpoint = Annotated[Path, typer.Option("--checkpoint", help="Checkpoint artifact to read.",
                                           show_default=False)]

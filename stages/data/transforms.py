@@ -167,6 +167,8 @@ def normalize(image: np.ndarray | torch.Tensor, mode: Normalization) -> torch.Te
     if isinstance(image, np.ndarray):
         if image.ndim != 3 or image.shape[2] != 3:
             raise ValueError(f"a numpy image must be (H, W, 3), got {image.shape}")
+        if not image.flags.writeable:  # PIL-backed arrays are read-only; torch warns on them
+            image = image.copy()
         tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
     else:
         if image.dim() != 3 or image.shape[0] != 3:
