@@ -1,0 +1,435 @@
+"""The built-in synthetic benchmark: procedural street scenes in two visual domains.
+
+Every scene is ray-cast from a pinhole camera over a tiny world: a road with sidewalks, façades,
+walls, fences, trees and terrain along both sides, a backdrop closing the street, and upright
+objects (cars, a bus, persons, poles carrying signs and lights) standing on the ground. Labels
+are Cityscapes trainIds (ALGORITHM.md A.1), so the class tables and protocols apply unchanged.
+
+The two domains share the geometry and the layout rules and differ in appearance and in object
+statistics, the way GTA5 differs from Cityscapes: the source is clean, flat-shaded and
+saturated (game-like); the target is overcast and hazy, textured, blurred and noisy, with more
+cars and smaller persons. A source-only model loses accuracy on the target, and the consistent
+shapes leave room for self-training to recover it.
+
+Generation is deterministic: each image has its own seed (`sample_seed`), so images can be drawn
+in any order, in parallel, and any one can be regenerated alone. Drawing is vectorised numpy
+over coordinate grids (no per-pixel Python loops).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from PIL import Image
+
+from stages.classes import CITYSCAPES_PALETTE, IGNORE_INDEX
+from stages.data.io import write_label
+
+Domain = Literal["source", "target"]
+
+DOMAIN_CODES = {"source": 0, "target": 1}
+SPLIT_CODES = {"train": 0, "val": 1}
+
+# Cityscapes trainIds (ALGORITHM.md A.1).
+ROAD, SIDEWALK, BUILDING, WALL, FENCE, POLE, LIGHT, SIGN, VEGETATION, TERRAIN, SKY = range(11)
+PERSON, RIDER, CAR, TRUCK, BUS = 11, 12, 13, 14, 15
+
+FAR = 1.0e6  # depth of the sky
+
+
+@dataclass(frozen=True)
+class Style:
+    """Appearance and object statistics of one domain."""
+
+    sky_top: tuple[int, int, int]
+    sky_bottom: tuple[int, int, int]
+    road: tuple[int, int, int]
+    marking: tuple[int, int, int]
+    sidewalk: tuple[int, int, int]
+    buildings: tuple[tuple[int, int, int], ...]
+    window: tuple[int, int, int]
+    wall: tuple[int, int, int]
+    fence: tuple[int, int, int]
+    vegetation: tuple[int, int, int]
+    terrain: tuple[int, int, int]
+    pole: tuple[int, int, int]
+    sign: tuple[tuple[int, int, int], ...]
+    light: tuple[int, int, int]
+    cars: tuple[tuple[int, int, int], ...]
+    clothes: tuple[tuple[int, int, int], ...]
+    skin: tuple[int, int, int]
+    bus: tuple[int, int, int]
+    fog: tuple[int, int, int]
+    fog_distance: float  # metres at which 63 % of the colour is haze
+    shade: float  # brightness of the façades facing away from the light
+    texture: float  # amplitude of surface texture (0: flat shading)
+    blur: float  # Gaussian blur sigma in pixels
+    noise: float  # sensor noise sigma in grey levels
+    gamma: float
+    cars_per_scene: tuple[int, int]
+    persons_per_scene: tuple[int, int]
+    person_height: tuple[float, float]
+    bus_probability: float
+    camera_height: tuple[float, float]
+    window_period: tuple[float, float] = field(default=(3.0, 3.2))  # (along the street, vertical)
+
+
+SOURCE_STYLE = Style(
+    sky_top=(40, 120, 235), sky_bottom=(150, 205, 255),
+    road=(95, 85, 110), marking=(250, 250, 250), sidewalk=(205, 180, 150),
+    buildings=((225, 180, 120), (190, 90, 70), (235, 215, 170), (160, 120, 90)),
+    window=(60, 90, 140), wall=(200, 200, 120), fence=(170, 110, 60),
+    vegetation=(40, 170, 40), terrain=(150, 210, 70), pole=(110, 110, 120),
+    sign=((30, 80, 220), (230, 30, 30)), light=(30, 30, 30),
+    cars=((220, 30, 30), (30, 60, 220), (240, 240, 240), (250, 200, 20), (30, 30, 30)),
+    clothes=((240, 100, 20), (20, 160, 200), (200, 30, 150), (250, 230, 60)),
+    skin=(230, 180, 140), bus=(250, 150, 0),
+    fog=(190, 215, 255), fog_distance=400.0, shade=0.7, texture=0.0, blur=0.0, noise=0.0,
+    gamma=1.0, cars_per_scene=(1, 4), persons_per_scene=(0, 3), person_height=(1.7, 1.95),
+    bus_probability=0.15, camera_height=(1.5, 1.8),
+)
+
+TARGET_STYLE = Style(
+    sky_top=(175, 185, 195), sky_bottom=(215, 218, 220),
+    road=(72, 74, 76), marking=(175, 175, 165), sidewalk=(128, 122, 120),
+    buildings=((110, 105, 100), (135, 125, 115), (95, 95, 105), (150, 140, 130)),
+    window=(45, 50, 55), wall=(120, 118, 105), fence=(95, 100, 95),
+    vegetation=(62, 85, 38), terrain=(105, 115, 70), pole=(80, 80, 80),
+    sign=((170, 160, 40), (150, 40, 40)), light=(45, 45, 40),
+    cars=((60, 60, 70), (150, 150, 155), (30, 40, 70), (110, 30, 30), (20, 20, 20)),
+    clothes=((40, 40, 50), (80, 70, 60), (60, 70, 90), (120, 110, 100)),
+    skin=(170, 140, 120), bus=(200, 200, 190),
+    fog=(200, 203, 205), fog_distance=90.0, shade=0.85, texture=0.18, blur=0.8, noise=5.0,
+    gamma=1.15, cars_per_scene=(2, 7), persons_per_scene=(1, 5), person_height=(1.35, 1.65),
+    bus_probability=0.1, camera_height=(1.3, 1.6), window_period=(2.2, 2.6),
+)
+
+STYLES: dict[str, Style] = {"source": SOURCE_STYLE, "target": TARGET_STYLE}
+
+
+def sample_seed(seed: int, domain: str, split: str, index: int) -> np.random.SeedSequence:
+    """The seed of one image: a function of (benchmark seed, domain, split, image index)."""
+    return np.random.SeedSequence([seed, DOMAIN_CODES[domain], SPLIT_CODES.get(split, 9), index])
+
+
+class _Canvas:
+    """Per-pixel rays, and a depth-tested label / colour buffer the scene is painted into."""
+
+    def __init__(self, height: int, width: int, focal: float, cx: float, cy: float,
+                 camera_height: float) -> None:
+        ys, xs = np.mgrid[0:height, 0:width].astype(np.float32) + np.float32(0.5)
+        self.u = (xs - cx) / focal  # ray direction: x / z
+        self.v = (ys - cy) / focal  # ray direction: (camera height - y) / z, positive downwards
+        self.focal = focal
+        self.cx, self.cy = cx, cy
+        self.camera_height = camera_height
+        self.label = np.full((height, width), SKY, np.uint8)
+        self.depth = np.full((height, width), FAR, np.float32)
+        self.colour = np.zeros((height, width, 3), np.float32)
+        self.light = np.ones((height, width), np.float32)  # shading factor applied after painting
+
+    def paint(self, mask: np.ndarray, depth: np.ndarray | float, cls: int,
+              colour: tuple[int, int, int] | np.ndarray, light: np.ndarray | float = 1.0,
+              details: tuple[tuple[np.ndarray, tuple[int, int, int]], ...] = (),
+              where: tuple[slice, slice] = (slice(None), slice(None))) -> None:
+        """Paint `mask` where it is nearer than what is there.
+
+        mask, depth, light, the detail masks and a per-pixel colour (h, w, 3) cover the window `where` of the canvas; a
+        detail (mask, colour) recolours part of the object (windows, wheels) without
+        changing its class.
+        """
+        depth = np.broadcast_to(depth, mask.shape)
+        visible = mask & (depth < self.depth[where])
+        self.label[where][visible] = cls
+        self.depth[where][visible] = depth[visible]
+        colour_window = self.colour[where]
+        colour_window[visible] = colour[visible] if np.ndim(colour) == 3 else colour
+        for detail, detail_colour in details:
+            colour_window[visible & detail] = detail_colour
+        self.light[where][visible] = np.broadcast_to(light, mask.shape)[visible]
+
+    def billboard(self, z: float, x_range: tuple[float, float],
+                  y_range: tuple[float, float]) -> tuple[tuple[slice, slice], np.ndarray,
+                                                         np.ndarray]:
+        """The window of the upright plane at depth `z` (facing the camera) that can hold an
+        object within world `x_range` x `y_range`, and the world (x, y) of its pixels."""
+        height, width = self.label.shape
+        c = self.camera_height
+        cols = (self.cx + self.focal * x_range[0] / z, self.cx + self.focal * x_range[1] / z)
+        rows = (self.cy + self.focal * (c - y_range[1]) / z,
+                self.cy + self.focal * (c - y_range[0]) / z)
+        where = (slice(int(np.clip(np.floor(rows[0]), 0, height)),
+                       int(np.clip(np.ceil(rows[1]) + 1, 0, height))),
+                 slice(int(np.clip(np.floor(cols[0]), 0, width)),
+                       int(np.clip(np.ceil(cols[1]) + 1, 0, width))))
+        return where, self.u[where] * z, c - self.v[where] * z
+
+    def min_width(self, z: float, pixels: float = 1.2) -> float:
+        """The world width that covers `pixels` pixels at depth `z` (thin objects stay visible)."""
+        return pixels * z / self.focal
+
+
+def _value_noise(rng: np.random.Generator, shape: tuple[int, int], cells: int) -> np.ndarray:
+    """Smooth noise in [-1, 1]: a coarse random grid bilinearly upsampled to `shape`."""
+    height, width = shape
+    grid = rng.uniform(-1, 1, (cells + 1, 2 * cells + 1))
+    gy = np.linspace(0, cells, height)
+    gx = np.linspace(0, 2 * cells, width)
+    y0 = np.minimum(gy.astype(int), cells - 1)
+    x0 = np.minimum(gx.astype(int), 2 * cells - 1)
+    fy = (gy - y0)[:, None]
+    fx = (gx - x0)[None, :]
+    top = grid[y0][:, x0] * (1 - fx) + grid[y0][:, x0 + 1] * fx
+    bottom = grid[y0 + 1][:, x0] * (1 - fx) + grid[y0 + 1][:, x0 + 1] * fx
+    return top * (1 - fy) + bottom * fy
+
+
+def _gaussian_blur(image: np.ndarray, sigma: float) -> np.ndarray:
+    """Separable Gaussian blur of an (H, W, 3) float image, edges replicated."""
+    radius = max(1, int(3 * sigma + 0.5))
+    taps = np.exp(-0.5 * (np.arange(-radius, radius + 1, dtype=np.float32) / sigma) ** 2)
+    taps /= taps.sum()
+    padded = np.pad(image, ((radius, radius), (0, 0), (0, 0)), mode="edge")
+    image = sum(w * padded[i:i + image.shape[0]] for i, w in enumerate(taps))
+    padded = np.pad(image, ((0, 0), (radius, radius), (0, 0)), mode="edge")
+    return sum(w * padded[:, i:i + image.shape[1]] for i, w in enumerate(taps))
+
+
+def _pick(rng: np.random.Generator, options: tuple) -> tuple:
+    return options[int(rng.integers(len(options)))]
+
+
+def render_scene(rng: np.random.Generator, style: Style, height: int,
+                 width: int) -> tuple[np.ndarray, np.ndarray]:
+    """Draw one street scene: image (H, W, 3) uint8 RGB and label (H, W) uint8 trainIds."""
+    focal = width * rng.uniform(0.5, 0.6)
+    cx = width * rng.uniform(0.42, 0.58)
+    cy = height * rng.uniform(0.36, 0.46)
+    canvas = _Canvas(height, width, focal, cx, cy, rng.uniform(*style.camera_height))
+    u, v = canvas.u, canvas.v
+
+    # The street cross-section, relative to the camera (x to the right, metres).
+    centre = rng.uniform(-1.5, 1.5)
+    road_half = rng.uniform(3.5, 6.0)
+    sidewalk = (rng.uniform(2.0, 4.0), rng.uniform(2.0, 4.0))  # left, right
+    terrain = tuple(rng.uniform(1.0, 3.0) if rng.random() < 0.35 else 0.0 for _ in range(2))
+    left_kerb, right_kerb = centre - road_half, centre + road_half
+    facade = (left_kerb - sidewalk[0] - terrain[0], right_kerb + sidewalk[1] + terrain[1])
+    street_end = rng.uniform(90.0, 160.0)
+
+    # Sky: a vertical gradient.
+    t = np.clip((v * focal + cy) / max(cy, 1.0), 0, 1)[..., None]
+    sky = np.asarray(style.sky_top) * (1 - t) + np.asarray(style.sky_bottom) * t
+    canvas.colour[:] = sky
+
+    # Ground plane: road, sidewalks, terrain strips (ALGORITHM.md A.1 classes 0, 1, 9).
+    below = v > 1e-6
+    z_ground = np.where(below, canvas.camera_height / np.maximum(v, 1e-6), FAR)
+    x_ground = u * z_ground
+    ground = below & (z_ground < street_end)
+    road = ground & (x_ground > left_kerb) & (x_ground < right_kerb)
+    dash = (np.abs(x_ground - centre) < 0.12) & (np.mod(z_ground, 6.0) < 3.0)
+    canvas.paint(road, z_ground, ROAD, style.road, details=((dash, style.marking),))
+    walk = ground & (((x_ground <= left_kerb) & (x_ground > left_kerb - sidewalk[0]))
+                     | ((x_ground >= right_kerb) & (x_ground < right_kerb + sidewalk[1])))
+    kerb = (np.abs(x_ground - left_kerb) < 0.15) | (np.abs(x_ground - right_kerb) < 0.15)
+    canvas.paint(walk, z_ground, SIDEWALK, style.sidewalk, np.where(kerb, 0.8, 1.0))
+    grass = ground & ((x_ground <= left_kerb - sidewalk[0]) | (x_ground >= right_kerb + sidewalk[1]))
+    canvas.paint(grass, z_ground, TERRAIN, style.terrain)
+
+    # Façades along both sides: buildings, walls and trees in segments along the street. The
+    # segments are drawn first; every pixel then looks up its segment (one pass per side).
+    split_column = int(np.clip(round(cx), 0, width))
+    for side, plane_x in ((-1, facade[0]), (1, facade[1])):
+        starts = [rng.uniform(-2.0, 4.0)]
+        while starts[-1] < street_end:
+            starts.append(starts[-1] + rng.uniform(8.0, 25.0))
+        count = len(starts) - 1
+        z_start = np.asarray(starts[:-1], np.float32)
+        length = np.diff(np.asarray(starts, np.float32))
+        kind = rng.choice(3, size=count, p=(0.7, 0.1, 0.2))  # building, wall, tree
+        top = np.where(kind == 0, rng.uniform(6.0, 22.0, count), rng.uniform(1.5, 3.0, count))
+        colours = np.asarray(style.buildings, np.float32)[rng.integers(len(style.buildings),
+                                                                       size=count)]
+        crown_y, crown_r = rng.uniform(3.5, 6.0, count), rng.uniform(2.0, 3.5, count)
+        fenced = rng.random(count) < 0.5
+
+        where = (slice(None), slice(0, split_column) if side < 0 else slice(split_column, None))
+        su, sv = u[where], v[where]
+        facing = (su * side) > 1e-6
+        z_plane = np.where(facing, plane_x / np.where(facing, su, 1.0), FAR)
+        y_plane = canvas.camera_height - sv * z_plane
+        segment = np.clip(np.searchsorted(np.asarray(starts), z_plane, side="right") - 1, 0,
+                          count - 1)
+        inside = facing & (z_plane >= starts[0]) & (z_plane < starts[-1]) & (y_plane >= 0)
+        seg_kind, seg_top, seg_start = kind[segment], top[segment], z_start[segment]
+        light = 1.0 if side < 0 else style.shade
+
+        building = inside & (seg_kind == 0) & (y_plane < seg_top)
+        along, across = style.window_period
+        windows = ((np.mod(z_plane - seg_start, along) > 0.35 * along)
+                   & (np.mod(y_plane, across) > 0.4 * across) & (y_plane > 2.5)
+                   & (y_plane < seg_top - 1.0))
+        canvas.paint(building, z_plane, BUILDING, colours[segment], light,
+                     details=((windows, style.window),), where=where)
+        canvas.paint(inside & (seg_kind == 1) & (y_plane < seg_top), z_plane, WALL, style.wall,
+                     light, where=where)
+        # A tree: a trunk and an elliptic crown, both labelled vegetation (as in Cityscapes).
+        tree = inside & (seg_kind == 2)
+        half = length[segment] / 2
+        centre_z = seg_start + half
+        crown = (((z_plane - centre_z) / half) ** 2
+                 + ((y_plane - crown_y[segment]) / crown_r[segment]) ** 2) < 1.0
+        trunk = (np.abs(z_plane - centre_z) < 0.4) & (y_plane < crown_y[segment])
+        canvas.paint(tree & (crown | trunk), z_plane, VEGETATION, style.vegetation, light,
+                     where=where)
+        canvas.paint(tree & fenced[segment] & (y_plane < 1.2), z_plane - 0.5, FENCE, style.fence,
+                     light, where=where)
+
+    # The backdrop closing the street: buildings and trees of random widths and heights.
+    x0 = facade[0] - 40.0
+    while x0 < facade[1] + 40.0:
+        span = rng.uniform(6.0, 20.0)
+        top = rng.uniform(5.0, 25.0)
+        where, bx, by = canvas.billboard(street_end, (x0, x0 + span), (0.0, top))
+        mask = (bx >= x0) & (bx < x0 + span) & (by >= 0) & (by < top)
+        if rng.random() < 0.75:
+            canvas.paint(mask, street_end, BUILDING, _pick(rng, style.buildings), 0.9,
+                         where=where)
+        else:
+            crown = ((bx - x0 - span / 2) / (span / 2)) ** 2 + ((by - top / 2) / (top / 2)) ** 2
+            canvas.paint((crown < 1) & (by >= 0), street_end, VEGETATION, style.vegetation,
+                         where=where)
+        x0 += span
+
+    # Upright objects, each on a plane facing the camera (painted with the depth test).
+    for _ in range(int(rng.integers(2, 6))):  # poles, some with a sign or a traffic light
+        side = -1 if rng.random() < 0.5 else 1
+        px = (left_kerb - 0.4) if side < 0 else (right_kerb + 0.4)
+        pz = rng.uniform(6.0, 60.0)
+        pole_top = rng.uniform(4.0, 7.0)
+        where, x, y = canvas.billboard(pz, (px - 1.0, px + 1.0), (0.0, pole_top + 0.5))
+        half = max(0.08, canvas.min_width(pz) / 2)
+        canvas.paint((np.abs(x - px) < half) & (y >= 0) & (y < pole_top), pz, POLE, style.pole,
+                     where=where)
+        attachment = rng.random()
+        if attachment < 0.4:
+            sy, sr = pole_top - 0.6, max(0.35, canvas.min_width(pz, 2.0))
+            disc = ((x - px) ** 2 + (y - sy) ** 2) < sr ** 2
+            canvas.paint(disc, pz - 0.05, SIGN, _pick(rng, style.sign), where=where)
+        elif attachment < 0.75:
+            lx = px - side * 0.3
+            box = (np.abs(x - lx) < max(0.2, canvas.min_width(pz) / 2)) & (
+                np.abs(y - (pole_top - 0.5)) < 0.5)
+            lamp = ((x - lx) ** 2 + (y - (pole_top - 0.2)) ** 2) < 0.12 ** 2
+            canvas.paint(box, pz - 0.05, LIGHT, style.light, details=((lamp, (230, 60, 40)),),
+                         where=where)
+
+    for _ in range(int(rng.integers(style.persons_per_scene[0], style.persons_per_scene[1] + 1))):
+        side = -1 if rng.random() < 0.5 else 1
+        px = (left_kerb - rng.uniform(0.5, sidewalk[0] - 0.3) if side < 0
+              else right_kerb + rng.uniform(0.5, sidewalk[1] - 0.3))
+        pz = rng.uniform(4.0, 35.0)
+        ph = rng.uniform(*style.person_height)
+        where, x, y = canvas.billboard(pz, (px - 0.3 * ph, px + 0.3 * ph), (0.0, ph))
+        dx = x - px
+        head = (dx ** 2 + (y - 0.93 * ph) ** 2) < (0.07 * ph) ** 2
+        torso = (np.abs(dx) < 0.12 * ph) & (y >= 0.5 * ph) & (y < 0.86 * ph)
+        legs = (np.abs(np.abs(dx) - 0.05 * ph) < 0.035 * ph) & (y >= 0) & (y < 0.5 * ph)
+        canvas.paint(head | torso | legs, pz, PERSON, _pick(rng, style.clothes),
+                     details=((head, style.skin), (legs, (40, 40, 60))), where=where)
+
+    vehicles = int(rng.integers(style.cars_per_scene[0], style.cars_per_scene[1] + 1))
+    for _ in range(vehicles):
+        lane = rng.uniform(left_kerb + 1.0, right_kerb - 1.0)
+        vz = rng.uniform(5.0, 70.0)
+        w = rng.uniform(1.7, 2.0)
+        where, x, y = canvas.billboard(vz, (lane - w, lane + w), (0.0, 1.6))
+        dx = x - lane
+        body = (np.abs(dx) < w / 2) & (y >= 0.25) & (y < 1.0)
+        cabin = (y >= 1.0) & (y < 1.5) & (np.abs(dx) < w / 2 * (0.85 - 0.3 * (y - 1.0) / 0.5))
+        wheels = (np.abs(np.abs(dx) - 0.33 * w) < 0.16 * w) & (y >= 0) & (y < 0.3)
+        glass = (y >= 1.05) & (y < 1.42) & (np.abs(dx) < w / 2 * (0.75 - 0.3 * (y - 1.0) / 0.5))
+        lamps = (np.abs(np.abs(dx) - 0.4 * w) < 0.07 * w) & (np.abs(y - 0.8) < 0.07)
+        canvas.paint(body | cabin | wheels, vz, CAR, _pick(rng, style.cars),
+                     np.clip(1.25 - 0.35 * y, 0.6, 1.2),
+                     details=((glass, (50, 60, 70)), (wheels, (20, 20, 20)), (lamps, (200, 0, 0))),
+                     where=where)
+
+    if rng.random() < style.bus_probability:
+        lane = rng.uniform(left_kerb + 1.4, right_kerb - 1.4)
+        bz = rng.uniform(12.0, 60.0)
+        where, x, y = canvas.billboard(bz, (lane - 1.3, lane + 1.3), (0.0, 3.3))
+        box = (np.abs(x - lane) < 1.25) & (y >= 0.1) & (y < 3.2)
+        glass = (y > 1.6) & (y < 2.8) & (np.abs(x - lane) < 1.1)
+        canvas.paint(box, bz, BUS, style.bus, details=((glass, (50, 60, 70)),), where=where)
+
+    image = _shade(rng, canvas, style)
+    return image, canvas.label
+
+
+def _shade(rng: np.random.Generator, canvas: _Canvas, style: Style) -> np.ndarray:
+    """Lighting, texture, haze, blur and sensor noise: the appearance of a domain."""
+    image = canvas.colour * canvas.light[..., None]
+    shape = canvas.label.shape
+    if style.texture > 0:
+        # Surface texture: coarse and fine value noise, stronger on vegetation and terrain.
+        noise = (_value_noise(rng, shape, 6) + 0.5 * _value_noise(rng, shape, 24))
+        rough = np.isin(canvas.label, (VEGETATION, TERRAIN))
+        amplitude = np.where(rough, 2.0 * style.texture, style.texture)
+        solid = canvas.label != SKY
+        factor = 1.0 + np.where(solid, amplitude * noise, 0.0)
+        image = image * factor.astype(np.float32)[..., None]
+    haze = 1.0 - np.exp(-np.minimum(canvas.depth, 1e4) / np.float32(style.fog_distance))
+    haze = np.where(canvas.label == SKY, np.float32(0.0), haze)[..., None]
+    image = image * (1 - haze) + np.asarray(style.fog, np.float32) * haze
+    if style.blur > 0:
+        image = _gaussian_blur(image, style.blur)
+    if style.noise > 0:
+        image = image + np.float32(style.noise) * rng.standard_normal(image.shape, np.float32)
+    image = 255.0 * (np.clip(image, 0, 255) / np.float32(255.0)) ** np.float32(style.gamma)
+    return np.clip(image + 0.5, 0, 255).astype(np.uint8)
+
+
+def generate_sample(seed: int, domain: str, split: str, index: int, height: int,
+                    width: int) -> tuple[np.ndarray, np.ndarray]:
+    """Image (H, W, 3) uint8 and label (H, W) uint8 trainIds of one benchmark image."""
+    rng = np.random.default_rng(sample_seed(seed, domain, split, index))
+    return render_scene(rng, STYLES[domain], height, width)
+
+
+def colourise(label: np.ndarray) -> np.ndarray:
+    """(H, W) trainIds -> (H, W, 3) uint8 in the Cityscapes palette; ignore is black."""
+    palette = np.zeros((256, 3), np.uint8)
+    palette[:len(CITYSCAPES_PALETTE)] = CITYSCAPES_PALETTE
+    palette[IGNORE_INDEX] = 0
+    return palette[label]
+
+
+def sample_sheet(seed: int = 0, count: int = 3, height: int = 128,
+                 width: int = 256) -> np.ndarray:
+    """A picture of the benchmark: per row one domain, `count` (image | label) pairs."""
+    gap = 4
+    rows = []
+    for domain in ("source", "target"):
+        tiles = []
+        for index in range(count):
+            image, label = generate_sample(seed, domain, "train", index, height, width)
+            tiles += [image, colourise(label), np.full((height, gap, 3), 255, np.uint8)]
+        rows += [np.concatenate(tiles[:-1], axis=1),
+                 np.full((gap, tiles[0].shape[1] * 2 * count + gap * (count - 1), 3), 255,
+                         np.uint8)]
+    return np.concatenate(rows[:-1], axis=0)
+
+
+def write_sample(seed: int, domain: str, split: str, index: int, height: int, width: int,
+                 image_path: Path, label_path: Path) -> list[int]:
+    """Generate one benchmark image, write image and label PNGs; returns per-class pixel counts."""
+    image, label = generate_sample(seed, domain, split, index, height, width)
+    Image.fromarray(image, mode="RGB").save(image_path, compress_level=3)
+    write_label(label_path, label)
+    counts = np.bincount(label.ravel(), minlength=256)[:len(CITYSCAPES_PALETTE)]
+    return [int(c) for c in counts]
