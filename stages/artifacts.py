@@ -18,7 +18,7 @@ import subprocess
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -154,7 +154,7 @@ def environment(device: str = "cpu") -> Environment:
 def _git_revision() -> str | None:
     try:
         result = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent,
-                                capture_output=True, text=True, timeout=5)
+                                capture_output=True, text=True, timeout=5, check=False)
     except (OSError, subprocess.SubprocessError):
         return None
     return result.stdout.strip() or None if result.returncode == 0 else None
@@ -204,7 +204,7 @@ class ArtifactWriter:
     def up_to_date(self) -> bool:
         return self.existing is not None
 
-    def __enter__(self) -> ArtifactWriter:
+    def __enter__(self) -> Self:
         if (self.path / MANIFEST).is_file() and not self.force:
             manifest = read_manifest(self.path)
             same_inputs = {k: v.id for k, v in manifest.inputs.items()} == {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Literal
 
 import torch
@@ -21,9 +22,7 @@ def resolve_device(name: str) -> torch.device:
     if not torch.cuda.is_available():
         raise DudaError("--device cuda was asked for but no CUDA device is available",
                         "use --device cpu or --device auto")
-    import os
-
-    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
 
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:

@@ -223,3 +223,26 @@ def _report(matrix: ConfusionMatrix, classes: ClassTable,
         "confusion_matrix_axes": "rows: ground truth, columns: prediction",
         "protocol": protocol,
     }
+
+
+@torch.no_grad()
+def target_val_miou(model: torch.nn.Module, config: Config, index: DatasetIndex,
+                    device: torch.device, *, num_workers: int, precision: str) -> float:
+    """Target-val mIoU of the table's largest protocol, at input.target_size, whole image, no
+    flip (ALGORITHM.md F): the in-training evaluation of warmup and self-train."""
+    model.eval()
+    dataset = FullImageDataset(index.samples("target", "val"), config.input.target_size,
+                               config.model.normalization, with_labels=True)
+    # A private generator: building the loader must not draw from the global RNG (resume).
+    generator = torch.Generator()
+    generator.manual_seed(0)
+    # Batch 1: labels keep their native sizes, which may differ between images.
+    loader = DataLoader(dataset, batch_size=1, num_workers=num_workers, generator=generator)
+    matrix = ConfusionMatrix(index.num_classes)
+    for batch in loader:
+        label = batch["label"]  # (1, H, W) int64
+        prediction = predict_classes(model, batch["image"].to(device), tuple(label.shape[-2:]),
+                                     precision=precision)
+        matrix.update(prediction.cpu(), label)
+    protocols = index.classes.protocols
+    return float(matrix.miou(tuple(protocols[max(protocols)])))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from typing import Any, Self
 
 logger = logging.getLogger("duda")
 
@@ -51,10 +51,10 @@ class Task:
     def close(self) -> None:
         pass
 
-    def __enter__(self) -> Task:
+    def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
 

@@ -22,7 +22,6 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader
 
 from stages.artifacts import CHECKPOINT, ArtifactRef, ArtifactWriter, StageResult, file_digest
 from stages.checkpoint import (
@@ -37,6 +36,7 @@ from stages.data.crops import CropDataset, InfiniteLoader
 from stages.data.index import DatasetIndex, load_dataset_index
 from stages.devices import autocast, resolve_device
 from stages.errors import DudaError
+from stages.evaluate import target_val_miou
 from stages.nn.discriminator import (
     OutputDiscriminator,
     adversarial_loss,
@@ -251,7 +251,9 @@ def _train(config: Config, index: DatasetIndex, out: Path, *, init: Path | None,
                     figures["lr"] = lr
                 if cfg.eval_every and (iteration % cfg.eval_every == 0
                                        or iteration == cfg.iterations):
-                    miou = _evaluate(model, config, index, device)
+                    miou = target_val_miou(model, config, index, device,
+                                           num_workers=cfg.num_workers,
+                                           precision=cfg.precision)
                     model.train()
                     _record_evaluation(progress, miou, iteration, model, config, index, out)
                     append_metrics(metrics_path, {"iteration": iteration, "val/miou": miou})
@@ -279,7 +281,7 @@ def _train(config: Config, index: DatasetIndex, out: Path, *, init: Path | None,
     if progress["miou_last"] is not None:
         summary.update(miou_last=progress["miou_last"], miou_best=progress["miou_best"],
                        best_iteration=progress["best_iteration"],
-                       best_protocol=f"target-val mIoU-{_protocol(index)[0]} "
+                       best_protocol=f"target-val mIoU-{max(index.classes.protocols)} "
                                      "(model selection on the evaluation split)")
     return summary
 
@@ -304,39 +306,6 @@ def _check_finite(values: dict[str, float], iteration: int) -> None:
                         "finite",
                         "lower warmup.optimizer.lr (or use precision fp32/bf16) and start over "
                         "with --force")
-
-
-def _protocol(index: DatasetIndex) -> tuple[int, tuple[int, ...]]:
-    """The class protocol used for model selection: the table's largest (19 for Cityscapes)."""
-    protocols = index.classes.protocols
-    size = max(protocols)
-    return size, tuple(protocols[size])
-
-
-@torch.no_grad()
-def _evaluate(model: nn.Module, config: Config, index: DatasetIndex,
-              device: torch.device) -> float:
-    """Target-val mIoU at input.target_size, whole image, no flip (ALGORITHM.md F)."""
-    from stages.data.full_images import FullImageDataset
-    from stages.inference import predict_classes
-    from stages.metrics import ConfusionMatrix
-
-    model.eval()
-    dataset = FullImageDataset(index.samples("target", "val"), config.input.target_size,
-                               config.model.normalization, with_labels=True)
-    # A private generator: building the loader must not draw from the global RNG (resume).
-    generator = torch.Generator()
-    generator.manual_seed(0)
-    # Batch 1: labels keep their native sizes, which may differ between images.
-    loader = DataLoader(dataset, batch_size=1, num_workers=config.warmup.num_workers,
-                        generator=generator)
-    matrix = ConfusionMatrix(index.num_classes)
-    for batch in loader:
-        label = batch["label"]  # (1, H, W) int64
-        prediction = predict_classes(model, batch["image"].to(device), tuple(label.shape[-2:]),
-                                     precision=config.warmup.precision)
-        matrix.update(prediction.cpu(), label)
-    return float(matrix.miou(_protocol(index)[1]))
 
 
 def _record_evaluation(progress: dict[str, Any], miou: float, iteration: int, model: nn.Module,

@@ -6,8 +6,14 @@ import json
 
 import pytest
 
-from stages.artifacts import (CHECKPOINT, DATASET_INDEX, MANIFEST, ArtifactWriter,
-                              load_artifact, read_manifest)
+from stages.artifacts import (
+    CHECKPOINT,
+    DATASET_INDEX,
+    MANIFEST,
+    ArtifactWriter,
+    load_artifact,
+    read_manifest,
+)
 from stages.errors import DudaError
 
 
@@ -45,20 +51,19 @@ def test_other_config_is_refused_without_force(tmp_path) -> None:
 
 
 def test_error_leaves_nothing_behind(tmp_path) -> None:
-    with pytest.raises(DudaError):
-        with ArtifactWriter(tmp_path / "a", kind=DATASET_INDEX, stage="s", config={},
-                            config_hash="h"):
-            (tmp_path / "a" / "half.txt").write_text("x")
-            raise DudaError("bad input")
+    with pytest.raises(DudaError), ArtifactWriter(tmp_path / "a", kind=DATASET_INDEX,
+                                                  stage="s", config={}, config_hash="h"):
+        (tmp_path / "a" / "half.txt").write_text("x")
+        raise DudaError("bad input")
     assert not (tmp_path / "a").exists()
 
 
 def test_resumable_output_keeps_its_state_and_needs_resume(tmp_path) -> None:
-    with pytest.raises(KeyboardInterrupt):
-        with ArtifactWriter(tmp_path / "r", kind=CHECKPOINT, stage="warmup", config={},
-                            config_hash="h", resumable=True):
-            (tmp_path / "r" / "train_state.pt").write_text("x")
-            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt), ArtifactWriter(
+            tmp_path / "r", kind=CHECKPOINT, stage="warmup", config={}, config_hash="h",
+            resumable=True):
+        (tmp_path / "r" / "train_state.pt").write_text("x")
+        raise KeyboardInterrupt
     assert (tmp_path / "r" / "train_state.pt").exists()
     with pytest.raises(DudaError, match="--resume"):
         ArtifactWriter(tmp_path / "r", kind=CHECKPOINT, stage="warmup", config={},

@@ -100,14 +100,23 @@ def apply_crop(
     image_crop = scaled[:, rows, columns]
     if params.flip:
         image_crop = image_crop.flip(-1)
-    label_crop = None
-    if label is not None:
-        # Class ids 0..255 are exact in float32; 'nearest-exact' samples pixel centres.
-        scaled_label = F.interpolate(label[None, None].float(), size=size, mode="nearest-exact")
-        label_crop = scaled_label[0, 0, rows, columns].to(label.dtype)
-        if params.flip:
-            label_crop = label_crop.flip(-1)
-    return image_crop.contiguous(), None if label_crop is None else label_crop.contiguous()
+    label_crop = None if label is None else crop_label(label, params)
+    return image_crop.contiguous(), label_crop
+
+
+def crop_label(label: torch.Tensor, params: CropParams) -> torch.Tensor:
+    """Scale (nearest), crop and flip a label map like `apply_crop` does.
+
+    label: (H, W) integer at the base size. Returns (crop_h, crop_w) in the label's dtype.
+    """
+    size = (params.scaled_h, params.scaled_w)
+    # Class ids 0..255 are exact in float32; 'nearest-exact' samples pixel centres.
+    scaled_label = F.interpolate(label[None, None].float(), size=size, mode="nearest-exact")
+    label_crop = scaled_label[0, 0, params.y1:params.y1 + params.crop_h,
+                              params.x1:params.x1 + params.crop_w].to(label.dtype)
+    if params.flip:
+        label_crop = label_crop.flip(-1)
+    return label_crop.contiguous()
 
 
 def _params_rows(params: Sequence[CropParams] | torch.Tensor) -> list[CropParams]:
