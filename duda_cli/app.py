@@ -6,7 +6,8 @@ from typing import Annotated
 
 import typer
 
-from duda_cli.commands import config_cmd, evaluate, generate_pseudo, prepare_data, pseudo, warmup
+from duda_cli.commands import (config_cmd, evaluate, generate_pseudo, prepare_data, pseudo,
+                               run_cmd, self_train, update_offline, warmup)
 from stages import __version__
 
 app = typer.Typer(
@@ -32,10 +33,13 @@ def _root(
     """Online-offline dual domain adaptation (DUDA) for semantic segmentation."""
 
 
+run_cmd.register(app)
 prepare_data.register(app)
-evaluate.register(app)
 warmup.register(app)
 generate_pseudo.register(app)
+self_train.register(app)
+update_offline.register(app)
+evaluate.register(app)
 pseudo.register(app)
 app.add_typer(config_cmd.app, name="config")
 

@@ -16,8 +16,14 @@ from typing import Any
 
 import typer
 from rich.console import Console
-from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                           TimeElapsedColumn, TimeRemainingColumn)
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
 from stages.artifacts import StageResult
@@ -99,7 +105,7 @@ class ConsoleReporter(Reporter):
 
     def info(self, message: str) -> None:
         if not self.quiet:
-            stderr.print(message, highlight=False)
+            stderr.print(message, highlight=False, markup=False)
 
 
 def _default_every(total: int | None) -> int:

@@ -3,19 +3,19 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
 Config = Annotated[Path, typer.Option("--config", "-c", help="Experiment YAML (see configs/).",
                                       show_default=False)]
-Set = Annotated[Optional[list[str]], typer.Option(
+Set = Annotated[list[str] | None, typer.Option(
     "--set", help="Override a config value: section.key=value (repeatable).",
     show_default=False)]
-Out = Annotated[Optional[Path], typer.Option(
+Out = Annotated[Path | None, typer.Option(
     "--out", "-o", help="Artifact directory to write (default: runs/<experiment>/<stage>).",
     show_default=False)]
-Data = Annotated[Optional[Path], typer.Option(
+Data = Annotated[Path | None, typer.Option(
     "--data", help="Dataset index artifact (from prepare-data) (default: runs/<experiment>/data).",
     show_default=False)]
 Checkpoint = Annotated[Path, typer.Option("--checkpoint", help="Checkpoint artifact to read.",
@@ -25,11 +25,11 @@ Pseudo = Annotated[Path, typer.Option("--pseudo", help="Pseudo-label store artif
 Force = Annotated[bool, typer.Option("--force", help="Rebuild even if the output is up to date.")]
 Resume = Annotated[bool, typer.Option("--resume", help="Continue an interrupted run in --out.")]
 Device = Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")]
-Seed = Annotated[Optional[int], typer.Option("--seed", help="Override the config's seed.",
+Seed = Annotated[int | None, typer.Option("--seed", help="Override the config's seed.",
                                              show_default=False)]
 Json = Annotated[bool, typer.Option("--json", help="Print one JSON object to stdout.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Only errors on stderr.")]
-DataRoot = Annotated[Optional[Path], typer.Option(
+DataRoot = Annotated[Path | None, typer.Option(
     "--data-root", envvar="DUDA_DATA_ROOT",
     help="Directory that relative dataset roots in the config are resolved against.",
     show_default=False)]

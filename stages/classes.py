@@ -43,6 +43,11 @@ PROTOCOLS: dict[int, tuple[int, ...]] = {
 }
 
 
+# The classes the built-in synthetic benchmark draws (stages/data/synthetic.py): its protocol,
+# so that classes it never draws do not count as zeros in its mean IoU.
+SYNTHETIC_PROTOCOL: tuple[int, ...] = (0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 15)
+
+
 def lookup_table(mapping: dict[int, int], size: int = 256) -> list[int]:
     """A dense id -> trainId table of `size` entries; ids not in `mapping` map to 255."""
     table = [IGNORE_INDEX] * size
@@ -58,11 +63,17 @@ class ClassTable(BaseModel):
 
     names: tuple[str, ...]
     palette: tuple[tuple[int, int, int], ...]
-    protocols: dict[int, tuple[int, ...]]
+    protocols: dict[int, tuple[int, ...]]  # the first one is the primary (headline) protocol
 
     @property
     def num_classes(self) -> int:
         return len(self.names)
+
+    @property
+    def primary_protocol(self) -> tuple[int, tuple[int, ...]]:
+        """(name, class ids) of the protocol whose mean is the headline mIoU."""
+        name = next(iter(self.protocols))
+        return name, tuple(self.protocols[name])
 
     def describe(self) -> str:
         return f"{self.num_classes} classes ({', '.join(self.names[:4])}, …)"
@@ -75,6 +86,12 @@ def cityscapes_table(protocols: tuple[int, ...] = (19,)) -> ClassTable:
         palette=CITYSCAPES_PALETTE,
         protocols={n: PROTOCOLS[n] for n in protocols},
     )
+
+
+def synthetic_table() -> ClassTable:
+    """The 19-class table reporting the synthetic benchmark's 14-class protocol."""
+    return ClassTable(names=CITYSCAPES_CLASSES, palette=CITYSCAPES_PALETTE,
+                      protocols={len(SYNTHETIC_PROTOCOL): SYNTHETIC_PROTOCOL})
 
 
 def custom_table(names: list[str]) -> ClassTable:

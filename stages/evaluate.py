@@ -61,7 +61,6 @@ def run(config: Config, data: str | Path, checkpoint: str | Path, out: str | Pat
                         config_hash=config_hash(section), inputs=inputs, force=force,
                         device=str(torch_device)) as writer:
         if writer.up_to_date:
-            reporter.info(f"evaluation {writer.path} is up to date")
             return writer.result()
         loaded = load_model(checkpoint, settings.model, torch_device)
         check_compatible(loaded, index.classes.names, what=f"dataset index {index.path}")
@@ -228,7 +227,7 @@ def _report(matrix: ConfusionMatrix, classes: ClassTable,
 @torch.no_grad()
 def target_val_miou(model: torch.nn.Module, config: Config, index: DatasetIndex,
                     device: torch.device, *, num_workers: int, precision: str) -> float:
-    """Target-val mIoU of the table's largest protocol, at input.target_size, whole image, no
+    """Target-val mIoU of the table's primary protocol, at input.target_size, whole image, no
     flip (ALGORITHM.md F): the in-training evaluation of warmup and self-train."""
     model.eval()
     dataset = FullImageDataset(index.samples("target", "val"), config.input.target_size,
@@ -244,5 +243,4 @@ def target_val_miou(model: torch.nn.Module, config: Config, index: DatasetIndex,
         prediction = predict_classes(model, batch["image"].to(device), tuple(label.shape[-2:]),
                                      precision=precision)
         matrix.update(prediction.cpu(), label)
-    protocols = index.classes.protocols
-    return float(matrix.miou(tuple(protocols[max(protocols)])))
+    return float(matrix.miou(index.classes.primary_protocol[1]))

@@ -23,7 +23,8 @@ from typing import Any
 import numpy as np
 
 from stages.artifacts import DATASET_INDEX, ArtifactWriter, StageResult
-from stages.classes import CITYSCAPES_CLASSES, ClassTable, cityscapes_table, custom_table
+from stages.classes import (CITYSCAPES_CLASSES, ClassTable, cityscapes_table, custom_table,
+                            synthetic_table)
 from stages.config import Config, DataConfig, DomainConfig, config_hash, stage_config
 from stages.data import synthetic
 from stages.data.index import INDEX_FILE, DomainEntry, IndexFile, SampleEntry, SplitEntry
@@ -80,6 +81,8 @@ def class_table(data: DataConfig) -> ClassTable:
     named = [(domain, tuple(getattr(data, domain).classes)) for domain in ("source", "target")
              if getattr(data, domain).layout == "folder"]
     if not named:
+        if data.source.layout == data.target.layout == "synthetic":
+            return synthetic_table()
         return cityscapes_table(tuple(data.protocols))
     names = named[0][1]
     if len(names) > 255:

@@ -281,7 +281,7 @@ def _train(config: Config, index: DatasetIndex, out: Path, *, init: Path | None,
     if progress["miou_last"] is not None:
         summary.update(miou_last=progress["miou_last"], miou_best=progress["miou_best"],
                        best_iteration=progress["best_iteration"],
-                       best_protocol=f"target-val mIoU-{max(index.classes.protocols)} "
+                       best_protocol=f"target-val mIoU-{index.classes.primary_protocol[0]} "
                                      "(model selection on the evaluation split)")
     return summary
 

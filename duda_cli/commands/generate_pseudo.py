@@ -1,0 +1,102 @@
+"""`duda generate-pseudo`: offline pseudo labels for target-train, single- or multi-process."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import traceback
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from duda_cli import options
+from duda_cli.console import ConsoleReporter, default_path, finish, load, setup_logging, user_errors
+
+Checkpoints = Annotated[list[Path], typer.Option(
+    "--checkpoint", help="Checkpoint artifact of the teacher; repeat it for an ensemble "
+    "(probabilities averaged).", show_default=False)]
+
+
+def register(app: typer.Typer) -> None:
+    app.command("generate-pseudo")(generate_pseudo)
+
+
+def generate_pseudo(config: options.Config, checkpoint: Checkpoints, data: options.Data = None,
+                    set_: options.Set = None, out: options.Out = None,
+                    force: options.Force = False, device: options.Device = "auto",
+                    seed: options.Seed = None, data_root: options.DataRoot = None,
+                    as_json: options.Json = False, quiet: options.Quiet = False) -> None:
+    """Label every target-train image with the teacher (IAST, CBST or a fixed threshold).
+
+    Runs on several processes with `torchrun --nproc_per_node N duda generate-pseudo …`.
+    """
+    from stages import generate_pseudo as stage  # imported here: `duda --help` stays fast
+
+    main = int(os.environ.get("RANK", "0")) == 0
+    setup_logging(quiet or not main)
+    with distributed_exit():
+        with user_errors():
+            cfg = load(config, set_, seed, data_root)
+            result = stage.run(cfg, default_path(cfg, data, "data"), checkpoint,
+                               default_path(cfg, out, "pseudo"), force=force, device=device,
+                               reporter=ConsoleReporter(quiet or not main))
+        if main:
+            finish(result, as_json, quiet, "pseudo-label store", table(result.manifest.summary))
+
+
+@contextlib.contextmanager
+def distributed_exit() -> Iterator[None]:
+    """Under torchrun, end every worker with destroy_process_group() then os._exit.
+
+    A plain interpreter exit after gloo sometimes aborts with SIGABRT (PITFALLS.md), which
+    makes torchrun report a failure. Single-process runs are left alone.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        yield
+        return
+    code = 0
+    try:
+        yield
+    except typer.Exit as exit_:
+        code = exit_.exit_code
+    except BaseException:  # noqa: BLE001 - a bug: print the traceback, exit 1
+        traceback.print_exc()
+        code = 1
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def table(summary: dict) -> Table:
+    """Per-class thresholds and kept pixels; diagnostics columns where ground truth exists."""
+    diagnostic = summary.get("diagnostics")
+    title = (f"pseudo labels: {summary.get('images', 0)} images, "
+             f"{100 * summary.get('labelled_fraction', 0.0):.1f}% labelled")
+    table = Table(title=title, caption=("precision / recall / coverage are diagnostics: "
+                                        "target-train ground truth, never used for training")
+                  if diagnostic else None)
+    for column in ("class", "threshold", "kept of predicted %", "share of pixels %"):
+        table.add_column(column, justify="left" if column == "class" else "right")
+    if diagnostic:
+        for column in ("precision %", "recall %", "coverage %"):
+            table.add_column(column, justify="right", style="dim")
+    for name, row in summary.get("per_class", {}).items():
+        cells = [name, _number(row.get("threshold"), 1, 3), _number(row.get("kept_fraction")),
+                 _number(row.get("coverage"))]
+        if diagnostic:
+            quality = diagnostic["per_class"].get(name, {})
+            cells += [_number(quality.get(key)) for key in ("precision", "recall", "coverage")]
+        table.add_row(*cells)
+    return table
+
+
+def _number(value: float | None, scale: float = 100, digits: int = 1) -> str:
+    return "–" if value is None else f"{scale * value:.{digits}f}"

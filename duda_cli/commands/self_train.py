@@ -1,0 +1,49 @@
+"""`duda self-train`: DUDA mean-teacher self-training with online and offline pseudo labels."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from duda_cli import options
+from duda_cli.console import ConsoleReporter, default_path, finish, load, setup_logging, user_errors
+
+
+def register(app: typer.Typer) -> None:
+    app.command("self-train")(self_train)
+
+
+def self_train(config: options.Config, checkpoint: options.Checkpoint, pseudo: options.Pseudo,
+               data: options.Data = None, out: options.Out = None,
+               resume: options.Resume = False, force: options.Force = False,
+               set_: options.Set = None, device: options.Device = "auto",
+               seed: options.Seed = None, data_root: options.DataRoot = None,
+               as_json: options.Json = False, quiet: options.Quiet = False) -> None:
+    """Self-train from a checkpoint on a pseudo-label store; writes RUN and RUN/pseudo."""
+    from stages import self_train as stage  # imported here: `duda --help` stays fast
+
+    setup_logging(quiet)
+    with user_errors():
+        cfg = load(config, set_, seed, data_root)
+        result = stage.run(cfg, default_path(cfg, data, "data"), checkpoint, pseudo,
+                           default_path(cfg, out, "self_train"), resume=resume, force=force,
+                           device=device, reporter=ConsoleReporter(quiet))
+    finish(result, as_json, quiet, "self-train run (offline store in RUN/pseudo)",
+           _table(result.path, result.manifest.summary))
+
+
+def _table(path: Path, summary: dict) -> Table:
+    table = Table(title=f"self-train {path}")
+    table.add_column("figure")
+    table.add_column("value", justify="right")
+    table.add_row("iterations", str(summary.get("iteration")))
+    table.add_row("teacher", str(summary.get("teacher")))
+    for key, value in (summary.get("offline_changes") or {}).items():
+        table.add_row(f"offline update: pixels {key}", f"{value:,}")
+    if summary.get("miou_last") is not None:
+        table.add_row("teacher target-val mIoU (last)", f"{100 * summary['miou_last']:.2f}")
+        table.add_row(f"teacher target-val mIoU (best, iteration {summary['best_iteration']})",
+                      f"{100 * summary['miou_best']:.2f}")
+    return table

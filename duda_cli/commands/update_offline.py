@@ -1,0 +1,52 @@
+"""`duda update-offline`: a whole-set offline update, written as a new store version."""
+
+from __future__ import annotations
+
+import os
+
+import typer
+from rich.table import Table
+
+from duda_cli import options
+from duda_cli.commands.generate_pseudo import distributed_exit
+from duda_cli.console import ConsoleReporter, default_path, finish, load, setup_logging, user_errors
+
+
+def register(app: typer.Typer) -> None:
+    app.command("update-offline")(update_offline)
+
+
+def update_offline(config: options.Config, checkpoint: options.Checkpoint,
+                   pseudo: options.Pseudo, data: options.Data = None, out: options.Out = None,
+                   force: options.Force = False, set_: options.Set = None,
+                   device: options.Device = "auto", seed: options.Seed = None,
+                   data_root: options.DataRoot = None, as_json: options.Json = False,
+                   quiet: options.Quiet = False) -> None:
+    """Merge a teacher's predictions into a pseudo-label store (ALGORITHM.md E.6).
+
+    Runs on several processes with `torchrun --nproc_per_node N duda update-offline …`.
+    """
+    from stages import update_offline as stage  # imported here: `duda --help` stays fast
+
+    main = int(os.environ.get("RANK", "0")) == 0
+    setup_logging(quiet or not main)
+    with distributed_exit():
+        with user_errors():
+            cfg = load(config, set_, seed, data_root)
+            result = stage.run(cfg, default_path(cfg, data, "data"), checkpoint, pseudo,
+                               default_path(cfg, out, "update_offline"), force=force,
+                               device=device, reporter=ConsoleReporter(quiet or not main))
+        if main:
+            finish(result, as_json, quiet, "pseudo-label store", _table(result.manifest.summary))
+
+
+def _table(summary: dict) -> Table:
+    table = Table(title="offline update per class (pixels)")
+    for column in ("class", "kept", "added", "dropped"):
+        table.add_column(column, justify="left" if column == "class" else "right")
+    for name, row in summary.get("per_class", {}).items():
+        if any(row.values()):
+            table.add_row(name, f"{row['kept']:,}", f"{row['added']:,}", f"{row['dropped']:,}")
+    totals = summary.get("changes", {})
+    table.add_row("all", *(f"{totals.get(k, 0):,}" for k in ("kept", "added", "dropped")))
+    return table

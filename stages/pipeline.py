@@ -1,0 +1,68 @@
+"""`duda run`: the whole pipeline, stage by stage, skipping what is already current.
+
+warmup → generate-pseudo → (self-train → update-offline) × rounds → evaluate, after
+prepare-data. Every stage writes its usual artifact under `runs/<experiment>/`; a stage whose
+artifact is up to date is a no-op, and an interrupted training stage is resumed, so running the
+same command again continues where it stopped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from stages import evaluate, generate_pseudo, prepare_data, self_train, update_offline, warmup
+from stages.artifacts import MANIFEST, StageResult
+from stages.config import Config
+from stages.reporting import Reporter
+
+
+@dataclass(frozen=True)
+class PipelineResult:
+    """Every stage's result, in execution order, keyed by the artifact's short name."""
+
+    stages: dict[str, StageResult]
+
+    @property
+    def final(self) -> StageResult:
+        return self.stages["evaluate"]
+
+
+def _unfinished(path: Path) -> bool:
+    return path.is_dir() and not (path / MANIFEST).is_file() and any(path.iterdir())
+
+
+def run(config: Config, root: Path, *, init: Path | None = None, force: bool = False,
+        device: str = "auto", reporter: Reporter | None = None) -> PipelineResult:
+    """Run every stage into `root` (e.g. runs/<experiment>) and return their results."""
+    reporter = reporter or Reporter()
+    results: dict[str, StageResult] = {}
+
+    def note(name: str, result: StageResult) -> StageResult:
+        results[name] = result
+        state = "up to date" if result.up_to_date else "done"
+        reporter.info(f"[{name}] {state}: {result.path}")
+        return result
+
+    data = note("data", prepare_data.run(config, root / "data", force=force, reporter=reporter))
+    out = root / "warmup"
+    checkpoint = note("warmup", warmup.run(
+        config, data.path, out, init=init, resume=_unfinished(out), force=force, device=device,
+        reporter=reporter)).path
+    note("evaluate_warmup", evaluate.run(config, data.path, checkpoint, root / "evaluate_warmup",
+                                         force=force, device=device, reporter=reporter))
+    pseudo = note("pseudo", generate_pseudo.run(config, data.path, checkpoint, root / "pseudo",
+                                                force=force, device=device,
+                                                reporter=reporter)).path
+    for round_index in range(1, config.pipeline.rounds + 1):
+        out = root / f"round{round_index}"
+        checkpoint = note(f"round{round_index}", self_train.run(
+            config, data.path, checkpoint, pseudo, out, resume=_unfinished(out), force=force,
+            device=device, reporter=reporter, round=round_index)).path
+        pseudo = note(f"round{round_index}_offline", update_offline.run(
+            config, data.path, checkpoint, checkpoint / "pseudo",
+            root / f"round{round_index}_offline", force=force, device=device,
+            reporter=reporter)).path
+    note("evaluate", evaluate.run(config, data.path, checkpoint, root / "evaluate", force=force,
+                                  device=device, reporter=reporter))
+    return PipelineResult(results)

@@ -1,0 +1,169 @@
+"""One DUDA self-training step (ALGORITHM.md E.2), as a function of models, batches and weights.
+
+The step is separate from the stage's loop (`stages/self_train.py`) so that its order and its
+loss terms can be read top to bottom and tested on tiny models. It returns the named loss terms
+and the teacher's eval-mode probabilities on the full target images, which the loop uses for
+the in-loop offline update (E.6). Pixels of the offline labels are given already cropped; the
+offline merge itself is `stages.nn.pseudo_labels.merge_offline`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from stages.classes import IGNORE_INDEX
+from stages.config import LossWeights
+from stages.data.transforms import full_to_crop
+from stages.devices import autocast
+from stages.nn import losses
+from stages.nn.pseudo_labels import online_pseudo_labels
+
+
+@dataclass
+class StepInputs:
+    """One step's batches, on the device.
+
+    source_image (B,3,h,w) float, source_label (B,h,w) long: source crops.
+    target_image (B,3,h,w) float: the student's weak crops; target_params (B,7) int64: their
+    recorded scale/crop/flip; target_full (B,3,H,W) float: the full base-size target images
+    (the teacher's view); offline_label (B,h,w) long: the stored offline labels, cropped alike.
+    """
+
+    source_image: torch.Tensor
+    source_label: torch.Tensor
+    target_image: torch.Tensor
+    target_params: torch.Tensor
+    target_full: torch.Tensor
+    offline_label: torch.Tensor
+
+
+@dataclass
+class StepOutputs:
+    terms: dict[str, float]  # loss/<name> → value (unweighted), for logging
+    teacher_probabilities: torch.Tensor | None  # (B,C,H,W) eval-mode teacher on the full images
+    online_label: torch.Tensor | None  # (B,h,w) long
+    online_thresholds: torch.Tensor | None  # (C,) float
+
+
+def needs_teacher(weights: LossWeights, offline_update: bool) -> bool:
+    """Whether the step needs the teacher at all (the offline-only ablation does not)."""
+    return offline_update or any(w > 0 for w in (weights.consistency, weights.online,
+                                                 weights.online_entropy, weights.online_kld))
+
+
+def self_train_step(
+    student: nn.Module,
+    teacher: nn.Module,
+    batch: StepInputs,
+    *,
+    weights: LossWeights,
+    alpha: float,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    precision: str = "fp32",
+    offline_update: bool = False,
+    consistency_teacher_mode: str = "train",
+    reproduce_teacher_bn_quirk: bool = False,
+) -> StepOutputs:
+    """ALGORITHM.md E.2 steps 1–10; the caller then updates the teacher (step 11)."""
+    device = batch.source_image.device
+    terms: dict[str, float] = {}
+
+    # 1. Student and teacher in train mode, gradients cleared.
+    student.train()
+    teacher.train()
+    optimizer.zero_grad(set_to_none=True)
+
+    # 2. Source loss, backward at once to free the source activations (E.2 step 2).
+    if weights.source > 0:
+        with autocast(device, precision):
+            source_logits = student(batch.source_image)
+        source_ce = losses.cross_entropy(source_logits.float(), batch.source_label)
+        scaler.scale(weights.source * source_ce).backward()
+        terms["loss/source_ce"] = source_ce.item()
+        del source_logits
+
+    # 3. Student on the weak target crop.
+    with autocast(device, precision):
+        target_logits = student(batch.target_image).float()
+
+    # 4. Offline loss: symmetric cross-entropy on the stored labels (E.3).
+    target_loss = target_logits.new_zeros(())
+    if weights.offline > 0:
+        offline_sce = losses.symmetric_cross_entropy(
+            target_logits, batch.offline_label, a=weights.offline_sce_a, b=weights.offline_sce_b)
+        target_loss = target_loss + weights.offline * offline_sce
+        terms["loss/offline_sce"] = offline_sce.item()
+    if weights.offline_entropy > 0:
+        term = losses.entropy_regularizer(target_logits, batch.offline_label)
+        target_loss = target_loss + weights.offline_entropy * term
+        terms["loss/offline_entropy"] = term.item()
+    if weights.offline_kld > 0:
+        term = losses.kld_regularizer(target_logits, batch.offline_label)
+        target_loss = target_loss + weights.offline_kld * term
+        terms["loss/offline_kld"] = term.item()
+
+    teacher_probabilities = online_label = online_thresholds = None
+    if needs_teacher(weights, offline_update):
+        with torch.no_grad():
+            # 5. The reference's discarded crop pass (E.9 #4): only its BN side effect remains.
+            if reproduce_teacher_bn_quirk:
+                with autocast(device, precision):
+                    teacher(batch.target_image)
+            # 6. Consistency target from the stochastic train-mode teacher (E.9 #5).
+            consistency_logits = None
+            if weights.consistency > 0 and consistency_teacher_mode == "train":
+                with autocast(device, precision):
+                    consistency_logits = full_to_crop(teacher(batch.target_full).float(),
+                                                      batch.target_params)
+            # 7. Eval-mode teacher pass: pseudo labels and the offline update.
+            teacher.eval()
+            with autocast(device, precision):
+                full_logits = teacher(batch.target_full).float()
+            teacher.train()
+            teacher_probabilities = full_logits.softmax(dim=1)
+            crop_logits = full_to_crop(full_logits, batch.target_params)
+            if consistency_logits is None:
+                consistency_logits = crop_logits
+            # 7b. Online pseudo labels at α on the crop (E.4).
+            online_label, online_thresholds = online_pseudo_labels(
+                crop_logits.softmax(dim=1), alpha)
+
+        if weights.consistency > 0:
+            consistency = losses.consistency_mse(target_logits, consistency_logits)
+            target_loss = target_loss + weights.consistency * consistency
+            terms["loss/consistency"] = consistency.item()
+        # 8. Online cross-entropy; 9. regularisers on the online map (E.3, E.5).
+        if weights.online > 0:
+            online_ce = losses.cross_entropy(target_logits, online_label)
+            target_loss = target_loss + weights.online * online_ce
+            terms["loss/online_ce"] = online_ce.item()
+        if weights.online_entropy > 0:
+            term = losses.entropy_regularizer(target_logits, online_label)
+            target_loss = target_loss + weights.online_entropy * term
+            terms["loss/online_entropy"] = term.item()
+        if weights.online_kld > 0:
+            term = losses.kld_regularizer(target_logits, online_label)
+            target_loss = target_loss + weights.online_kld * term
+            terms["loss/online_kld"] = term.item()
+
+    # 10. Target backward, optimizer and scaler step.
+    scaler.scale(target_loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    terms["loss/target"] = target_loss.item()
+    return StepOutputs(terms, teacher_probabilities, online_label, online_thresholds)
+
+
+def label_agreement(online: torch.Tensor, offline: torch.Tensor) -> tuple[float, float, float]:
+    """(online coverage, offline coverage, agreement where both are labelled) on a crop."""
+    online_valid = online != IGNORE_INDEX
+    offline_valid = offline != IGNORE_INDEX
+    both = online_valid & offline_valid
+    agree = (online == offline) & both
+    both_count = int(both.sum())
+    return (float(online_valid.float().mean()), float(offline_valid.float().mean()),
+            float(agree.sum()) / both_count if both_count else float("nan"))

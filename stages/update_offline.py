@@ -1,0 +1,140 @@
+"""The `update-offline` stage: a whole-set pass of the DUDA offline update (ALGORITHM.md E.6).
+
+The teacher of a checkpoint predicts every target-train image; the E.6 four-case merge (the
+same `merge_offline` the self-train loop uses) combines each prediction with the stored labels,
+with τ^β computed jointly over each batch of `update_offline.batch_size` images as in the loop;
+the result is a new store version whose manifest names its parent. The input store is never
+modified. Change statistics per class (kept, added, dropped) go into the summary and, where
+target-train has ground truth, the store's quality before and after (diagnostics only).
+
+Under `torchrun` the images are split across ranks, each writing its own chunks; the change
+counts are summed across ranks and rank 0 writes the manifest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from stages.artifacts import PSEUDO_LABELS, ArtifactWriter, StageResult
+from stages.checkpoint import check_compatible, load_checkpoint_manifest, load_model
+from stages.config import Config, config_hash, stage_config
+from stages.data.full_images import FullImageDataset, collate_full_images
+from stages.data.index import load_dataset_index
+from stages.devices import resolve_device
+from stages.generate_pseudo import Ranks
+from stages.generate_pseudo import _Silent as Silent
+from stages.inference import predict
+from stages.nn.pseudo_labels import confidence_and_prediction, merge_offline, offline_thresholds
+from stages.pseudo_store import (PseudoLabelStore, copy_store, open_store, open_unfinished,
+                                 quality)
+from stages.reporting import Reporter
+
+CHANGES = ("kept", "added", "dropped")
+
+
+def run(config: Config, data: str | Path, checkpoint: str | Path, pseudo: str | Path,
+        out: str | Path, *, force: bool = False, device: str = "auto",
+        reporter: Reporter | None = None) -> StageResult:
+    """Merge `checkpoint`'s predictions into the store `pseudo`; write the new version at
+    `out`."""
+    torch_device = resolve_device(device)
+    ranks = Ranks(torch_device)
+    reporter = (reporter or Reporter()) if ranks.is_main else Silent()
+    cfg = config.update_offline
+    out = Path(out)
+    index = load_dataset_index(data)
+    checkpoint = Path(checkpoint)
+    checkpoint_manifest = load_checkpoint_manifest(checkpoint)
+    parent = open_store(pseudo, index)
+    parent_ref = parent.manifest().ref(pseudo)
+    inputs = {"data": index.ref, "checkpoint": checkpoint_manifest.ref(checkpoint),
+              "parent": parent_ref}
+    section = stage_config(config, "update_offline")
+    with ArtifactWriter(out, kind=PSEUDO_LABELS, stage="update_offline", config=section,
+                        config_hash=config_hash(section), inputs=inputs, force=force,
+                        round=checkpoint_manifest.round, device=str(torch_device),
+                        is_writer=ranks.is_main) as writer:
+        if writer.up_to_date:
+            return writer.result()
+        loaded = load_model(checkpoint, cfg.model, torch_device)
+        check_compatible(loaded, index.classes.names, what=f"dataset index {index.path}")
+        ranks.barrier()
+        if ranks.is_main:
+            store = copy_store(parent, out)
+        ranks.barrier()
+        if not ranks.is_main:
+            store = open_unfinished(out)
+
+        samples = [dataclasses.replace(sample, label=None)  # ground truth is never read here
+                   for sample in index.samples("target", "train")]
+        mine = ranks.mine(len(samples))
+        changes = _merge_pass(config, loaded.model, loaded.model_config.normalization,
+                              [samples[i] for i in mine], mine, store, torch_device, reporter)
+        changes = {key: ranks.sum(value) for key, value in changes.items()}
+        ranks.barrier()
+        summary: dict[str, Any] = {}
+        if ranks.is_main:
+            store.set_thresholds(None)
+            store.set_selector({"name": "duda_offline_update", "beta": cfg.beta,
+                                "cap": cfg.cap, "model": loaded.which,
+                                "agree_requires_confidence": cfg.agree_requires_confidence})
+            statistics = store.class_statistics()
+            store.set_statistics({**statistics,
+                                  "changes": {k: v.tolist() for k, v in changes.items()}})
+            store.check_complete()
+            summary = _summary(index.classes.names, changes, statistics,
+                               quality(parent, index), quality(store, index), loaded.which)
+        digest = ranks.broadcast(store.digest() if ranks.is_main else None)
+        writer.finish(summary, digest)
+        ranks.barrier()
+    return writer.result()
+
+
+@torch.no_grad()
+def _merge_pass(config: Config, model: torch.nn.Module, normalization: str,
+                samples: list, positions: list[int], store: PseudoLabelStore,
+                device: torch.device, reporter: Reporter) -> dict[str, np.ndarray]:
+    """Predict, threshold per batch at β with the cap, merge, write; per-class change counts."""
+    cfg = config.update_offline
+    dataset = FullImageDataset(samples, config.input.target_size, normalization)
+    loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=False,
+                        num_workers=cfg.num_workers, collate_fn=collate_full_images)
+    totals = {key: np.zeros(store.num_classes, np.int64) for key in CHANGES}
+    with reporter.task("update-offline", total=len(samples)) as task:
+        for batch in loader:
+            probabilities = predict(model, batch["image"].to(device),
+                                    (store.height, store.width), flip=cfg.flip)
+            thresholds = offline_thresholds(probabilities, cfg.beta, cfg.cap)
+            confidence, prediction = confidence_and_prediction(probabilities)
+            indices = [positions[p] for p in batch["index"].tolist()]
+            stored = torch.stack([torch.from_numpy(store.read_labels(i)) for i in indices])
+            merged, changes = merge_offline(stored.to(device), prediction, confidence,
+                                            thresholds, cfg.agree_requires_confidence)
+            merged, confidence = merged.cpu().numpy(), confidence.clamp(0, 1).cpu().numpy()
+            for b, i in enumerate(indices):
+                store.write(i, merged[b], confidence[b])
+            for key in CHANGES:
+                totals[key] += changes[key].cpu().numpy()
+            task.advance(len(indices))
+    return totals
+
+
+def _summary(names: tuple[str, ...], changes: dict[str, np.ndarray], statistics: dict[str, Any],
+             before: dict[str, Any] | None, after: dict[str, Any] | None,
+             which: str) -> dict[str, Any]:
+    summary: dict[str, Any] = {
+        "model": which,
+        "labelled_fraction": statistics["labelled_fraction"],
+        "changes": {key: int(changes[key].sum()) for key in CHANGES},
+        "per_class": {name: {key: int(changes[key][c]) for key in CHANGES}
+                      for c, name in enumerate(names)},
+    }
+    if before is not None and after is not None:
+        summary["diagnostics"] = {"before": before, "after": after}
+    return summary
