@@ -79,7 +79,7 @@ def make_index(root: Path, sizes: dict[tuple[str, str], int] | None = None,
                             domains={d: DomainEntry(layout="synthetic", splits=s)
                                      for d, s in domains.items()})
         (root / INDEX_FILE).write_text(content.model_dump_json(indent=1))
-        writer.finish(summary={"splits": []}, digest="tiny")
+        writer.finish(summary={"splits": []}, digest=f"tiny-{seed}-{sorted(sizes.items())}")
     return root
 
 

@@ -1,0 +1,174 @@
+"""self-train and update-offline on the tiny dataset: artifacts, lineage, metrics, resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from duda_cli.app import app
+from stages import generate_pseudo, self_train, update_offline, warmup
+from stages.artifacts import CHECKPOINT, PSEUDO_LABELS, load_artifact
+from stages.checkpoint import load_torch
+from stages.config import Config
+from stages.errors import DudaError
+from stages.pseudo_store import open_store
+from stages.reporting import Reporter, Task
+
+from conftest import TINY_CONFIG, make_index
+
+runner = CliRunner()
+
+
+def tiny(**sections) -> Config:
+    raw = json.loads(json.dumps(TINY_CONFIG))
+    for dotted, value in sections.items():
+        node = raw
+        *parents, key = dotted.split("__")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[key] = value
+    return Config.model_validate(raw)
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory) -> dict[str, Path]:
+    """A dataset index, a warmup checkpoint and its pseudo-label store, built once."""
+    root = tmp_path_factory.mktemp("pipeline")
+    config = tiny()
+    data = make_index(root / "data")
+    checkpoint = warmup.run(config, data, root / "warmup", device="cpu").path
+    pseudo = generate_pseudo.run(config, data, checkpoint, root / "pseudo", device="cpu").path
+    return {"data": data, "checkpoint": checkpoint, "pseudo": pseudo, "root": root}
+
+
+def store_labels(path: Path) -> np.ndarray:
+    store = open_store(path)
+    return np.stack([store.read_labels(i) for i in range(len(store))])
+
+
+def test_self_train_writes_run_and_its_own_store(prepared, tmp_path) -> None:
+    before = store_labels(prepared["pseudo"])
+    result = self_train.run(tiny(), prepared["data"], prepared["checkpoint"], prepared["pseudo"],
+                            tmp_path / "run", device="cpu")
+    manifest = load_artifact(result.path, CHECKPOINT)
+    assert manifest.summary["iteration"] == 4
+    model = load_torch(result.path / "model.pt")
+    assert model["teacher"] is not None and model["iteration"] == 4
+
+    # The input store is never modified; the run's store names it as parent.
+    np.testing.assert_array_equal(store_labels(prepared["pseudo"]), before)
+    store_manifest = load_artifact(result.path / "pseudo", PSEUDO_LABELS)
+    parent_id = load_artifact(prepared["pseudo"], PSEUDO_LABELS).id
+    assert store_manifest.inputs["parent"].id == parent_id
+    # Offline updates ran from iteration 2 (offline_start) and their counts are recorded.
+    changes = manifest.summary["offline_changes"]
+    assert set(changes) == {"kept", "added", "dropped"} and sum(changes.values()) > 0
+    assert not (result.path / "snapshots").exists()
+
+    records = [json.loads(line) for line in (result.path / "metrics.jsonl").read_text().splitlines()]
+    last = records[-1]
+    for key in ("loss/source_ce", "loss/offline_sce", "loss/consistency", "loss/online_ce",
+                "loss/online_entropy", "loss/online_kld", "alpha", "beta", "lr",
+                "online/thresholds", "online/coverage", "online/offline_agreement",
+                "offline/crop_coverage", "offline/added", "offline/kept", "offline/dropped"):
+        assert key in last, key
+    assert len(last["online/thresholds"]) == 19
+
+
+class InterruptAt(Reporter):
+    """Raise KeyboardInterrupt once the training task reaches `iteration` (a Ctrl-C)."""
+
+    def __init__(self, iteration: int) -> None:
+        self.iteration = iteration
+
+    def task(self, description, total, completed=0, log_every=0) -> Task:
+        task = super().task(description, total, completed, log_every)
+        original = task.advance
+        limit = self.iteration
+
+        def advance(steps: int = 1, **fields) -> None:
+            original(steps, **fields)
+            if description == "self-train" and task.completed >= limit:
+                raise KeyboardInterrupt
+
+        task.advance = advance  # type: ignore[method-assign]
+        return task
+
+
+def test_resume_after_interrupt_is_bit_identical(prepared, tmp_path) -> None:
+    config = tiny(self_train__iterations=6, self_train__checkpoint_every=2)
+    args = (config, prepared["data"], prepared["checkpoint"], prepared["pseudo"])
+    straight = self_train.run(*args, tmp_path / "straight", device="cpu")
+
+    # Interrupted at iteration 3: the checkpoint at 2 is kept, with the store as it was then.
+    with pytest.raises(KeyboardInterrupt):
+        self_train.run(*args, tmp_path / "resumed", device="cpu", reporter=InterruptAt(3))
+    assert (tmp_path / "resumed" / "train_state.pt").is_file()
+    with pytest.raises(DudaError, match="--resume"):
+        self_train.run(*args, tmp_path / "resumed", device="cpu")
+    resumed = self_train.run(*args, tmp_path / "resumed", device="cpu", resume=True)
+
+    a, b = load_torch(straight.path / "model.pt"), load_torch(resumed.path / "model.pt")
+    for part in ("student", "teacher"):
+        assert a[part].keys() == b[part].keys()
+        for key in a[part]:
+            assert torch.equal(a[part][key], b[part][key]), f"{part}.{key}"
+    np.testing.assert_array_equal(store_labels(straight.path / "pseudo"),
+                                  store_labels(resumed.path / "pseudo"))
+    assert straight.manifest.summary["offline_changes"] == resumed.manifest.summary[
+        "offline_changes"]
+
+
+def test_offline_only_ablation_skips_the_teacher(prepared, tmp_path) -> None:
+    config = tiny(self_train__loss={"consistency": 0.0, "online": 0.0, "online_entropy": 0.0,
+                                    "online_kld": 0.0},
+                  self_train__offline_start=1000)
+    result = self_train.run(config, prepared["data"], prepared["checkpoint"], prepared["pseudo"],
+                            tmp_path / "offline_only", device="cpu")
+    last = json.loads((result.path / "metrics.jsonl").read_text().splitlines()[-1])
+    assert "loss/offline_sce" in last and "loss/online_ce" not in last
+    assert result.manifest.summary["offline_changes"] == {"kept": 0, "added": 0, "dropped": 0}
+    np.testing.assert_array_equal(store_labels(result.path / "pseudo"),
+                                  store_labels(prepared["pseudo"]))
+
+
+def test_update_offline_makes_a_new_version_with_change_statistics(prepared, tmp_path) -> None:
+    before = store_labels(prepared["pseudo"])
+    result = update_offline.run(tiny(), prepared["data"], prepared["checkpoint"],
+                                prepared["pseudo"], tmp_path / "updated", device="cpu")
+    summary = result.manifest.summary
+    assert result.manifest.inputs["parent"].id == load_artifact(prepared["pseudo"],
+                                                                PSEUDO_LABELS).id
+    after = store_labels(result.path)
+    np.testing.assert_array_equal(store_labels(prepared["pseudo"]), before)
+    # E.6: a pixel keeps its stored class or becomes ignore; an ignored pixel may be filled.
+    labelled = before != 255
+    assert np.all((after[labelled] == before[labelled]) | (after[labelled] == 255))
+    assert summary["changes"]["kept"] == int((after[labelled] == before[labelled]).sum())
+    assert summary["changes"]["dropped"] == int((after[labelled] == 255).sum())
+    assert summary["changes"]["added"] == int((after[~labelled] != 255).sum())
+    assert "before" in summary["diagnostics"] and "after" in summary["diagnostics"]
+
+
+def test_self_train_refuses_a_store_of_another_index(prepared, tmp_path) -> None:
+    other = make_index(tmp_path / "other", seed=5)
+    result = runner.invoke(app, ["self-train", "-c", str(_config_file(tmp_path)), "--data",
+                                 str(other), "--checkpoint", str(prepared["checkpoint"]),
+                                 "--pseudo", str(prepared["pseudo"]), "--out",
+                                 str(tmp_path / "run"), "--device", "cpu"])
+    assert result.exit_code == 2, result.output
+    assert "was made for dataset index" in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def _config_file(tmp_path: Path) -> Path:
+    import yaml
+
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(TINY_CONFIG))
+    return path
