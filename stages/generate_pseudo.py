@@ -1,0 +1,352 @@
+"""The generate-pseudo stage: offline pseudo labels for every target-train image (ALGORITHM.md D).
+
+Two passes, one forward pass per image:
+
+1. Inference. The teacher (or student; an ensemble of checkpoints averages probabilities, with
+   optional flip TTA, D.3–D.4) sees each image at the configured size; its probabilities are
+   resized to the images' native size, and argmax + confidence (max probability) of every pixel
+   go into the store. CBST's per-class confidence histograms are accumulated on the way.
+2. Selection. The class thresholds are computed from the stored confidences — IAST (D.1) by
+   walking the images in index order in groups, CBST (D.3) from the histograms, or a fixed
+   threshold — and every image's stored argmax is replaced by its thresholded labels.
+
+Under `torchrun` (RANK / WORLD_SIZE set) the images are split across ranks, each writing its own
+chunks. CBST histograms and statistics are summed across ranks (sums do not depend on the
+order). IAST's update depends on the order: rank 0 runs it sequentially over the stored
+confidences in index order and broadcasts the per-group thresholds, so the result is identical
+to a single-process run. Rank 0 writes the attributes and the manifest.
+
+Where target-train has ground truth (Cityscapes does), per-class precision, recall and coverage
+of the pseudo labels are reported as diagnostics; the ground truth is never used otherwise.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from stages.artifacts import PSEUDO_LABELS, ArtifactRef, ArtifactWriter, StageResult
+from stages.checkpoint import LoadedModel, check_compatible, load_checkpoint_manifest, load_model
+from stages.config import Config, config_hash, stage_config
+from stages.data.full_images import FullImageDataset, collate_full_images
+from stages.data.index import DatasetIndex, Sample, load_dataset_index
+from stages.data.io import read_label
+from stages.devices import resolve_device
+from stages.errors import DudaError
+from stages.inference import predict
+from stages.pseudo_store import (
+    PseudoLabelStore,
+    confusion_counts,
+    create_store,
+    diagnostics,
+    open_unfinished,
+    statistics_from_counts,
+)
+from stages.reporting import Reporter, Task
+from stages.selectors import ConfidenceHistogram, IastSelector, apply_thresholds, fixed_thresholds
+
+logger = logging.getLogger("duda")
+
+# ------------------------------------------------------------------------- distributed
+
+
+class Ranks:
+    """This process's rank and the world size; a no-op for a single process."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        if self.world_size > 1 and not dist.is_initialized():
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        self.rank = dist.get_rank() if self.world_size > 1 else 0
+        # nccl reduces tensors on the GPU, gloo on the CPU.
+        self.device = device if (self.world_size > 1 and device.type == "cuda") else (
+            torch.device("cpu"))
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
+    def sum(self, array: np.ndarray) -> np.ndarray:
+        """Element-wise sum over ranks of an int64 (or float64) array."""
+        if self.world_size == 1:
+            return array
+        tensor = torch.from_numpy(np.ascontiguousarray(array)).to(self.device)
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor.cpu().numpy()
+
+    def broadcast(self, value: Any) -> Any:
+        """Rank 0's `value` on every rank."""
+        if self.world_size == 1:
+            return value
+        holder = [value]
+        dist.broadcast_object_list(holder, src=0)
+        return holder[0]
+
+    def mine(self, count: int, batch_size: int) -> list[int]:
+        """The image indices this rank handles: whole batches of the single-process order, in
+        turn, so every batch (and so every result) is the one a single process computes."""
+        return [i for i in range(count) if (i // batch_size) % self.world_size == self.rank]
+
+
+class _Silent(Reporter):
+    def task(self, description: str, total: int | None, completed: int = 0,
+             log_every: int = 0) -> Task:
+        return Task(description, total, completed, 0)
+
+    def info(self, message: str) -> None:
+        pass
+
+
+# ------------------------------------------------------------------------------- stage
+
+
+def run(config: Config, data: str | Path, checkpoint: str | Path | Sequence[str | Path],
+        out: str | Path, *, force: bool = False, device: str = "auto",
+        reporter: Reporter | None = None) -> StageResult:
+    """Generate the pseudo-label store for target-train at `out`.
+
+    `checkpoint` is one checkpoint artifact or several (an ensemble: probabilities averaged).
+    """
+    torch_device = resolve_device(device)
+    ranks = Ranks(torch_device)
+    reporter = (reporter or Reporter()) if ranks.is_main else _Silent()
+    cfg = config.generate_pseudo
+    index = load_dataset_index(data)
+    checkpoints = [Path(checkpoint)] if isinstance(checkpoint, (str, Path)) else [
+        Path(path) for path in checkpoint]
+    if not checkpoints:
+        raise DudaError("no checkpoint given", "pass --checkpoint (repeat it for an ensemble)")
+    manifests = [load_checkpoint_manifest(path) for path in checkpoints]
+    inputs: dict[str, ArtifactRef] = {"data": index.ref}
+    for number, (path, manifest) in enumerate(zip(checkpoints, manifests, strict=True)):
+        inputs["checkpoint" if number == 0 else f"checkpoint_{number + 1}"] = manifest.ref(path)
+    section = stage_config(config, "generate_pseudo")
+    samples = index.samples("target", "train")
+
+    with ArtifactWriter(out, kind=PSEUDO_LABELS, stage="generate_pseudo", config=section,
+                        config_hash=config_hash(section), inputs=inputs, force=force,
+                        round=max(manifest.round for manifest in manifests),
+                        device=str(torch_device), is_writer=ranks.is_main) as writer:
+        if writer.up_to_date:
+            return writer.result()
+        height, width = native_size(samples)
+        models = _load_models(checkpoints, cfg.model, torch_device, index)
+        ranks.barrier()  # rank 0's ArtifactWriter has prepared the directory
+        if ranks.is_main:
+            store = create_store(out, ids=[sample.id for sample in samples], height=height,
+                                 width=width, class_names=index.classes.names,
+                                 index_id=index.manifest.id, palette=index.classes.palette)
+        ranks.barrier()
+        if not ranks.is_main:
+            store = open_unfinished(out)
+        mine = ranks.mine(len(samples), cfg.batch_size)
+        size = tuple(cfg.size or config.input.target_size)
+
+        histogram, predicted = _infer(config, models, samples, mine, size, store,
+                                      torch_device, reporter)
+        ranks.barrier()
+        predicted = ranks.sum(predicted)
+        thresholds, group_thresholds = _select(config, store, ranks, histogram, reporter)
+        kept, confusion = _threshold(store, samples, mine, thresholds, group_thresholds,
+                                     cfg.group_size, reporter)
+        kept = ranks.sum(kept)
+        confusion = ranks.sum(confusion)
+        ranks.barrier()
+
+        summary = _summary(config, index, store, models, thresholds, predicted, kept,
+                           confusion, [sample.label is not None for sample in samples])
+        if ranks.is_main:
+            store.set_thresholds(thresholds.tolist())
+            store.set_selector(_selector_description(config))
+            if group_thresholds is not None:
+                store.set_attribute("group_thresholds", group_thresholds.tolist())
+            store.set_statistics({**statistics_from_counts(
+                kept, len(samples) * height * width), "predicted_pixels": predicted.tolist()})
+            store.check_complete()
+        digest = ranks.broadcast(store.digest() if ranks.is_main else None)
+        writer.finish(summary, digest)
+        ranks.barrier()  # the manifest exists before any rank returns
+    return writer.result()
+
+
+def native_size(samples: Sequence[Sample]) -> tuple[int, int]:
+    """The (H, W) every target-train image shares (read from the file headers)."""
+    if not samples:
+        raise DudaError("the dataset index has no target-train images",
+                        "check data.target and rerun prepare-data")
+    sizes: dict[tuple[int, int], list[str]] = {}
+    for sample in samples:
+        try:
+            with Image.open(sample.image) as image:
+                width, height = image.size
+        except (OSError, ValueError) as error:
+            raise DudaError(f"{sample.image} is unreadable ({error})",
+                            "replace the file and rerun prepare-data") from None
+        sizes.setdefault((height, width), []).append(sample.id)
+    if len(sizes) > 1:
+        described = "; ".join(f"{h}×{w}: {len(ids)} images (e.g. {ids[0]})"
+                              for (h, w), ids in sizes.items())
+        raise DudaError(f"target-train images differ in size ({described}); the pseudo-label "
+                        "store holds one label size",
+                        "resize the target images to one size before prepare-data")
+    return next(iter(sizes))
+
+
+def _load_models(checkpoints: list[Path], which: str, device: torch.device,
+                 index: DatasetIndex) -> list[LoadedModel]:
+    models = []
+    for path in checkpoints:
+        loaded = load_model(path, which=which, device=device)  # type: ignore[arg-type]
+        check_compatible(loaded, index.classes.names)
+        models.append(loaded)
+    normalizations = {loaded.model_config.normalization for loaded in models}
+    if len(normalizations) > 1:
+        raise DudaError(f"the ensemble's checkpoints expect different input normalisations "
+                        f"({', '.join(sorted(normalizations))})",
+                        "ensemble checkpoints trained with the same model.normalization")
+    return models
+
+
+def ensemble_probabilities(models: Sequence[LoadedModel], images: torch.Tensor,
+                           out_size: tuple[int, int], flip: bool) -> torch.Tensor:
+    """Mean softmax of every model (each flip-averaged if asked): (B, C, *out_size) float32."""
+    total: torch.Tensor | None = None
+    for loaded in models:
+        probabilities = predict(loaded.model, images, out_size, flip=flip)
+        total = probabilities if total is None else total + probabilities
+    assert total is not None
+    return total / len(models)
+
+
+def _infer(config: Config, models: list[LoadedModel], samples: list[Sample], mine: list[int],
+           size: tuple[int, ...], store: PseudoLabelStore, device: torch.device,
+           reporter: Reporter) -> tuple[ConfidenceHistogram, np.ndarray]:
+    """Pass 1: store argmax and confidence of this rank's images; histogram the confidences."""
+    cfg = config.generate_pseudo
+    num_classes = store.num_classes
+    histogram = ConfidenceHistogram(num_classes, cfg.histogram_bins)
+    predicted = np.zeros(num_classes, np.int64)
+    dataset = FullImageDataset([samples[i] for i in mine], size,
+                               models[0].model_config.normalization)
+    loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=False,
+                        num_workers=cfg.num_workers, collate_fn=collate_full_images)
+    out_size = (store.height, store.width)
+    with reporter.task("pseudo labels: inference", total=len(mine)) as task:
+        for batch in loader:
+            images = batch["image"].to(device, non_blocking=True)
+            probabilities = ensemble_probabilities(models, images, out_size, cfg.flip)
+            confidence, prediction = probabilities.max(dim=1)
+            # The stored (float16) confidence is what every later step sees.
+            confidence = confidence.half().float().cpu()
+            prediction = prediction.to(torch.uint8).cpu()
+            histogram.add(confidence, prediction)
+            predicted += np.bincount(prediction.numpy().ravel(), minlength=num_classes)
+            for position, label, conf in zip(batch["index"].tolist(), prediction, confidence,
+                                             strict=True):
+                store.write(mine[position], label, conf)
+            task.advance(len(images))
+    return histogram, predicted
+
+
+def _select(config: Config, store: PseudoLabelStore, ranks: Ranks,
+            histogram: ConfidenceHistogram, reporter: Reporter,
+            ) -> tuple[np.ndarray, np.ndarray | None]:
+    """The class thresholds (C,), and for IAST the thresholds of every group (G, C)."""
+    cfg = config.generate_pseudo
+    num_classes = store.num_classes
+    if cfg.selector == "fixed":
+        return fixed_thresholds(num_classes, cfg.threshold), None
+    if cfg.selector == "cbst":
+        histogram.counts = ranks.sum(histogram.counts)
+        return histogram.thresholds(cfg.portion), None
+    # IAST (ALGORITHM.md D.1): order-dependent, so one process walks the whole set in index
+    # order (the reference walks a sampler's order; index order makes it reproducible).
+    groups = None
+    if ranks.is_main:
+        selector = IastSelector(num_classes, cfg.alpha, cfg.beta, cfg.gamma, cfg.theta0)
+        count = len(store)
+        history = []
+        with reporter.task("pseudo labels: IAST thresholds", total=count) as task:
+            for start in range(0, count, cfg.group_size):
+                members = range(start, min(start + cfg.group_size, count))
+                prediction = np.stack([store.read_labels(i) for i in members])
+                confidence = np.stack([store.read_confidence(i) for i in members])
+                history.append(selector.update(confidence, prediction))
+                task.advance(len(members))
+        groups = np.stack(history)
+    groups = ranks.broadcast(groups)
+    return groups[-1], groups
+
+
+def _threshold(store: PseudoLabelStore, samples: list[Sample], mine: list[int],
+               thresholds: np.ndarray, group_thresholds: np.ndarray | None, group_size: int,
+               reporter: Reporter) -> tuple[np.ndarray, np.ndarray]:
+    """Pass 2: replace this rank's stored argmax by thresholded labels.
+
+    Returns the kept pixels per class (C,) and, over images with ground truth, the confusion
+    counts (C, C + 1) of ground truth × pseudo label (the last column: ignored).
+    """
+    num_classes = store.num_classes
+    kept = np.zeros(num_classes, np.int64)
+    confusion = np.zeros((num_classes, num_classes + 1), np.int64)
+    with reporter.task("pseudo labels: selection", total=len(mine)) as task:
+        for i in mine:
+            prediction, confidence = store.read(i)
+            theta = thresholds if group_thresholds is None else group_thresholds[i // group_size]
+            labels = apply_thresholds(prediction, confidence, theta)
+            store.write_labels(i, labels)
+            kept += np.bincount(labels.ravel(), minlength=256)[:num_classes]
+            if samples[i].label is not None:
+                confusion += confusion_counts(labels, read_label(samples[i].label),
+                                              num_classes)
+            task.advance(1)
+    return kept, confusion
+
+
+def _selector_description(config: Config) -> dict[str, Any]:
+    cfg = config.generate_pseudo
+    if cfg.selector == "iast":
+        return {"name": "iast", "alpha": cfg.alpha, "beta": cfg.beta, "gamma": cfg.gamma,
+                "theta0": cfg.theta0, "group_size": cfg.group_size, "order": "index"}
+    if cfg.selector == "cbst":
+        return {"name": "cbst", "portion": cfg.portion, "histogram_bins": cfg.histogram_bins}
+    return {"name": "fixed", "threshold": cfg.threshold}
+
+
+def _summary(config: Config, index: DatasetIndex, store: PseudoLabelStore,
+             models: list[LoadedModel], thresholds: np.ndarray, predicted: np.ndarray,
+             kept: np.ndarray, confusion: np.ndarray, has_truth: list[bool]) -> dict[str, Any]:
+    pixels = len(store) * store.height * store.width
+    names = list(index.classes.names)
+    summary: dict[str, Any] = {
+        "images": len(store),
+        "label_size": [store.height, store.width],
+        "selector": _selector_description(config),
+        "models": [{"checkpoint": str(loaded.path), "weights": loaded.which,
+                    "iteration": loaded.iteration} for loaded in models],
+        "flip": config.generate_pseudo.flip,
+        "labelled_fraction": float(kept.sum() / pixels) if pixels else 0.0,
+        "per_class": {name: {"threshold": float(thresholds[c]),
+                             "predicted_pixels": int(predicted[c]),
+                             "kept_pixels": int(kept[c]),
+                             "kept_fraction": (float(kept[c] / predicted[c])
+                                               if predicted[c] else None),
+                             "coverage": float(kept[c] / pixels) if pixels else 0.0}
+                      for c, name in enumerate(names)},
+    }
+    if any(has_truth):
+        summary["diagnostics"] = diagnostics(confusion, names, sum(has_truth))
+    return summary

@@ -1,0 +1,718 @@
+"""The pseudo-label store (`duda.pseudo_labels`): a zarr v3 group of labels and confidences.
+
+The artifact directory is itself the zarr group, so any zarr client opens it directly:
+
+- `labels`: uint8 (N, H, W) trainIds, 255 = ignore (fill value 255);
+- `confidence`: float16 (N, H, W), the confidence of every pixel (fill value 0);
+- `written`: uint8 (N,), 1 once image i has been written;
+
+each array chunked one image per chunk, zstd with its checksum on (labels level 9, which
+stores them in fewer bytes than PNG files; the rest level 3). Group attributes
+hold the image ids in dataset-index order, the class names (and palette), the dataset index id,
+the class thresholds, the selector, per-class statistics and the parent version.
+
+zarr fails silently in several ways (PITFALLS.md), which this module guards against:
+
+- a uint8 array wraps out-of-range values (300 → 44, −1 → 255): every write is validated
+  (labels in 0..C−1 ∪ {255}, integral dtypes only, confidence finite in [0, 1]);
+- a never-written or deleted chunk reads back as the fill value: `written` records every
+  image (one chunk per image, so parallel writers of different images touch disjoint chunks),
+  and opening a store checks both the markers and that every chunk file exists;
+- the default `mode="a"` creates a missing store: readers open with `mode="r"`;
+- consolidated metadata goes stale: it is never used.
+
+Write-once: a store is writable only until its `manifest.json` exists; `open_store` returns a
+read-only store (zarr `mode="r"`), and `write` refuses once the manifest is there. An update
+makes a new version with `copy_store`, whose attributes (and the caller's manifest
+`inputs["parent"]`) name its parent. zarr's local store replaces chunk files atomically (temp
+file + rename), so `copy_store` hard-links the parent's chunk files instead of copying them:
+a later write to the copy replaces its own directory entry and never touches the parent.
+
+A `PseudoLabelStore` can be handed to DataLoader worker processes: the zarr handles are opened
+lazily in each process and are not pickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import zarr
+from PIL import Image
+from zarr.codecs import ZstdCodec
+
+from stages.artifacts import (
+    MANIFEST,
+    PSEUDO_LABELS,
+    ArtifactRef,
+    ArtifactWriter,
+    Manifest,
+    StageResult,
+    load_artifact,
+)
+from stages.classes import IGNORE_INDEX
+from stages.data.io import read_label
+from stages.errors import DudaError
+from stages.reporting import Reporter
+
+FORMAT = 1
+ARRAYS = ("labels", "confidence", "written")
+_CHUNK_KEY_ENCODING = {"name": "default", "separator": "/"}
+# An all-ignore label map or an all-zero confidence map must still be stored as a chunk file,
+# or it could not be told apart from a missing one.
+_ARRAY_CONFIG = {"write_empty_chunks": True}
+
+ArrayLike = np.ndarray | torch.Tensor
+
+
+# zstd level 9 for labels: measured on 1024×2048 pseudo-label maps, level 3 gives 1.28× the
+# bytes of the same maps as PNG, level 9 0.95× at about 7 ms per map
+# (benchmarks/pseudo_store_size.py); confidences stay at level 3 (17 ms instead of 100 ms).
+LABEL_ZSTD_LEVEL = 9
+ZSTD_LEVEL = 3
+
+
+def _compressor(level: int = ZSTD_LEVEL) -> ZstdCodec:
+    return ZstdCodec(level=level, checksum=True)
+
+
+def _to_numpy(value: ArrayLike) -> np.ndarray:
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu").numpy()
+    return np.asarray(value)
+
+
+class PseudoLabelStore:
+    """One version of the pseudo-label store, writable (while unfinished) or read-only."""
+
+    def __init__(self, path: str | Path, *, writable: bool) -> None:
+        self.path = Path(path)
+        self.writable = writable
+        self._pid: int | None = None
+        self._group: zarr.Group | None = None
+        self._arrays: dict[str, zarr.Array] = {}
+        attrs = self._open_group().attrs.asdict()
+        if attrs.get("duda_pseudo_labels") != FORMAT:
+            raise DudaError(f"{self.path} is not a duda pseudo-label store (format "
+                            f"{attrs.get('duda_pseudo_labels')!r}, expected {FORMAT})",
+                            "pass a store written by `duda generate-pseudo`, or rebuild it")
+        self.ids: list[str] = list(attrs["ids"])
+        self.class_names: list[str] = list(attrs["class_names"])
+        self.palette: list[list[int]] | None = attrs.get("palette")
+        self.index_id: str = attrs["index_id"]
+        self.height: int = int(attrs["height"])
+        self.width: int = int(attrs["width"])
+
+    # ------------------------------------------------------------------ zarr handles
+
+    def _open_group(self) -> zarr.Group:
+        """The zarr group, opened once per process (DataLoader workers reopen it)."""
+        if self._group is None or self._pid != os.getpid():
+            try:
+                self._group = zarr.open_group(self.path, mode="r+" if self.writable else "r",
+                                              use_consolidated=False)
+            except (FileNotFoundError, zarr.errors.GroupNotFoundError, ValueError) as error:
+                raise DudaError(f"{self.path} holds no zarr pseudo-label store ({error})",
+                                "pass a store written by `duda generate-pseudo`") from None
+            self._pid = os.getpid()
+            self._arrays = {}
+        return self._group
+
+    def _array(self, name: str) -> zarr.Array:
+        group = self._open_group()
+        if name not in self._arrays:
+            try:
+                array = group[name]
+            except KeyError:
+                raise DudaError(f"pseudo-label store {self.path} has no '{name}' array: it is "
+                                "truncated", "rebuild it with --force") from None
+            # write_empty_chunks is a runtime setting, not stored in the metadata.
+            self._arrays[name] = array.with_config(_ARRAY_CONFIG)  # type: ignore[union-attr]
+        return self._arrays[name]
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state.update(_group=None, _arrays={}, _pid=None)
+        return state
+
+    # ------------------------------------------------------------------ properties
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def attrs(self) -> dict[str, Any]:
+        return self._open_group().attrs.asdict()
+
+    @property
+    def thresholds(self) -> list[float] | None:
+        return self.attrs.get("thresholds")
+
+    @property
+    def statistics(self) -> dict[str, Any] | None:
+        return self.attrs.get("statistics")
+
+    @property
+    def selector(self) -> dict[str, Any] | None:
+        return self.attrs.get("selector")
+
+    @property
+    def parent(self) -> ArtifactRef | None:
+        parent = self.attrs.get("parent")
+        return ArtifactRef(**parent) if parent else None
+
+    @property
+    def finished(self) -> bool:
+        return (self.path / MANIFEST).is_file()
+
+    def manifest(self) -> Manifest:
+        return load_artifact(self.path, PSEUDO_LABELS)
+
+    # ------------------------------------------------------------------ writing
+
+    def _check_writable(self) -> None:
+        if not self.writable:
+            raise DudaError(f"pseudo-label store {self.path} is opened read-only",
+                            "make a new version with copy_store() and write into that")
+        if self.finished:
+            raise DudaError(f"pseudo-label store {self.path} is finished (it has a {MANIFEST}) "
+                            "and stores are write-once",
+                            "write a new version (update-offline, or copy_store()) instead")
+
+    def _check_index(self, i: int) -> int:
+        if not 0 <= int(i) < len(self.ids):
+            raise IndexError(f"image {i} is outside the store's {len(self.ids)} images")
+        return int(i)
+
+    def _validate_labels(self, labels: ArrayLike) -> np.ndarray:
+        array = _to_numpy(labels)
+        if array.shape != (self.height, self.width):
+            raise ValueError(f"labels have shape {array.shape}, the store holds "
+                             f"{(self.height, self.width)}")
+        if array.dtype == np.bool_ or not np.issubdtype(array.dtype, np.integer):
+            raise ValueError(f"labels must be integers, got {array.dtype} (a cast to uint8 "
+                             "would wrap silently)")
+        valid = (array == IGNORE_INDEX) | ((array >= 0) & (array < self.num_classes))
+        if not valid.all():
+            bad = np.unique(array[~valid])[:5].tolist()
+            raise ValueError(f"labels hold values {bad} outside 0..{self.num_classes - 1} and "
+                             f"{IGNORE_INDEX}")
+        return array.astype(np.uint8, copy=False)
+
+    def _validate_confidence(self, confidence: ArrayLike) -> np.ndarray:
+        array = _to_numpy(confidence)
+        if array.shape != (self.height, self.width):
+            raise ValueError(f"confidence has shape {array.shape}, the store holds "
+                             f"{(self.height, self.width)}")
+        if not np.issubdtype(array.dtype, np.floating):
+            raise ValueError(f"confidence must be floating point, got {array.dtype}")
+        if not (np.isfinite(array).all() and array.min() >= 0.0 and array.max() <= 1.0):
+            raise ValueError(f"confidence holds values outside [0, 1] (min {np.nanmin(array)}, "
+                             f"max {np.nanmax(array)}) or non-finite values")
+        return array.astype(np.float16)
+
+    def write(self, i: int, labels: ArrayLike, confidence: ArrayLike) -> None:
+        """Store image i: labels (H, W) integers in 0..C−1 or 255, confidence (H, W) in [0, 1].
+
+        Validated before anything is written; the `written` marker is set last.
+        """
+        self._check_writable()
+        i = self._check_index(i)
+        label_array = self._validate_labels(labels)
+        confidence_array = self._validate_confidence(confidence)
+        self._array("labels")[i] = label_array
+        self._array("confidence")[i] = confidence_array
+        self._array("written")[i] = 1
+
+    def write_labels(self, i: int, labels: ArrayLike) -> None:
+        """Replace the labels of an already written image i, keeping its confidence."""
+        self._check_writable()
+        i = self._check_index(i)
+        label_array = self._validate_labels(labels)
+        if int(self._array("written")[i]) != 1:
+            raise ValueError(f"image {i} has not been written yet: write() it first")
+        self._array("labels")[i] = label_array
+
+    def _set_attr(self, key: str, value: Any) -> None:
+        self._check_writable()
+        self._open_group().attrs[key] = json.loads(json.dumps(value))
+
+    def set_thresholds(self, thresholds: Sequence[float] | None) -> None:
+        """The per-class confidence thresholds the labels were selected with (C values)."""
+        if thresholds is not None and len(thresholds) != self.num_classes:
+            raise ValueError(f"{len(thresholds)} thresholds for {self.num_classes} classes")
+        self._set_attr("thresholds", None if thresholds is None
+                       else [float(value) for value in thresholds])
+
+    def set_selector(self, selector: dict[str, Any] | None) -> None:
+        """How the labels were selected, e.g. {"name": "cbst", "portion": 0.45}."""
+        self._set_attr("selector", selector)
+
+    def set_statistics(self, statistics: dict[str, Any] | None) -> None:
+        """Per-class statistics (see `class_statistics`)."""
+        self._set_attr("statistics", statistics)
+
+    def set_attribute(self, key: str, value: Any) -> None:
+        """Any other JSON-ready attribute (e.g. a selector's per-group thresholds)."""
+        if key in ("duda_pseudo_labels", "ids", "class_names", "index_id", "height", "width"):
+            raise ValueError(f"attribute {key!r} is fixed when the store is created")
+        self._set_attr(key, value)
+
+    # ------------------------------------------------------------------ reading
+
+    def read(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """labels (H, W) uint8 and confidence (H, W) float32 of image i."""
+        return self.read_labels(i), self.read_confidence(i)
+
+    def read_labels(self, i: int) -> np.ndarray:
+        """(H, W) uint8 trainIds, 255 = ignore."""
+        return np.asarray(self._array("labels")[self._check_index(i)])
+
+    def read_confidence(self, i: int) -> np.ndarray:
+        """(H, W) float32 (stored as float16)."""
+        return np.asarray(self._array("confidence")[self._check_index(i)], dtype=np.float32)
+
+    def missing(self) -> list[int]:
+        """The images not (completely) on disk: no `written` marker or a chunk file missing.
+
+        A missing chunk would read back as the fill value, so the files themselves are checked.
+        """
+        written = np.asarray(self._array("written")[:])
+        missing = set(np.flatnonzero(written != 1).tolist())
+        for name in ("labels", "confidence"):
+            chunks = self.path / name / "c"
+            for i in range(len(self.ids)):
+                if i not in missing and not (chunks / str(i) / "0" / "0").is_file():
+                    missing.add(i)
+        return sorted(missing)
+
+    def check_complete(self) -> None:
+        """Raise a DudaError naming the first missing images, if any."""
+        missing = self.missing()
+        if missing:
+            names = ", ".join(f"{i} ({self.ids[i]})" for i in missing[:5])
+            raise DudaError(f"pseudo-label store {self.path} is incomplete: {len(missing)} of "
+                            f"{len(self.ids)} images are missing or have a missing chunk "
+                            f"(first: {names})",
+                            "rebuild the store (generate-pseudo --force); a store must not be "
+                            "edited by hand")
+
+    def class_statistics(self) -> dict[str, Any]:
+        """Per-class pixel counts of the stored labels, one image at a time (bounded memory).
+
+        Returns {"pixels": total pixels, "labelled_pixels": n, "kept_pixels": [C counts],
+        "labelled_fraction": n / pixels, "coverage": [C fractions of all pixels]}.
+        """
+        counts = np.zeros(self.num_classes + 1, np.int64)
+        for i in range(len(self.ids)):
+            labels = self.read_labels(i).reshape(-1)
+            counts += np.bincount(np.minimum(labels, self.num_classes),
+                                  minlength=self.num_classes + 1)
+        return statistics_from_counts(counts[:-1], len(self.ids) * self.height * self.width)
+
+    def digest(self) -> str:
+        """A digest of the store's identity and attributes (for the manifest id)."""
+        attrs = self.attrs
+        text = json.dumps(attrs, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def statistics_from_counts(kept: Sequence[int] | np.ndarray, pixels: int) -> dict[str, Any]:
+    """The per-class statistics dict from kept-pixel counts per class and the pixel total."""
+    kept = [int(value) for value in kept]
+    labelled = sum(kept)
+    return {
+        "pixels": int(pixels),
+        "labelled_pixels": labelled,
+        "labelled_fraction": labelled / pixels if pixels else 0.0,
+        "kept_pixels": kept,
+        "coverage": [value / pixels if pixels else 0.0 for value in kept],
+    }
+
+
+def _check_destination(path: Path) -> None:
+    if (path / MANIFEST).exists():
+        raise DudaError(f"{path} is a finished artifact; stores are write-once",
+                        "write the new version to another directory")
+    if path.exists() and not path.is_dir():
+        raise DudaError(f"{path} exists and is not a directory", "choose another output path")
+    if path.exists() and any(path.iterdir()):
+        raise DudaError(f"{path} is not empty", "write the store into a new or empty directory")
+
+
+def create_store(path: str | Path, *, ids: Sequence[str], height: int, width: int,
+                 class_names: Sequence[str], index_id: str,
+                 palette: Sequence[Sequence[int]] | None = None,
+                 parent: ArtifactRef | None = None) -> PseudoLabelStore:
+    """Create an empty, writable store for `ids` (dataset-index order) at `path`.
+
+    `path` must not exist or be an empty directory (e.g. one an `ArtifactWriter` just made).
+    """
+    path = Path(path)
+    _check_destination(path)
+    if not ids:
+        raise DudaError("a pseudo-label store needs at least one image",
+                        "check that the dataset index has target-train images")
+    if len(set(ids)) != len(ids):
+        raise ValueError("image ids must be unique")
+    count = len(ids)
+    group = zarr.open_group(path, mode="w-", zarr_format=3)
+    group.attrs.update(json.loads(json.dumps({
+        "duda_pseudo_labels": FORMAT,
+        "ids": list(ids),
+        "class_names": list(class_names),
+        "palette": [list(colour) for colour in palette] if palette is not None else None,
+        "index_id": index_id,
+        "height": int(height),
+        "width": int(width),
+        "thresholds": None,
+        "selector": None,
+        "statistics": None,
+        "parent": parent.model_dump() if parent is not None else None,
+    })))
+    common = {"chunk_key_encoding": _CHUNK_KEY_ENCODING, "config": _ARRAY_CONFIG}
+    group.create_array("labels", shape=(count, height, width), chunks=(1, height, width),
+                       dtype="uint8", fill_value=IGNORE_INDEX,
+                       compressors=_compressor(LABEL_ZSTD_LEVEL), **common)
+    group.create_array("confidence", shape=(count, height, width), chunks=(1, height, width),
+                       dtype="float16", fill_value=0.0, compressors=_compressor(), **common)
+    group.create_array("written", shape=(count,), chunks=(1,), dtype="uint8", fill_value=0,
+                       compressors=_compressor(), **common)
+    return PseudoLabelStore(path, writable=True)
+
+
+def open_unfinished(path: str | Path) -> PseudoLabelStore:
+    """Open a store that is still being written (no manifest yet), writable.
+
+    For the other ranks of a multi-process stage, after rank 0 has created the store.
+    """
+    path = Path(path)
+    if (path / MANIFEST).exists():
+        raise DudaError(f"pseudo-label store {path} is finished and stores are write-once",
+                        "write a new version instead")
+    return PseudoLabelStore(path, writable=True)
+
+
+def open_store(path: str | Path, index: Any | None = None) -> PseudoLabelStore:
+    """Open a finished store read-only and validate it.
+
+    Refuses an unfinished store (no manifest), one with missing images or chunk files, and,
+    when `index` (a `DatasetIndex`) is given, one made for another dataset index or class table.
+    """
+    path = Path(path)
+    manifest = load_artifact(path, PSEUDO_LABELS)
+    store = PseudoLabelStore(path, writable=False)
+    for name in ARRAYS:
+        array = store._array(name)
+        expected = (len(store.ids), store.height, store.width) if name != "written" else (
+            len(store.ids),)
+        if tuple(array.shape) != expected:
+            raise DudaError(f"pseudo-label store {path}: array '{name}' has shape "
+                            f"{tuple(array.shape)}, expected {expected}",
+                            "the store was edited or is corrupt; rebuild it with --force")
+    store.check_complete()
+    if index is not None:
+        check_store_matches(store, index, manifest)
+    return store
+
+
+def check_store_matches(store: PseudoLabelStore, index: Any,
+                        manifest: Manifest | None = None) -> None:
+    """Refuse a store made for another dataset index or class table than `index`."""
+    if store.index_id != index.manifest.id:
+        raise DudaError(f"pseudo-label store {store.path} was made for dataset index "
+                        f"{store.index_id}, but {index.path} is dataset index "
+                        f"{index.manifest.id}",
+                        "pass the dataset index the store was made with, or regenerate the "
+                        "pseudo labels against this one")
+    names = tuple(index.classes.names)
+    if tuple(store.class_names) != names:
+        raise DudaError(f"pseudo-label store {store.path} has {len(store.class_names)} classes "
+                        f"({', '.join(store.class_names[:3])}, …) but dataset index "
+                        f"{index.path} has {index.classes.describe()}",
+                        "regenerate the pseudo labels against this dataset index")
+
+
+def copy_store(src: str | Path | PseudoLabelStore, dst: str | Path) -> PseudoLabelStore:
+    """A new writable version at `dst` with the content of the finished store `src`.
+
+    The copy's `parent` attribute names `src` (put `store.parent` into the new manifest's
+    `inputs["parent"]`); thresholds, selector and statistics are carried over until the new
+    version sets its own. Chunk files are hard-linked when possible (see the module doc).
+    """
+    source = src if isinstance(src, PseudoLabelStore) else open_store(src)
+    if not source.finished:
+        raise DudaError(f"pseudo-label store {source.path} is unfinished",
+                        "finish it, or copy a finished store")
+    manifest = source.manifest()
+    dst = Path(dst)
+    _check_destination(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    for entry in sorted(source.path.iterdir()):
+        if entry.name == MANIFEST or entry.name.startswith("."):
+            continue
+        if entry.is_dir():
+            shutil.copytree(entry, dst / entry.name, copy_function=_link_or_copy)
+        elif entry.name == "zarr.json":
+            shutil.copy2(entry, dst / entry.name)
+    store = PseudoLabelStore(dst, writable=True)
+    store._set_attr("parent", manifest.ref(source.path).model_dump())
+    return store
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    # Metadata files are small and rewritten in place by attribute updates: copy them.
+    if os.path.basename(src) == "zarr.json":
+        shutil.copy2(src, dst)
+        return
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+# --------------------------------------------------------------------- quality (diagnostics)
+
+DIAGNOSTICS_NOTE = ("computed against the target-train ground truth for inspection only; the "
+                    "ground truth is never used for training")
+
+
+def confusion_counts(labels: np.ndarray, truth: np.ndarray, num_classes: int) -> np.ndarray:
+    """(C, C + 1) int64 counts of ground truth × pseudo label; the last column: ignored.
+
+    labels: (H, W) pseudo labels (255 = ignore); truth: ground truth (any size: resized by
+    nearest neighbour to the labels'), pixels with ground truth 255 are left out.
+    """
+    if truth.shape != labels.shape:
+        truth = np.asarray(Image.fromarray(truth).resize((labels.shape[1], labels.shape[0]),
+                                                         Image.Resampling.NEAREST))
+    valid = truth < num_classes
+    pseudo = np.minimum(labels[valid].astype(np.int64), num_classes)
+    counts = np.bincount(truth[valid].astype(np.int64) * (num_classes + 1) + pseudo,
+                         minlength=num_classes * (num_classes + 1))
+    return counts.reshape(num_classes, num_classes + 1)
+
+
+def diagnostics(confusion: np.ndarray, class_names: Sequence[str], images: int,
+                ) -> dict[str, Any]:
+    """Per-class precision, recall and coverage of pseudo labels against ground truth.
+
+    confusion: (C, C + 1) from `confusion_counts`, summed over images.
+    precision_c: of the pixels labelled c (where ground truth exists), the share that are c;
+    recall_c: of the ground-truth-c pixels, the share labelled c; coverage_c: of the
+    ground-truth-c pixels, the share that received any label. None where undefined.
+    """
+    num_classes = len(class_names)
+    labelled = confusion[:, :num_classes]
+    correct = np.diag(labelled)
+    per_class = {}
+    for c, name in enumerate(class_names):
+        labelled_as_c = int(labelled[:, c].sum())
+        truth_c = int(confusion[c].sum())
+        per_class[name] = {
+            "precision": float(correct[c] / labelled_as_c) if labelled_as_c else None,
+            "recall": float(correct[c] / truth_c) if truth_c else None,
+            "coverage": float(1.0 - confusion[c, num_classes] / truth_c) if truth_c else None,
+        }
+    total_labelled = int(labelled.sum())
+    total = int(confusion.sum())
+    return {
+        "note": DIAGNOSTICS_NOTE,
+        "images": images,
+        "accuracy": float(correct.sum() / total_labelled) if total_labelled else None,
+        "coverage": float(total_labelled / total) if total else None,
+        "per_class": per_class,
+    }
+
+
+def quality(store: PseudoLabelStore, index: Any, reporter: Reporter | None = None,
+            ) -> dict[str, Any] | None:
+    """`diagnostics` of the store against the ground truth of the index's target-train
+    images that have one (matched by id); None if none has."""
+    samples = {sample.id: sample for sample in index.samples("target", "train")}
+    confusion = np.zeros((store.num_classes, store.num_classes + 1), np.int64)
+    images = 0
+    reporter = reporter or Reporter()
+    with reporter.task("pseudo labels: quality", total=len(store)) as task:
+        for i, sample_id in enumerate(store.ids):
+            sample = samples.get(sample_id)
+            if sample is not None and sample.label is not None:
+                confusion += confusion_counts(store.read_labels(i), read_label(sample.label),
+                                              store.num_classes)
+                images += 1
+            task.advance(1)
+    return diagnostics(confusion, store.class_names, images) if images else None
+
+
+# ----------------------------------------------------------------------- export and import
+
+
+def export_labels(store: PseudoLabelStore, directory: str | Path, colour: bool = False,
+                  reporter: Reporter | None = None) -> int:
+    """Write one PNG per image, `<id>.png`: single-channel trainIds (255 = ignore), or with
+    `colour` a palette PNG whose pixel values are still the trainIds. Returns the count."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    palette = None
+    if colour:
+        colours = store.palette or _default_palette(store.num_classes)
+        palette = [0] * 768
+        for c, rgb in enumerate(colours):
+            palette[3 * c:3 * c + 3] = [int(v) for v in rgb]
+    reporter = reporter or Reporter()
+    with reporter.task("export", total=len(store)) as task:
+        for i, sample_id in enumerate(store.ids):
+            labels = store.read_labels(i)
+            if palette is None:
+                image = Image.fromarray(labels, mode="L")
+            else:
+                image = Image.fromarray(labels, mode="P")
+                image.putpalette(palette)
+            image.save(directory / f"{sample_id}.png")
+            task.advance(1)
+    return len(store)
+
+
+def _default_palette(count: int) -> list[tuple[int, int, int]]:
+    rng = np.random.default_rng(0)
+    return [tuple(int(v) for v in rng.integers(0, 256, 3)) for _ in range(count)]
+
+
+def _first(items: list[str], count: int = 5) -> str:
+    more = f", … ({len(items)} in all)" if len(items) > count else ""
+    return ", ".join(items[:count]) + more
+
+
+def import_labels(directory: str | Path, data: str | Path, out: str | Path, *,
+                  force: bool = False, reporter: Reporter | None = None) -> StageResult:
+    """Build a finished store from a folder of label PNGs named like the target-train images.
+
+    A PNG matches a sample by its id (`<id>.png`) or its image's stem (`<stem>.png`), searched
+    recursively. Every image needs one; every PNG must have the images' size and hold values
+    in 0..C−1 or 255. Confidence is 1 where labelled and 0 elsewhere. Errors list the first
+    offenders.
+    """
+    from stages.data.index import load_dataset_index
+
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise DudaError(f"label folder {directory} does not exist",
+                        "pass the folder holding one label PNG per target-train image")
+    index = load_dataset_index(data)
+    samples = index.samples("target", "train")
+    files: dict[str, list[Path]] = {}
+    for path in sorted(directory.rglob("*.png")):
+        files.setdefault(path.stem, []).append(path)
+    duplicates = [f"{stem} ({len(paths)} files)" for stem, paths in files.items()
+                  if len(paths) > 1]
+    if duplicates:
+        raise DudaError(f"label folder {directory} holds several PNGs with the same name: "
+                        f"{_first(duplicates)}", "keep one label PNG per image")
+    matched: list[Path] = []
+    missing: list[str] = []
+    for sample in samples:
+        path = files.get(sample.id) or files.get(sample.image.stem)
+        if path is None:
+            missing.append(sample.id)
+        else:
+            matched.append(path[0])
+    if missing:
+        raise DudaError(f"label folder {directory} has no PNG for {len(missing)} of "
+                        f"{len(samples)} target-train images: {_first(missing)}",
+                        "name each PNG like its image (<image stem>.png or <sample id>.png)")
+    with Image.open(samples[0].image) as first:
+        width, height = first.size
+    num_classes = index.num_classes
+    wrong_size, out_of_range = [], []
+    for path in matched:
+        with Image.open(path) as image:
+            if image.size != (width, height):
+                wrong_size.append(f"{path.name} ({image.size[1]}×{image.size[0]})")
+                continue
+            labels = np.asarray(image)
+        if labels.ndim != 2:
+            raise DudaError(f"{path} has {labels.shape[2]} channels; a label PNG has one",
+                            "write single-channel (or palette) PNGs of trainIds, 255 = ignore")
+        bad = np.unique(labels[(labels >= num_classes) & (labels != IGNORE_INDEX)])
+        if bad.size:
+            out_of_range.append(f"{path.name} ({', '.join(str(v) for v in bad[:4])})")
+    if wrong_size:
+        raise DudaError(f"{len(wrong_size)} label PNGs are not {height}×{width} like the "
+                        f"target-train images: {_first(wrong_size)}",
+                        "resize the labels (nearest neighbour) to the images' size")
+    if out_of_range:
+        raise DudaError(f"{len(out_of_range)} label PNGs hold values outside 0..{num_classes - 1}"
+                        f" and {IGNORE_INDEX}: {_first(out_of_range)}",
+                        "write trainIds (not label ids or colours), 255 = ignore")
+    listing = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in matched]
+    config = {"directory": str(directory.resolve())}
+    identity = hashlib.sha256(json.dumps([config, listing]).encode()).hexdigest()[:16]
+    reporter = reporter or Reporter()
+    with ArtifactWriter(out, kind=PSEUDO_LABELS, stage="pseudo_import", config=config,
+                        config_hash=identity, inputs={"data": index.ref},
+                        force=force) as writer:
+        if writer.up_to_date:
+            return writer.result()
+        store = create_store(out, ids=[sample.id for sample in samples], height=height,
+                             width=width, class_names=index.classes.names,
+                             index_id=index.manifest.id, palette=index.classes.palette)
+        with reporter.task("import", total=len(matched)) as task:
+            for i, path in enumerate(matched):
+                with Image.open(path) as image:
+                    labels = np.asarray(image)
+                store.write(i, labels, (labels != IGNORE_INDEX).astype(np.float32))
+                task.advance(1)
+        store.set_selector({"name": "imported", "directory": str(directory.resolve())})
+        statistics = store.class_statistics()
+        store.set_statistics(statistics)
+        store.check_complete()
+        summary = {"images": len(store), "label_size": [height, width],
+                   "selector": store.selector,
+                   "labelled_fraction": statistics["labelled_fraction"],
+                   "per_class": {name: {"kept_pixels": statistics["kept_pixels"][c],
+                                        "coverage": statistics["coverage"][c]}
+                                 for c, name in enumerate(store.class_names)}}
+        writer.finish(summary, store.digest())
+    return writer.result()
+
+
+def lineage(path: str | Path, limit: int = 50) -> list[dict[str, Any]]:
+    """The chain of store versions from `path` back through its parents (newest first).
+
+    Each entry: path, id, stage, round, created, the checkpoints it was made from, and whether
+    the parent could still be found.
+    """
+    chain: list[dict[str, Any]] = []
+    current: Path | None = Path(path)
+    seen: set[str] = set()
+    while current is not None and len(chain) < limit:
+        try:
+            manifest = load_artifact(current, PSEUDO_LABELS)
+        except DudaError:
+            chain.append({"path": str(current), "id": None, "found": False})
+            break
+        if manifest.id in seen:
+            break
+        seen.add(manifest.id)
+        parent = manifest.inputs.get("parent")
+        if parent is None:
+            attrs_parent = PseudoLabelStore(current, writable=False).attrs.get("parent")
+            parent = ArtifactRef(**attrs_parent) if attrs_parent else None
+        chain.append({"path": str(current), "id": manifest.id, "stage": manifest.stage,
+                      "round": manifest.round, "created": manifest.created, "found": True,
+                      "checkpoints": [ref.path for key, ref in manifest.inputs.items()
+                                      if key.startswith("checkpoint")],
+                      "parent": parent.id if parent else None})
+        current = Path(parent.path) if parent is not None else None
+    return chain

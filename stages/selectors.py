@@ -1,0 +1,138 @@
+"""Offline pseudo-label selectors (ALGORITHM.md D): per-class confidence thresholds.
+
+Three ways to choose the thresholds θ_c with which `label = prediction, or 255 where
+confidence < θ_prediction` (`apply_thresholds`):
+
+- `IastSelector`: IAST's instance-adaptive thresholds (D.1), updated group by group in a fixed
+  order, the previous threshold always part of the percentile's set;
+- `ConfidenceHistogram`: CBST's class-balanced thresholds over the whole set (D.3) in bounded
+  memory: per-class histograms of the confidences, the threshold read at rank ⌊p·N_c⌋ from the
+  top and interpolated within its bin, so it lies within one bin width of the exact value;
+- `fixed_thresholds`: one confidence threshold for every class.
+
+Inputs are numpy arrays or tensors of one group of images; nothing here reads files.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from stages.classes import IGNORE_INDEX
+from stages.nn.pseudo_labels import class_percentile_thresholds
+
+# ALGORITHM.md D.1 step 4: a threshold that reaches 1 is set back to 0.999.
+IAST_CAP = 0.999
+
+
+def _as_tensor(value: np.ndarray | torch.Tensor) -> torch.Tensor:
+    return value if isinstance(value, torch.Tensor) else torch.from_numpy(np.asarray(value))
+
+
+class IastSelector:
+    """IAST instance-adaptive selector (ALGORITHM.md D.1).
+
+    State: θ ∈ R^C, initialised to θ0, carried across groups. For each group (call `update`
+    with the group's confidences and predictions, in a fixed order):
+    S_c = {θ_c} ∪ {conf(u): pred(u) = c}; Ψ_c = percentile(S_c, 100·(1 − α·θ_c^γ)) with numpy's
+    linear interpolation; θ_c ← β·θ_c + (1 − β)·Ψ_c; θ_c ≥ 1 → 0.999. The group's labels are
+    then assigned with the updated θ (its own statistics count before its labels).
+    """
+
+    def __init__(self, num_classes: int, alpha: float, beta: float = 0.9, gamma: float = 8.0,
+                 theta0: float = 0.9) -> None:
+        self.num_classes = num_classes
+        self.alpha = alpha
+        self.beta = beta
+        self.gamma = gamma
+        self.thresholds = np.full(num_classes, theta0, dtype=np.float64)
+
+    def update(self, confidence: np.ndarray | torch.Tensor,
+               prediction: np.ndarray | torch.Tensor) -> np.ndarray:
+        """Update θ with one group: confidence (..., H, W) float, prediction same shape, ints.
+
+        Returns a copy of the updated θ, (C,) float64.
+        """
+        confidence = _as_tensor(confidence).reshape(-1).float()
+        prediction = _as_tensor(prediction).reshape(-1).long()
+        theta = torch.from_numpy(self.thresholds)
+        # S_c includes θ_c: append one pixel per class holding the previous threshold.
+        values = torch.cat([confidence, theta.float().to(confidence.device)])
+        classes = torch.cat([prediction, torch.arange(self.num_classes,
+                                                      device=prediction.device)])
+        q = 100.0 * (1.0 - self.alpha * theta ** self.gamma)
+        psi = class_percentile_thresholds(values, classes, self.num_classes,
+                                          q.clamp(0.0, 100.0)).double().cpu()
+        updated = self.beta * theta + (1.0 - self.beta) * psi
+        updated[updated >= 1.0] = IAST_CAP
+        self.thresholds = updated.numpy()
+        return self.thresholds.copy()
+
+
+class ConfidenceHistogram:
+    """Per-class confidence histograms over [0, 1] for CBST (ALGORITHM.md D.3).
+
+    `counts` (C, bins) int64 can be summed across processes (the result does not depend on the
+    order images were added in). Memory is C·bins integers, whatever the number of pixels.
+    """
+
+    def __init__(self, num_classes: int, bins: int) -> None:
+        self.num_classes = num_classes
+        self.bins = bins
+        self.counts = np.zeros((num_classes, bins), dtype=np.int64)
+
+    def add(self, confidence: np.ndarray | torch.Tensor,
+            prediction: np.ndarray | torch.Tensor) -> None:
+        """Count the pixels of confidence (..., H, W) float in [0, 1], prediction ints."""
+        confidence = _as_tensor(confidence).reshape(-1).float()
+        prediction = _as_tensor(prediction).reshape(-1).long()
+        # Bin b holds [b/B, (b+1)/B); a confidence of exactly 1 goes to the last bin.
+        bins = (confidence * self.bins).long().clamp(0, self.bins - 1)
+        valid = (prediction >= 0) & (prediction < self.num_classes)
+        keys = prediction[valid] * self.bins + bins[valid]
+        counts = torch.bincount(keys, minlength=self.num_classes * self.bins)
+        self.counts += counts.cpu().numpy().reshape(self.num_classes, self.bins)
+
+    def thresholds(self, portion: float, absent_value: float = 0.0) -> np.ndarray:
+        """(C,) float64: per class, the confidence at rank ⌊p·N_c⌋ from the top (0-based).
+
+        The bin holding that rank is found from the cumulative counts; within it the
+        confidences are taken as evenly spread, so the result is within one bin width
+        (1 / bins) of the exact order statistic. A class with no pixel gets `absent_value`.
+        """
+        if not 0.0 < portion <= 1.0:
+            raise ValueError(f"portion {portion} is outside (0, 1]")
+        width = 1.0 / self.bins
+        result = np.full(self.num_classes, absent_value, dtype=np.float64)
+        for c in range(self.num_classes):
+            counts = self.counts[c]
+            total = int(counts.sum())
+            if total == 0:
+                continue
+            rank = min(int(np.floor(portion * total)), total - 1)
+            # above[b] = pixels in bins strictly above b.
+            from_top = np.cumsum(counts[::-1])[::-1]
+            above = from_top - counts
+            b = int(np.flatnonzero((above <= rank) & (rank < from_top))[-1])
+            position = (rank - above[b] + 0.5) / counts[b]
+            result[c] = (b + 1) * width - position * width
+        return result
+
+
+def fixed_thresholds(num_classes: int, threshold: float) -> np.ndarray:
+    """(C,) float64, every class the same threshold."""
+    return np.full(num_classes, threshold, dtype=np.float64)
+
+
+def apply_thresholds(prediction: np.ndarray, confidence: np.ndarray, thresholds: np.ndarray,
+                     ignore_index: int = IGNORE_INDEX) -> np.ndarray:
+    """label = prediction, or `ignore_index` where confidence < θ_prediction.
+
+    prediction: (H, W) ints in 0..C−1 (or already `ignore_index`); confidence: (H, W) float;
+    thresholds: (C,). Returns (H, W) uint8.
+    """
+    prediction = np.asarray(prediction)
+    valid = prediction != ignore_index
+    safe = np.where(valid, prediction, 0).astype(np.int64)
+    keep = valid & (np.asarray(confidence, dtype=np.float64) >= np.asarray(thresholds)[safe])
+    return np.where(keep, prediction, ignore_index).astype(np.uint8)

@@ -1,0 +1,117 @@
+"""Selectors (ALGORITHM.md D.1, D.3): IAST against a direct numpy transcription, CBST against
+numpy's exact percentiles, and the thresholding rule."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from stages.selectors import ConfidenceHistogram, IastSelector, apply_thresholds, fixed_thresholds
+
+
+def iast_reference(groups, num_classes, alpha, beta, gamma, theta0):
+    """ALGORITHM.md D.1, transcribed literally: a Python loop over classes with np.percentile."""
+    theta = np.full(num_classes, theta0, dtype=np.float64)
+    history = []
+    for confidence, prediction in groups:
+        confidence = confidence.astype(np.float16)
+        for c in range(num_classes):
+            values = np.concatenate([confidence[prediction == c].astype(np.float64),
+                                     [theta[c]]])
+            psi = np.percentile(values, 100 * (1 - alpha * theta[c] ** gamma))
+            theta[c] = beta * theta[c] + (1 - beta) * psi
+        theta[theta >= 1] = 0.999
+        history.append(theta.copy())
+    return history
+
+
+def random_groups(rng, count, num_classes, shape=(2, 24, 40)):
+    groups = []
+    for _ in range(count):
+        # Class-dependent confidence levels, some classes absent from some groups.
+        prediction = rng.integers(0, num_classes - 1, shape)
+        level = rng.uniform(0.3, 0.99, num_classes)[prediction]
+        confidence = np.clip(level + rng.normal(0, 0.08, shape), 1 / num_classes, 1.0)
+        groups.append((confidence.astype(np.float16), prediction))
+    return groups
+
+
+@pytest.mark.parametrize("alpha", [0.2, 0.3])
+def test_iast_thresholds_match_the_direct_transcription_of_d1(alpha: float) -> None:
+    rng = np.random.default_rng(1)
+    groups = random_groups(rng, 12, num_classes=7)
+    expected = iast_reference(groups, 7, alpha, 0.9, 8.0, 0.9)
+    selector = IastSelector(7, alpha=alpha, beta=0.9, gamma=8.0, theta0=0.9)
+    for (confidence, prediction), reference in zip(groups, expected, strict=True):
+        got = selector.update(confidence, prediction)
+        np.testing.assert_allclose(got, reference, atol=1e-6)
+    # The last class never appears: its threshold stays at θ0 (S_c = {θ_c}).
+    assert selector.thresholds[6] == pytest.approx(0.9)
+
+
+def test_iast_caps_thresholds_that_reach_one() -> None:
+    selector = IastSelector(2, alpha=0.2, beta=0.0, gamma=8.0, theta0=0.9)
+    confidence = np.ones((4, 4), np.float32)
+    prediction = np.zeros((4, 4), np.int64)
+    thresholds = selector.update(confidence, prediction)
+    assert thresholds[0] == pytest.approx(0.999)
+    assert thresholds[1] == pytest.approx(0.9)
+
+
+@pytest.mark.parametrize("portion", [0.2, 0.45, 0.9, 1.0])
+def test_cbst_histogram_thresholds_agree_with_numpy_percentiles_within_a_bin(
+        portion: float) -> None:
+    rng = np.random.default_rng(2)
+    num_classes, bins = 5, 200
+    histogram = ConfidenceHistogram(num_classes, bins)
+    confidences, predictions = [], []
+    for _ in range(6):  # images added one at a time, never all held at once by the histogram
+        prediction = rng.integers(0, num_classes - 1, (20, 30))
+        confidence = rng.beta(5, 1.5, (20, 30)).astype(np.float32)
+        histogram.add(confidence, prediction)
+        confidences.append(confidence)
+        predictions.append(prediction)
+    confidence = np.concatenate(confidences).ravel()
+    prediction = np.concatenate(predictions).ravel()
+    thresholds = histogram.thresholds(portion)
+    width = 1.0 / bins
+    for c in range(num_classes - 1):
+        values = np.sort(confidence[prediction == c])[::-1]
+        rank = min(int(np.floor(portion * values.size)), values.size - 1)
+        assert abs(thresholds[c] - values[rank]) <= width
+        # and the numpy percentile keeping the top portion
+        assert abs(thresholds[c] - np.percentile(values, 100 * (1 - portion))) <= width + 1e-3
+    assert thresholds[num_classes - 1] == 0.0  # absent class
+
+
+def test_cbst_keeps_about_the_portion_of_each_class() -> None:
+    rng = np.random.default_rng(3)
+    histogram = ConfidenceHistogram(3, 2000)
+    prediction = rng.integers(0, 3, (100, 100))
+    confidence = rng.uniform(0.3, 1.0, (100, 100))
+    histogram.add(confidence, prediction)
+    labels = apply_thresholds(prediction, confidence, histogram.thresholds(0.45))
+    for c in range(3):
+        kept = (labels == c).sum() / (prediction == c).sum()
+        assert kept == pytest.approx(0.45, abs=0.01)
+
+
+def test_histograms_sum_across_processes_to_the_whole_set() -> None:
+    rng = np.random.default_rng(4)
+    whole, part_a, part_b = (ConfidenceHistogram(4, 50) for _ in range(3))
+    for i in range(4):
+        prediction = rng.integers(0, 4, (8, 8))
+        confidence = rng.uniform(0, 1, (8, 8))
+        whole.add(confidence, prediction)
+        (part_a if i % 2 else part_b).add(confidence, prediction)
+    np.testing.assert_array_equal(whole.counts, part_a.counts + part_b.counts)
+
+
+def test_apply_thresholds_ignores_pixels_below_their_class_threshold() -> None:
+    prediction = np.array([[0, 1, 2], [255, 1, 0]])
+    confidence = np.array([[0.5, 0.95, 0.2], [0.99, 0.85, 0.79]])
+    labels = apply_thresholds(prediction, confidence, np.array([0.8, 0.9, 0.1]))
+    np.testing.assert_array_equal(labels, [[255, 1, 2], [255, 255, 255]])
+    assert labels.dtype == np.uint8
+    fixed = apply_thresholds(prediction, confidence, fixed_thresholds(3, 0.5))
+    np.testing.assert_array_equal(fixed, [[0, 1, 255], [255, 1, 0]])
