@@ -6,8 +6,17 @@ from typing import Annotated
 
 import typer
 
-from duda_cli.commands import (config_cmd, evaluate, generate_pseudo, prepare_data, pseudo,
-                               run_cmd, self_train, update_offline, warmup)
+from duda_cli.commands import (
+    config_cmd,
+    evaluate,
+    generate_pseudo,
+    prepare_data,
+    pseudo,
+    run_cmd,
+    self_train,
+    update_offline,
+    warmup,
+)
 from stages import __version__
 
 app = typer.Typer(

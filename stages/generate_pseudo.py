@@ -23,14 +23,12 @@ of the pseudo labels are reported as diagnostics; the ground truth is never used
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from PIL import Image
 from torch.utils.data import DataLoader
 
@@ -41,6 +39,7 @@ from stages.data.full_images import FullImageDataset, collate_full_images
 from stages.data.index import DatasetIndex, Sample, load_dataset_index
 from stages.data.io import read_label
 from stages.devices import resolve_device
+from stages.distributed import Ranks, Silent
 from stages.errors import DudaError
 from stages.inference import predict
 from stages.pseudo_store import (
@@ -51,64 +50,10 @@ from stages.pseudo_store import (
     open_unfinished,
     statistics_from_counts,
 )
-from stages.reporting import Reporter, Task
+from stages.reporting import Reporter
 from stages.selectors import ConfidenceHistogram, IastSelector, apply_thresholds, fixed_thresholds
 
 logger = logging.getLogger("duda")
-
-# ------------------------------------------------------------------------- distributed
-
-
-class Ranks:
-    """This process's rank and the world size; a no-op for a single process."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        if self.world_size > 1 and not dist.is_initialized():
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        self.rank = dist.get_rank() if self.world_size > 1 else 0
-        # nccl reduces tensors on the GPU, gloo on the CPU.
-        self.device = device if (self.world_size > 1 and device.type == "cuda") else (
-            torch.device("cpu"))
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        if self.world_size > 1:
-            dist.barrier()
-
-    def sum(self, array: np.ndarray) -> np.ndarray:
-        """Element-wise sum over ranks of an int64 (or float64) array."""
-        if self.world_size == 1:
-            return array
-        tensor = torch.from_numpy(np.ascontiguousarray(array)).to(self.device)
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-        return tensor.cpu().numpy()
-
-    def broadcast(self, value: Any) -> Any:
-        """Rank 0's `value` on every rank."""
-        if self.world_size == 1:
-            return value
-        holder = [value]
-        dist.broadcast_object_list(holder, src=0)
-        return holder[0]
-
-    def mine(self, count: int, batch_size: int) -> list[int]:
-        """The image indices this rank handles: whole batches of the single-process order, in
-        turn, so every batch (and so every result) is the one a single process computes."""
-        return [i for i in range(count) if (i // batch_size) % self.world_size == self.rank]
-
-
-class _Silent(Reporter):
-    def task(self, description: str, total: int | None, completed: int = 0,
-             log_every: int = 0) -> Task:
-        return Task(description, total, completed, 0)
-
-    def info(self, message: str) -> None:
-        pass
-
 
 # ------------------------------------------------------------------------------- stage
 
@@ -122,7 +67,7 @@ def run(config: Config, data: str | Path, checkpoint: str | Path | Sequence[str 
     """
     torch_device = resolve_device(device)
     ranks = Ranks(torch_device)
-    reporter = (reporter or Reporter()) if ranks.is_main else _Silent()
+    reporter = (reporter or Reporter()) if ranks.is_main else Silent()
     cfg = config.generate_pseudo
     index = load_dataset_index(data)
     checkpoints = [Path(checkpoint)] if isinstance(checkpoint, (str, Path)) else [

@@ -23,8 +23,13 @@ from typing import Any
 import numpy as np
 
 from stages.artifacts import DATASET_INDEX, ArtifactWriter, StageResult
-from stages.classes import (CITYSCAPES_CLASSES, ClassTable, cityscapes_table, custom_table,
-                            synthetic_table)
+from stages.classes import (
+    CITYSCAPES_CLASSES,
+    ClassTable,
+    cityscapes_table,
+    custom_table,
+    synthetic_table,
+)
 from stages.config import Config, DataConfig, DomainConfig, config_hash, stage_config
 from stages.data import synthetic
 from stages.data.index import INDEX_FILE, DomainEntry, IndexFile, SampleEntry, SplitEntry

@@ -27,12 +27,10 @@ from stages.config import Config, config_hash, stage_config
 from stages.data.full_images import FullImageDataset, collate_full_images
 from stages.data.index import load_dataset_index
 from stages.devices import resolve_device
-from stages.generate_pseudo import Ranks
-from stages.generate_pseudo import _Silent as Silent
+from stages.distributed import Ranks, Silent
 from stages.inference import predict
 from stages.nn.pseudo_labels import confidence_and_prediction, merge_offline, offline_thresholds
-from stages.pseudo_store import (PseudoLabelStore, copy_store, open_store, open_unfinished,
-                                 quality)
+from stages.pseudo_store import PseudoLabelStore, copy_store, open_store, open_unfinished, quality
 from stages.reporting import Reporter
 
 CHANGES = ("kept", "added", "dropped")
@@ -73,7 +71,7 @@ def run(config: Config, data: str | Path, checkpoint: str | Path, pseudo: str | 
 
         samples = [dataclasses.replace(sample, label=None)  # ground truth is never read here
                    for sample in index.samples("target", "train")]
-        mine = ranks.mine(len(samples))
+        mine = ranks.mine(len(samples), cfg.batch_size)
         changes = _merge_pass(config, loaded.model, loaded.model_config.normalization,
                               [samples[i] for i in mine], mine, store, torch_device, reporter)
         changes = {key: ranks.sum(value) for key, value in changes.items()}

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_CONFIG, make_index
 from typer.testing import CliRunner
 
 from duda_cli.app import app
@@ -18,8 +19,6 @@ from stages.config import Config
 from stages.errors import DudaError
 from stages.pseudo_store import open_store
 from stages.reporting import Reporter, Task
-
-from conftest import TINY_CONFIG, make_index
 
 runner = CliRunner()
 
