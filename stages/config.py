@@ -188,6 +188,10 @@ class GeneratePseudoConfig(Section):
     size: Size | None = Field(default=None, description="inference [H, W] (default target_size)")
     flip: bool = False
     model: Literal["teacher", "student"] = "teacher"
+    recalibrate_bn: bool = Field(
+        default=False, description="recompute BN statistics on target-train before labelling "
+        "(AdaBN; off in the paper's runs)")
+    recalibrate_batches: int = Field(default=0, ge=0, description="0: the whole split")
     batch_size: int = Field(default=2, ge=1)
     num_workers: int = Field(default=2, ge=0)
 
@@ -270,8 +274,10 @@ class EvaluateConfig(Section):
     window_overlap: float = Field(default=1 / 3, ge=0, lt=1)
     flip: bool = False
     model: Literal["teacher", "student"] = "teacher"
-    recalibrate_bn: bool = False
-    recalibrate_batches: int = Field(default=0, ge=0)
+    recalibrate_bn: bool = Field(
+        default=False, description="recompute BN statistics on target-train before evaluating "
+        "(E.7; for a source-only model this is AdaBN)")
+    recalibrate_batches: int = Field(default=0, ge=0, description="0: the whole split")
     save_predictions: bool = False
     batch_size: int = Field(default=2, ge=1)
     num_workers: int = Field(default=2, ge=0)

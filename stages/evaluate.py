@@ -11,6 +11,7 @@ panels under `predictions/`.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 import logging
@@ -117,31 +118,40 @@ def _loader(dataset: FullImageDataset, batch_size: int, num_workers: int) -> Dat
 
 def _recalibrate(config: Config, index: DatasetIndex, loaded: LoadedModel,
                  device: torch.device, reporter: Reporter) -> dict[str, Any] | None:
-    """ALGORITHM.md E.7: recompute the teacher's BN statistics on target-train (full images at
-    the target size). Returns what was done, for the report."""
+    """ALGORITHM.md E.7: recompute the model's BN statistics on target-train before
+    evaluating. Returns what was done, for the report."""
     settings = config.evaluate
     if not settings.recalibrate_bn:
         return None
-    if loaded.which != "teacher":
-        return {"applied": False, "reason": f"the evaluated model is the {loaded.which}"}
+    return recalibrate_on_target(loaded.model, loaded.model_config.normalization, config, index,
+                                 settings.recalibrate_batches, settings.batch_size,
+                                 settings.num_workers, device, reporter)
+
+
+def recalibrate_on_target(model: torch.nn.Module, normalization: str, config: Config,
+                          index: DatasetIndex, batches: int, batch_size: int, num_workers: int,
+                          device: torch.device, reporter: Reporter) -> dict[str, Any]:
+    """Recompute `model`'s BN running statistics (cumulative average) on target-train full
+    images at input.target_size: `batches` batches, 0 = the whole split (E.7). The model is
+    left in eval mode. The mean teacher's recalibration of DUDA; applied to a source-only
+    model it is AdaBN."""
     from stages.nn.teacher import recalibrate_batchnorm
 
-    samples = index.samples("target", "train")
-    dataset = FullImageDataset(samples, config.input.target_size,
-                               loaded.model_config.normalization)
-    loader = _loader(dataset, settings.batch_size, settings.num_workers)
-    total = len(loader) if settings.recalibrate_batches == 0 else min(
-        settings.recalibrate_batches, len(loader))
+    samples = [dataclasses.replace(sample, label=None)
+               for sample in index.samples("target", "train")]
+    dataset = FullImageDataset(samples, config.input.target_size, normalization)
+    loader = _loader(dataset, batch_size, num_workers)
+    total = len(loader) if batches == 0 else min(batches, len(loader))
     with reporter.task("recalibrating BN", total=total) as task:
-        def batches():
+        def images():
             for batch in itertools.islice(loader, total):
                 yield batch["image"]
                 task.advance(1)
 
-        seen = recalibrate_batchnorm(loaded.model, batches(), device)
-    loaded.model.eval()
+        seen = recalibrate_batchnorm(model, images(), device)
+    model.eval()
     return {"applied": True, "domain": "target", "split": "train", "batches": seen,
-            "images": min(len(samples), seen * settings.batch_size),
+            "images": min(len(samples), seen * batch_size),
             "size": list(config.input.target_size)}
 
 
@@ -172,7 +182,7 @@ def _evaluate(loaded: LoadedModel, samples: list[Sample], size: tuple[int, int],
                         _save_prediction(out / PREDICTIONS_DIR, sample,
                                          prediction[row].cpu().numpy(),
                                          target[row].cpu().numpy(), classes)
-            task.advance(images.shape[0], miou=matrix.miou())
+            task.advance(images.shape[0], miou=matrix.miou(classes.primary_protocol[1]))
     return matrix
 
 

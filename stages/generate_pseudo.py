@@ -41,6 +41,7 @@ from stages.data.io import read_label
 from stages.devices import resolve_device
 from stages.distributed import Ranks, Silent
 from stages.errors import DudaError
+from stages.evaluate import recalibrate_on_target
 from stages.inference import predict
 from stages.pseudo_store import (
     PseudoLabelStore,
@@ -89,6 +90,11 @@ def run(config: Config, data: str | Path, checkpoint: str | Path | Sequence[str 
             return writer.result()
         height, width = native_size(samples)
         models = _load_models(checkpoints, cfg.model, torch_device, index)
+        if cfg.recalibrate_bn:
+            for loaded in models:
+                recalibrate_on_target(loaded.model, loaded.model_config.normalization, config,
+                                      index, cfg.recalibrate_batches, cfg.batch_size,
+                                      cfg.num_workers, torch_device, reporter)
         ranks.barrier()  # rank 0's ArtifactWriter has prepared the directory
         if ranks.is_main:
             store = create_store(out, ids=[sample.id for sample in samples], height=height,

@@ -92,17 +92,33 @@ SOURCE_STYLE = Style(
     bus_probability=0.15, camera_height=(1.5, 1.8),
 )
 
+def _overcast(colour: tuple[int, int, int], desaturate: float = 0.4, brightness: float = 0.82,
+              tint: tuple[int, int, int] = (6, 2, -6)) -> tuple[int, int, int]:
+    """A source colour as seen under an overcast sky by a real camera: paler, darker, warmer."""
+    grey = 0.299 * colour[0] + 0.587 * colour[1] + 0.114 * colour[2]
+    return tuple(int(np.clip((c * (1 - desaturate) + grey * desaturate) * brightness + t, 0, 255))
+                 for c, t in zip(colour, tint))  # type: ignore[return-value]
+
+
+def _overcast_all(colours: tuple[tuple[int, int, int], ...]) -> tuple[tuple[int, int, int], ...]:
+    return tuple(_overcast(colour) for colour in colours)
+
+
+# The target keeps the source's hue relations (a road is still darker and bluer than a façade)
+# but not its colours: paler, darker, warmer light, haze, texture, blur, noise and gamma, with
+# more and smaller objects. A source-only model transfers partly; self-training must do the rest.
+_S = SOURCE_STYLE
 TARGET_STYLE = Style(
-    sky_top=(175, 185, 195), sky_bottom=(215, 218, 220),
-    road=(72, 74, 76), marking=(175, 175, 165), sidewalk=(128, 122, 120),
-    buildings=((110, 105, 100), (135, 125, 115), (95, 95, 105), (150, 140, 130)),
-    window=(45, 50, 55), wall=(120, 118, 105), fence=(95, 100, 95),
-    vegetation=(62, 85, 38), terrain=(105, 115, 70), pole=(80, 80, 80),
-    sign=((170, 160, 40), (150, 40, 40)), light=(45, 45, 40),
-    cars=((60, 60, 70), (150, 150, 155), (30, 40, 70), (110, 30, 30), (20, 20, 20)),
-    clothes=((40, 40, 50), (80, 70, 60), (60, 70, 90), (120, 110, 100)),
-    skin=(170, 140, 120), bus=(200, 200, 190),
-    fog=(200, 203, 205), fog_distance=90.0, shade=0.85, texture=0.18, blur=0.8, noise=5.0,
+    sky_top=(150, 170, 195), sky_bottom=(200, 208, 215),
+    road=_overcast(_S.road), marking=_overcast(_S.marking), sidewalk=_overcast(_S.sidewalk),
+    buildings=_overcast_all(_S.buildings + ((170, 150, 140),)), window=_overcast(_S.window),
+    wall=_overcast(_S.wall), fence=_overcast(_S.fence), vegetation=_overcast(_S.vegetation),
+    terrain=_overcast(_S.terrain), pole=_overcast(_S.pole), sign=_overcast_all(_S.sign),
+    light=_overcast(_S.light),
+    cars=_overcast_all(_S.cars + ((120, 120, 130), (40, 60, 110))),
+    clothes=_overcast_all(_S.clothes + ((60, 60, 70), (110, 100, 90))),
+    skin=_overcast(_S.skin), bus=_overcast(_S.bus),
+    fog=(200, 203, 205), fog_distance=150.0, shade=0.85, texture=0.15, blur=0.7, noise=5.0,
     gamma=1.15, cars_per_scene=(2, 7), persons_per_scene=(1, 5), person_height=(1.35, 1.65),
     bus_probability=0.1, camera_height=(1.3, 1.6), window_period=(2.2, 2.6),
 )
