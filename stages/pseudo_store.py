@@ -463,7 +463,7 @@ def copy_store(src: str | Path | PseudoLabelStore, dst: str | Path) -> PseudoLab
         if entry.name == MANIFEST or entry.name.startswith("."):
             continue
         if entry.is_dir():
-            shutil.copytree(entry, dst / entry.name, copy_function=_link_or_copy)
+            shutil.copytree(entry, dst / entry.name, copy_function=link_or_copy)
         elif entry.name == "zarr.json":
             shutil.copy2(entry, dst / entry.name)
     store = PseudoLabelStore(dst, writable=True)
@@ -471,7 +471,8 @@ def copy_store(src: str | Path | PseudoLabelStore, dst: str | Path) -> PseudoLab
     return store
 
 
-def _link_or_copy(src: str, dst: str) -> None:
+def link_or_copy(src: str, dst: str) -> None:
+    """`shutil.copytree` copy function: hard-link chunk files, copy zarr.json metadata."""
     # Metadata files are small and rewritten in place by attribute updates: copy them.
     if os.path.basename(src) == "zarr.json":
         shutil.copy2(src, dst)

@@ -54,7 +54,14 @@ from stages.evaluate import target_val_miou
 from stages.nn.model import build_model, parameter_groups
 from stages.nn.pseudo_labels import confidence_and_prediction, merge_offline, offline_thresholds
 from stages.nn.teacher import MeanTeacher, recalibrate_batchnorm
-from stages.pseudo_store import PseudoLabelStore, copy_store, open_store, open_unfinished, quality
+from stages.pseudo_store import (
+    PseudoLabelStore,
+    copy_store,
+    link_or_copy,
+    open_store,
+    open_unfinished,
+    quality,
+)
 from stages.reporting import Reporter
 from stages.schedules import alpha_schedule, beta_schedule
 from stages.self_train_step import StepInputs, label_agreement, self_train_step
@@ -423,7 +430,7 @@ def _snapshot(store_path: Path, snapshots: Path, iteration: int) -> str:
     snapshots.mkdir(exist_ok=True)
     final, partial = snapshots / name, snapshots / f".{name}.partial"
     shutil.rmtree(partial, ignore_errors=True)
-    shutil.copytree(store_path, partial, copy_function=_link_or_copy)
+    shutil.copytree(store_path, partial, copy_function=link_or_copy)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(partial, final)
     return name
@@ -434,19 +441,8 @@ def _restore_snapshot(snapshot: Path, store_path: Path) -> PseudoLabelStore:
         raise DudaError(f"the run's store snapshot {snapshot} is missing",
                         "the run directory was edited; start over with --force")
     shutil.rmtree(store_path, ignore_errors=True)
-    shutil.copytree(snapshot, store_path, copy_function=_link_or_copy)
+    shutil.copytree(snapshot, store_path, copy_function=link_or_copy)
     return open_unfinished(store_path)
-
-
-def _link_or_copy(src: str, dst: str) -> None:
-    # Metadata (zarr.json) is rewritten in place by attribute updates: copy it; chunks: link.
-    if os.path.basename(src) == "zarr.json":
-        shutil.copy2(src, dst)
-        return
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
 
 
 def _mean(values: list[float]) -> float:
