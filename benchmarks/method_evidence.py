@@ -2,7 +2,8 @@
 
 For each seed, on the built-in synthetic benchmark (configs/synthetic.yaml by default):
 
-- source-only: the warmup checkpoint;
+- source-only: the warmup checkpoint, evaluated as is, and with its BN statistics recomputed
+  on target-train (AdaBN: the same recalibration the mean teacher gets before evaluation);
 - offline-only: self-training on the offline pseudo labels alone (source CE + SCE on the
   stored labels, no online labels, no consistency, no in-loop offline update; roughly IAST
   with fixed labels);
@@ -61,23 +62,28 @@ def main() -> None:
             results[name] = self_train.run(variant, data, checkpoint, pseudo, root / name,
                                            device=args.device).path
         row = {"seed": seed}
-        for name, path in results.items():
-            report = evaluate.run(config, data, path, root / f"evaluate-{name}",
+        adabn = load_config(args.config, base + ["evaluate.recalibrate_bn=true",
+                                                 "evaluate.recalibrate_batches=0"])
+        evaluations = [(name, path, config) for name, path in results.items()]
+        evaluations.insert(1, ("source-only + AdaBN", checkpoint, adabn))
+        for name, path, settings in evaluations:
+            report = evaluate.run(settings, data, path, root / f"evaluate-{name}",
                                   device=args.device)
             row[name] = 100 * report.manifest.summary["miou"]
         row["minutes"] = (time.monotonic() - started) / 60
         rows.append(row)
         print(json.dumps(row), file=sys.stderr, flush=True)
 
-    names = ["source-only", "offline-only", "DUDA"]
+    names = ["source-only", "source-only + AdaBN", "offline-only", "DUDA"]
     print(f"| seed | {' | '.join(names)} |")
     print(f"|---|{'---|' * len(names)}")
     for row in rows:
         print(f"| {row['seed']} | " + " | ".join(f"{row[n]:.1f}" for n in names) + " |")
     means = [statistics.mean(row[n] for row in rows) for n in names]
     print("| mean | " + " | ".join(f"{m:.1f}" for m in means) + " |")
-    print(f"\nDUDA − source-only: {means[2] - means[0]:+.1f} mIoU; "
-          f"DUDA − offline-only: {means[2] - means[1]:+.1f} mIoU")
+    print(f"\nDUDA − source-only: {means[3] - means[0]:+.1f} mIoU; "
+          f"DUDA − source-only + AdaBN: {means[3] - means[1]:+.1f} mIoU; "
+          f"DUDA − offline-only: {means[3] - means[2]:+.1f} mIoU")
 
 
 if __name__ == "__main__":
