@@ -45,6 +45,11 @@ def user_errors() -> Iterator[None]:
         if error.fix:
             stderr.print(f"[bold]fix:[/] {error.fix}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
+    except KeyboardInterrupt:
+        stderr.print("\ninterrupted: an output without its manifest.json is unfinished and never "
+                     "used as input; warmup and self-train continue from their last checkpoint "
+                     "with --resume", highlight=False, soft_wrap=True)
+        raise typer.Exit(130) from None
 
 
 def setup_logging(quiet: bool) -> None:

@@ -102,3 +102,15 @@ def test_cli_config_typo_exits_2_without_traceback(tmp_path, tiny_config_file) -
 def test_version() -> None:
     result = runner.invoke(app, ["--version"])
     assert result.exit_code == 0 and result.stdout.startswith("duda ")
+
+
+def test_ctrl_c_exits_130_with_a_resume_hint(monkeypatch, tiny_config_file) -> None:
+    import stages.config
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(stages.config.Config, "model_validate", interrupted)
+    result = runner.invoke(app, ["config", "show", "-c", str(tiny_config_file)])
+    assert result.exit_code == 130
+    assert "--resume" in result.stderr and "Traceback" not in result.stderr
