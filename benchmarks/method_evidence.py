@@ -2,15 +2,16 @@
 
 For each seed, on the built-in synthetic benchmark (configs/synthetic.yaml by default):
 
-- source-only: the warmup checkpoint, evaluated as is, and with its BN statistics recomputed
-  on target-train (AdaBN: the same recalibration the mean teacher gets before evaluation);
+- source-only: the warmup checkpoint, evaluated as trained (source BN statistics), and with
+  its BN statistics recomputed on all of target-train (AdaBN: the recalibration the mean
+  teacher gets before evaluation);
 - offline-only: self-training on the offline pseudo labels alone (source CE + SCE on the
   stored labels, no online labels, no consistency, no in-loop offline update; roughly IAST
   with fixed labels);
 - DUDA: full self-training (ALGORITHM.md E), one round, as `duda run` does.
 
-All three are evaluated the same way (config `evaluate` section: the mean teacher with its BN
-recalibrated on target-train where there is one). Artifacts go under --out and are reused when
+Offline-only and DUDA are evaluated as the config's `evaluate` section says (for the demo: the
+mean teacher, BN recalibrated on target-train crops). Artifacts go under --out and are reused when
 up to date, so an interrupted run continues. Prints one row per seed and the mean, as a
 markdown table.
 
@@ -62,9 +63,11 @@ def main() -> None:
             results[name] = self_train.run(variant, data, checkpoint, pseudo, root / name,
                                            device=args.device).path
         row = {"seed": seed}
+        plain = load_config(args.config, base + ["evaluate.recalibrate_bn=false"])
         adabn = load_config(args.config, base + ["evaluate.recalibrate_bn=true",
                                                  "evaluate.recalibrate_batches=0"])
         evaluations = [(name, path, config) for name, path in results.items()]
+        evaluations[0] = ("source-only", checkpoint, plain)
         evaluations.insert(1, ("source-only + AdaBN", checkpoint, adabn))
         for name, path, settings in evaluations:
             report = evaluate.run(settings, data, path, root / f"evaluate-{name}",

@@ -49,8 +49,13 @@ def run(config: Config, root: Path, *, init: Path | None = None, force: bool = F
     checkpoint = note("warmup", warmup.run(
         config, data.path, out, init=init, resume=_unfinished(out), force=force, device=device,
         reporter=reporter)).path
-    note("evaluate_warmup", evaluate.run(config, data.path, checkpoint, root / "evaluate_warmup",
-                                         force=force, device=device, reporter=reporter))
+    # The source-only baseline as trained: no BN recalibration on the target (that is part of
+    # the adaptation being measured).
+    baseline = config.model_copy(update={"evaluate": config.evaluate.model_copy(
+        update={"recalibrate_bn": False})})
+    note("evaluate_warmup", evaluate.run(baseline, data.path, checkpoint,
+                                         root / "evaluate_warmup", force=force, device=device,
+                                         reporter=reporter))
     pseudo = note("pseudo", generate_pseudo.run(config, data.path, checkpoint, root / "pseudo",
                                                 force=force, device=device,
                                                 reporter=reporter)).path
