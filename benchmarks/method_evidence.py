@@ -11,7 +11,7 @@ For each seed, on the built-in synthetic benchmark (configs/synthetic.yaml by de
 - DUDA: full self-training (ALGORITHM.md E), one round, as `duda run` does.
 
 Offline-only and DUDA are evaluated as the config's `evaluate` section says (for the demo: the
-mean teacher, BN recalibrated on target-train crops). Artifacts go under --out and are reused when
+mean teacher, BN recalibrated on 20 batches of target-train images). Artifacts go under --out and are reused when
 up to date, so an interrupted run continues. Prints one row per seed and the mean, as a
 markdown table.
 

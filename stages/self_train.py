@@ -119,8 +119,10 @@ def run(config: Config, data: str | Path, checkpoint: str | Path, pseudo: str | 
                             inputs={**inputs, "parent": inputs["pseudo"]}, resumable=True,
                             resume=True, round=round, device=str(torch_device)) as store_writer:
             store_writer.finish(store_summary, digest=store.digest() + summary["model_digest"])
-        shutil.rmtree(out / SNAPSHOTS_DIR, ignore_errors=True)
         writer.finish(summary, digest=summary["model_digest"])
+    # Scratch space for resuming, not part of the artifact: removed once the run is finished
+    # (a crash before this line leaves a resumable run, after it a finished one).
+    shutil.rmtree(out / SNAPSHOTS_DIR, ignore_errors=True)
     return writer.result()
 
 
