@@ -8,7 +8,7 @@ Both are measured side by side in one run, alternating, best of `--repeats`:
 The default is a small output-stride-8 ResNet-18 on the CPU; `--backbone resnet101
 --size 512 1024 --device cuda` measures the paper's model on a GPU.
 
-    python benchmarks/evaluate_throughput.py [--images 16] [--size 128 256] [--backbone resnet18]
+    python benchmarks/evaluate_throughput.py [--images 64] [--size 128 256] [--backbone resnet18]
 """
 
 from __future__ import annotations
@@ -18,60 +18,22 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
+from common import add_common_arguments, write_checkpoint, write_index
 
 from stages import evaluate
-from stages.artifacts import CHECKPOINT, DATASET_INDEX, ArtifactWriter
-from stages.checkpoint import MODEL_FILE, write_model_file
-from stages.classes import cityscapes_table
 from stages.config import Config, ModelConfig
 from stages.data.full_images import FullImageDataset
 from stages.data.index import (
-    INDEX_FILE,
-    DomainEntry,
-    IndexFile,
-    SampleEntry,
-    SplitEntry,
     load_dataset_index,
 )
 from stages.devices import resolve_device
 from stages.nn.model import build_model
 
 
-def write_index(root: Path, count: int, height: int, width: int) -> Path:
-    rng = np.random.default_rng(0)
-    samples = []
-    with ArtifactWriter(root, kind=DATASET_INDEX, stage="prepare_data", config={},
-                        config_hash="bench") as writer:
-        (root / "images").mkdir()
-        for i in range(count):
-            image = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
-            label = rng.integers(0, 19, (height, width), dtype=np.uint8)
-            Image.fromarray(image).save(root / "images" / f"{i}.png")
-            Image.fromarray(label, mode="L").save(root / "images" / f"{i}_label.png")
-            samples.append(SampleEntry(id=str(i), image=f"images/{i}.png",
-                                       label=f"images/{i}_label.png"))
-        split = {"val": SplitEntry(samples=samples), "train": SplitEntry(samples=samples)}
-        content = IndexFile(classes=cityscapes_table(),
-                            domains={"target": DomainEntry(layout="folder", splits=split)})
-        (root / INDEX_FILE).write_text(content.model_dump_json())
-        writer.finish({}, digest="bench")
-    return root
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--images", type=int, default=16)
-    parser.add_argument("--size", type=int, nargs=2, default=[128, 256], metavar=("H", "W"))
-    parser.add_argument("--backbone", default="resnet18",
-                        choices=["resnet18", "resnet50", "resnet101"])
-    parser.add_argument("--width", type=float, default=1.0, help="resnet18 width multiplier")
-    parser.add_argument("--batch-size", type=int, default=2)
-    parser.add_argument("--workers", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--device", default="cpu")
+    add_common_arguments(parser)
     args = parser.parse_args()
 
     device = resolve_device(args.device)
@@ -89,12 +51,7 @@ def main() -> None:
         root = Path(tmp)
         index = write_index(root / "data", args.images, height, width)
         model = build_model(model_config, 19)
-        with ArtifactWriter(root / "ckpt", kind=CHECKPOINT, stage="warmup", config={},
-                            config_hash="bench") as writer:
-            write_model_file(root / "ckpt" / MODEL_FILE, student=model, teacher=None,
-                             model_config=model_config, class_names=cityscapes_table().names,
-                             iteration=0)
-            writer.finish({})
+        write_checkpoint(root / "ckpt", model, model_config)
 
         dataset = FullImageDataset(load_dataset_index(index).samples("target", "val"),
                                    (height, width), "imagenet_rgb")
