@@ -447,8 +447,10 @@ def _restore_snapshot(snapshot: Path, store_path: Path) -> PseudoLabelStore:
     return open_unfinished(store_path)
 
 
-def _mean(values: list[float]) -> float:
-    finite = [v for v in values if not math.isnan(v)]
+def _mean(values: list[float | torch.Tensor]) -> float:
+    """The mean of a log window's values, NaN ones left out (read from the device here,
+    once per log interval, not every step)."""
+    finite = [v for v in (float(value) for value in values) if not math.isnan(v)]
     return sum(finite) / len(finite) if finite else float("nan")
 
 

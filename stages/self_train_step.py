@@ -9,6 +9,7 @@ offline merge itself is `stages.nn.pseudo_labels.merge_offline`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -42,7 +43,7 @@ class StepInputs:
 
 @dataclass
 class StepOutputs:
-    terms: dict[str, float]  # loss/<name> → value (unweighted), for logging
+    terms: dict[str, torch.Tensor]  # loss/<name> → 0-d detached value (unweighted), for logging
     teacher_probabilities: torch.Tensor | None  # (B,C,H,W) eval-mode teacher on the full images
     online_label: torch.Tensor | None  # (B,h,w) long
     online_thresholds: torch.Tensor | None  # (C,) float
@@ -70,7 +71,7 @@ def self_train_step(
 ) -> StepOutputs:
     """ALGORITHM.md E.2 steps 1–10; the caller then updates the teacher (step 11)."""
     device = batch.source_image.device
-    terms: dict[str, float] = {}
+    terms: dict[str, torch.Tensor] = {}
 
     # 1. Student and teacher in train mode, gradients cleared.
     student.train()
@@ -83,7 +84,7 @@ def self_train_step(
             source_logits = student(batch.source_image)
         source_ce = losses.cross_entropy(source_logits.float(), batch.source_label)
         scaler.scale(weights.source * source_ce).backward()
-        terms["loss/source_ce"] = source_ce.item()
+        terms["loss/source_ce"] = source_ce.detach()
         del source_logits
 
     # 3. Student on the weak target crop.
@@ -92,19 +93,22 @@ def self_train_step(
 
     # 4. Offline loss: symmetric cross-entropy on the stored labels (E.3).
     target_loss = target_logits.new_zeros(())
-    if weights.offline > 0:
-        offline_sce = losses.symmetric_cross_entropy(
-            target_logits, batch.offline_label, a=weights.offline_sce_a, b=weights.offline_sce_b)
-        target_loss = target_loss + weights.offline * offline_sce
-        terms["loss/offline_sce"] = offline_sce.item()
-    if weights.offline_entropy > 0:
-        term = losses.entropy_regularizer(target_logits, batch.offline_label)
-        target_loss = target_loss + weights.offline_entropy * term
-        terms["loss/offline_entropy"] = term.item()
-    if weights.offline_kld > 0:
-        term = losses.kld_regularizer(target_logits, batch.offline_label)
-        target_loss = target_loss + weights.offline_kld * term
-        terms["loss/offline_kld"] = term.item()
+
+    def add(name: str, weight: float, compute: Callable[[], torch.Tensor]) -> None:
+        """Add weight·term to the target loss (skipped, not computed, at weight 0)."""
+        nonlocal target_loss
+        if weight > 0:
+            value = compute()
+            target_loss = target_loss + weight * value
+            terms[name] = value.detach()
+
+    offline = batch.offline_label
+    add("loss/offline_sce", weights.offline, lambda: losses.symmetric_cross_entropy(
+        target_logits, offline, a=weights.offline_sce_a, b=weights.offline_sce_b))
+    add("loss/offline_entropy", weights.offline_entropy,
+        lambda: losses.entropy_regularizer(target_logits, offline))
+    add("loss/offline_kld", weights.offline_kld,
+        lambda: losses.kld_regularizer(target_logits, offline))
 
     teacher_probabilities = online_label = online_thresholds = None
     if needs_teacher(weights, offline_update):
@@ -132,29 +136,21 @@ def self_train_step(
             online_label, online_thresholds = online_pseudo_labels(
                 crop_logits.softmax(dim=1), alpha)
 
-        if weights.consistency > 0:
-            consistency = losses.consistency_mse(target_logits, consistency_logits)
-            target_loss = target_loss + weights.consistency * consistency
-            terms["loss/consistency"] = consistency.item()
+        online = online_label
+        add("loss/consistency", weights.consistency,
+            lambda: losses.consistency_mse(target_logits, consistency_logits))
         # 8. Online cross-entropy; 9. regularisers on the online map (E.3, E.5).
-        if weights.online > 0:
-            online_ce = losses.cross_entropy(target_logits, online_label)
-            target_loss = target_loss + weights.online * online_ce
-            terms["loss/online_ce"] = online_ce.item()
-        if weights.online_entropy > 0:
-            term = losses.entropy_regularizer(target_logits, online_label)
-            target_loss = target_loss + weights.online_entropy * term
-            terms["loss/online_entropy"] = term.item()
-        if weights.online_kld > 0:
-            term = losses.kld_regularizer(target_logits, online_label)
-            target_loss = target_loss + weights.online_kld * term
-            terms["loss/online_kld"] = term.item()
+        add("loss/online_ce", weights.online, lambda: losses.cross_entropy(target_logits, online))
+        add("loss/online_entropy", weights.online_entropy,
+            lambda: losses.entropy_regularizer(target_logits, online))
+        add("loss/online_kld", weights.online_kld,
+            lambda: losses.kld_regularizer(target_logits, online))
 
     # 10. Target backward, optimizer and scaler step.
     scaler.scale(target_loss).backward()
     scaler.step(optimizer)
     scaler.update()
-    terms["loss/target"] = target_loss.item()
+    terms["loss/target"] = target_loss.detach()
     return StepOutputs(terms, teacher_probabilities, online_label, online_thresholds)
 
 
