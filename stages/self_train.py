@@ -70,6 +70,7 @@ from stages.training import (
     apply_lr_factor,
     build_optimizer,
     capture_rng_state,
+    check_finite,
     check_resume_config,
     learning_rate_factor,
     load_train_state,
@@ -250,7 +251,7 @@ def _train(config: Config, index: DatasetIndex, checkpoint: Path,
                 figures: dict[str, Any] = {}
                 if iteration % cfg.log_every == 0 or iteration == cfg.iterations:
                     record = {name: _mean(values) for name, values in window.items()}
-                    _check_finite(record, iteration)
+                    check_finite(record, iteration, "self-training", "self_train")
                     record.update(lr=lr, alpha=alpha, beta=beta)
                     if outputs.online_thresholds is not None:
                         record["online/thresholds"] = [
@@ -454,10 +455,3 @@ def _mean(values: list[float | torch.Tensor]) -> float:
     return sum(finite) / len(finite) if finite else float("nan")
 
 
-def _check_finite(record: dict[str, float], iteration: int) -> None:
-    bad = [name for name, value in record.items()
-           if name.startswith("loss/") and not math.isfinite(value)]
-    if bad:
-        raise DudaError(f"self-training diverged at iteration {iteration}: {', '.join(bad)} "
-                        "is not finite",
-                        "lower self_train.optimizer.lr and start over with --force")

@@ -9,6 +9,7 @@ loads with `torch.load(weights_only=True)` (PITFALLS.md "Checkpoints").
 from __future__ import annotations
 
 import json
+import math
 import random
 from pathlib import Path
 from typing import Any
@@ -120,6 +121,17 @@ def truncate_metrics(path: Path, iteration: int) -> None:
         if record.get("iteration", 0) <= iteration:
             kept.append(line)
     path.write_text("".join(line + "\n" for line in kept))
+
+
+def check_finite(values: dict[str, float], iteration: int, stage: str, section: str) -> None:
+    """Stop a run whose logged loss terms (keys "loss/…") are NaN or infinite."""
+    bad = [name for name, value in values.items()
+           if name.startswith("loss/") and not math.isfinite(value)]
+    if bad:
+        raise DudaError(f"{stage} diverged at iteration {iteration}: {', '.join(bad)} is not "
+                        "finite",
+                        f"lower {section}.optimizer.lr (or use precision fp32/bf16) and start "
+                        "over with --force")
 
 
 # ------------------------------------------------------------------------------------- resume

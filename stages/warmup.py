@@ -14,7 +14,6 @@ keeps `best.pt`; the last weights are `model.pt`.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -51,6 +50,7 @@ from stages.training import (
     apply_lr_factor,
     build_optimizer,
     capture_rng_state,
+    check_finite,
     check_resume_config,
     learning_rate_factor,
     load_train_state,
@@ -244,7 +244,7 @@ def _train(config: Config, index: DatasetIndex, out: Path, *, init: Path | None,
                 figures: dict[str, Any] = {}
                 if iteration % cfg.log_every == 0 or iteration == cfg.iterations:
                     values = {name: float(value) for name, value in losses.items()}
-                    _check_finite(values, iteration)
+                    check_finite(values, iteration, "warmup", "warmup")
                     append_metrics(metrics_path, {"iteration": iteration, **values, "lr": lr})
                     figures = {name.removeprefix("loss/"): value
                                for name, value in values.items()}
@@ -297,15 +297,6 @@ def _loader(config: Config, index: DatasetIndex, domain: Literal["source", "targ
     return InfiniteLoader(dataset, config.warmup.batch_size, seed=seed,
                           num_workers=config.warmup.num_workers,
                           pin_memory=device.type == "cuda")
-
-
-def _check_finite(values: dict[str, float], iteration: int) -> None:
-    bad = [name for name, value in values.items() if not math.isfinite(value)]
-    if bad:
-        raise DudaError(f"warmup diverged at iteration {iteration}: {', '.join(bad)} is not "
-                        "finite",
-                        "lower warmup.optimizer.lr (or use precision fp32/bf16) and start over "
-                        "with --force")
 
 
 def _record_evaluation(progress: dict[str, Any], miou: float, iteration: int, model: nn.Module,

@@ -74,3 +74,15 @@ def test_resume_check_lists_every_changed_field(tmp_path):
     with pytest.raises(DudaError, match="warmup.iterations: 4 -> 8") as error:
         check_resume_config(stored, current, tmp_path)
     assert "--force" in error.value.fix
+
+
+def test_check_finite_names_the_diverged_terms_and_the_fix() -> None:
+    from stages.training import check_finite
+
+    check_finite({"loss/source_ce": 1.0, "online/offline_agreement": float("nan")}, 5,
+                 "self-training", "self_train")
+    with pytest.raises(DudaError) as error:
+        check_finite({"loss/source_ce": float("nan"), "loss/online_ce": 0.1}, 7, "warmup",
+                     "warmup")
+    assert "warmup diverged at iteration 7: loss/source_ce is not finite" in str(error.value)
+    assert "warmup.optimizer.lr" in str(error.value)
