@@ -4,8 +4,11 @@ checkpoint of a randomly initialised model, written as real artifacts in a scrat
 from __future__ import annotations
 
 import argparse
+import time
+from collections.abc import Callable
 from pathlib import Path
 
+import torch
 from PIL import Image
 from torch import nn
 
@@ -13,7 +16,15 @@ from stages.artifacts import CHECKPOINT, DATASET_INDEX, ArtifactWriter
 from stages.checkpoint import MODEL_FILE, write_model_file
 from stages.classes import cityscapes_table
 from stages.config import ModelConfig
-from stages.data.index import INDEX_FILE, DomainEntry, IndexFile, SampleEntry, SplitEntry
+from stages.data.full_images import FullImageDataset
+from stages.data.index import (
+    INDEX_FILE,
+    DomainEntry,
+    IndexFile,
+    SampleEntry,
+    SplitEntry,
+    load_dataset_index,
+)
 from stages.data.synthetic import generate_sample
 
 
@@ -59,3 +70,30 @@ def write_checkpoint(path: Path, model: nn.Module, model_config: ModelConfig) ->
                          iteration=0)
         writer.finish({})
     return path
+
+
+def memory_batches(index: Path, split: str, size: tuple[int, int], batch_size: int,
+                   device: torch.device) -> list[torch.Tensor]:
+    """The split's images decoded, resized, normalised and batched on `device` ahead of time:
+    the input of the bare-inference baseline."""
+    dataset = FullImageDataset(load_dataset_index(index).samples("target", split), size,
+                               "imagenet_rgb")
+    images = torch.stack([dataset[i]["image"] for i in range(len(dataset))])
+    return [images[i:i + batch_size].to(device) for i in range(0, len(images), batch_size)]
+
+
+def best_times(bare: Callable[[], None], full: Callable[[], None],
+               repeats: int) -> tuple[float, float]:
+    """Best-of-`repeats` seconds of `bare` and `full`, run alternately after one warm-up
+    each, so machine noise hits both alike."""
+    bare()
+    full()
+    bare_times, full_times = [], []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        bare()
+        bare_times.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        full()
+        full_times.append(time.perf_counter() - start)
+    return min(bare_times), min(full_times)

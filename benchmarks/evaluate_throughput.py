@@ -15,18 +15,13 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 from pathlib import Path
 
 import torch
-from common import add_common_arguments, write_checkpoint, write_index
+from common import add_common_arguments, best_times, memory_batches, write_checkpoint, write_index
 
 from stages import evaluate
 from stages.config import Config, ModelConfig
-from stages.data.full_images import FullImageDataset
-from stages.data.index import (
-    load_dataset_index,
-)
 from stages.devices import resolve_device
 from stages.nn.model import build_model
 
@@ -53,11 +48,7 @@ def main() -> None:
         model = build_model(model_config, 19)
         write_checkpoint(root / "ckpt", model, model_config)
 
-        dataset = FullImageDataset(load_dataset_index(index).samples("target", "val"),
-                                   (height, width), "imagenet_rgb")
-        images = torch.stack([dataset[i]["image"] for i in range(len(dataset))])
-        batches = [images[i:i + args.batch_size].to(device)
-                   for i in range(0, len(images), args.batch_size)]
+        batches = memory_batches(index, "val", (height, width), args.batch_size, device)
         model = model.to(device).eval()
 
         def bare() -> None:
@@ -71,18 +62,9 @@ def main() -> None:
             evaluate.run(config, index, root / "ckpt", root / "eval", force=True,
                          device=str(device.type))
 
-        bare()  # warm up both paths once
-        full()
-        bare_times, eval_times = [], []
-        for _ in range(args.repeats):
-            start = time.perf_counter()
-            bare()
-            bare_times.append(time.perf_counter() - start)
-            start = time.perf_counter()
-            full()
-            eval_times.append(time.perf_counter() - start)
-    bare_rate = args.images / min(bare_times)
-    eval_rate = args.images / min(eval_times)
+        bare_best, eval_best = best_times(bare, full, args.repeats)
+    bare_rate = args.images / bare_best
+    eval_rate = args.images / eval_best
     print(f"device {device}, {args.backbone} (width {args.width:g}), {args.images} images "
           f"{height}x{width}, batch {args.batch_size}, {args.workers} loader worker(s)")
     print(f"bare model inference: {bare_rate:.2f} images/s")

@@ -16,18 +16,13 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 from pathlib import Path
 
 import torch
-from common import add_common_arguments, write_checkpoint, write_index
+from common import add_common_arguments, best_times, memory_batches, write_checkpoint, write_index
 
 from stages import generate_pseudo
 from stages.config import Config, ModelConfig
-from stages.data.full_images import FullImageDataset
-from stages.data.index import (
-    load_dataset_index,
-)
 from stages.devices import resolve_device
 from stages.nn.model import build_model
 
@@ -55,11 +50,7 @@ def main() -> None:
         model = build_model(model_config, 19)
         write_checkpoint(root / "ckpt", model, model_config)
 
-        dataset = FullImageDataset(load_dataset_index(index).samples("target", "train"),
-                                   (height, width), "imagenet_rgb")
-        images = torch.stack([dataset[i]["image"] for i in range(len(dataset))])
-        batches = [images[i:i + args.batch_size].to(device)
-                   for i in range(0, len(images), args.batch_size)]
+        batches = memory_batches(index, "train", (height, width), args.batch_size, device)
         model = model.to(device).eval()
 
         def bare() -> None:
@@ -73,18 +64,9 @@ def main() -> None:
             generate_pseudo.run(config, index, root / "ckpt", root / "pseudo", force=True,
                                 device=str(device.type))
 
-        bare()  # warm up both paths once
-        full()
-        bare_times, generate_times = [], []
-        for _ in range(args.repeats):
-            start = time.perf_counter()
-            bare()
-            bare_times.append(time.perf_counter() - start)
-            start = time.perf_counter()
-            full()
-            generate_times.append(time.perf_counter() - start)
-    bare_rate = args.images / min(bare_times)
-    generate_rate = args.images / min(generate_times)
+        bare_best, generate_best = best_times(bare, full, args.repeats)
+    bare_rate = args.images / bare_best
+    generate_rate = args.images / generate_best
     print(f"device {device}, {args.backbone} (width {args.width:g}), {args.images} images "
           f"{height}x{width}, batch {args.batch_size}, {args.workers} loader worker(s), "
           f"selector {args.selector}")
