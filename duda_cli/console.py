@@ -9,7 +9,9 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import sys
+import traceback
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -34,14 +36,56 @@ from stages.reporting import Reporter, Task
 stderr = Console(stderr=True)
 
 
+def rank() -> int:
+    """This process's rank under torchrun (0 otherwise)."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def single_process(command: str) -> None:
+    """Refuse a launch by torchrun of a command that runs in one process."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise DudaError(f"`{command}` runs in one process; torchrun started "
+                        f"{os.environ['WORLD_SIZE']}",
+                        "launch it without torchrun (warmup, self-train, generate-pseudo and "
+                        "update-offline are the commands that run on several processes)")
+
+
+@contextlib.contextmanager
+def distributed_exit() -> Iterator[None]:
+    """Under torchrun, end every worker with destroy_process_group() then os._exit.
+
+    A plain interpreter exit after gloo sometimes aborts with SIGABRT (PITFALLS.md), which
+    makes torchrun report a failure. Single-process runs are left alone.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        yield
+        return
+    code = 0
+    try:
+        yield
+    except typer.Exit as exit_:
+        code = exit_.exit_code
+    except BaseException:  # noqa: BLE001 - a bug: print the traceback, exit 1
+        traceback.print_exc()
+        code = 1
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 @contextlib.contextmanager
 def user_errors() -> Iterator[None]:
     """Turn a `DudaError` into one message on stderr and exit code 2."""
     try:
         yield
     except DudaError as error:
-        stderr.print(f"[bold red]error:[/] {error.message}", highlight=False, markup=True,
-                     soft_wrap=True)
+        where = f"[rank {rank()}] " if rank() else ""  # torchrun: every rank reports
+        stderr.print(f"{where}[bold red]error:[/] {error.message}", highlight=False,
+                     markup=True, soft_wrap=True)
         if error.fix:
             stderr.print(f"[bold]fix:[/] {error.fix}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None

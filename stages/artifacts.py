@@ -219,21 +219,24 @@ class ArtifactWriter:
         if self.path.exists() and not self.path.is_dir():
             raise DudaError(f"output {self.path} exists and is not a directory",
                             "choose another --out")
-        if not self.is_writer:
-            return self
+        # Other ranks of a multi-process stage take the same decisions (so every rank raises
+        # the same error) but leave the directory to the writer.
         if self.path.exists() and self.force:
-            shutil.rmtree(self.path)
+            if self.is_writer:
+                shutil.rmtree(self.path)
         elif self.path.exists() and any(self.path.iterdir()):
             if self.resumable and self.resume:
                 self.resuming = True
             elif self.resumable:
                 raise DudaError(f"{self.path} holds an unfinished run",
                                 "continue it with --resume, or start over with --force")
-            else:
+            elif self.is_writer:
                 shutil.rmtree(self.path)
         elif self.resume and self.resumable:
             raise DudaError(f"--resume was given but {self.path} holds no run to continue",
                             "drop --resume to start a new run")
+        if not self.is_writer:
+            return self
         self._created = not self.path.exists()
         self.path.mkdir(parents=True, exist_ok=True)
         return self

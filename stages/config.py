@@ -148,6 +148,9 @@ class OptimizerConfig(Section):
 
 
 Precision = Literal["fp32", "bf16", "fp16"]
+PRECISION_HELP = ("autocast on GPUs (fp16 adds a gradient scaler); the CPU always runs fp32")
+SYNC_BN_HELP = ("under torchrun, batch-norm statistics over every process's batch "
+                "(the reference's SyncBatchNorm); no effect in one process")
 
 
 class AdversarialConfig(Section):
@@ -160,13 +163,15 @@ class AdversarialConfig(Section):
 
 class WarmupConfig(Section):
     iterations: int = Field(default=40000, ge=1)
-    batch_size: int = Field(default=2, ge=1)
+    batch_size: int = Field(default=2, ge=1, description="source crops per process (under "
+                            "torchrun the step sees processes × batch_size)")
     optimizer: OptimizerConfig = OptimizerConfig(lr=2.5e-4)
     adversarial: AdversarialConfig = AdversarialConfig()
     checkpoint_every: int = Field(default=1000, ge=1)
     eval_every: int = Field(default=0, ge=0, description="evaluate on target-val every N (0: off)")
     log_every: int = Field(default=50, ge=1)
-    precision: Precision = "fp32"
+    precision: Precision = Field(default="fp32", description=PRECISION_HELP)
+    sync_batchnorm: bool = Field(default=True, description=SYNC_BN_HELP)
     num_workers: int = Field(default=2, ge=0)
 
 
@@ -216,8 +221,8 @@ class LossWeights(Section):
 
 class SelfTrainConfig(Section):
     iterations: int = Field(default=80000, ge=1)
-    source_batch_size: int = Field(default=2, ge=1)
-    target_batch_size: int = Field(default=2, ge=1)
+    source_batch_size: int = Field(default=2, ge=1, description="per process")
+    target_batch_size: int = Field(default=2, ge=1, description="per process")
     optimizer: OptimizerConfig = OptimizerConfig()
     loss: LossWeights = LossWeights()
     alpha_start: float = 0.2
@@ -244,7 +249,8 @@ class SelfTrainConfig(Section):
     recalibrate_batches: int = Field(default=0, ge=0,
                                      description="teacher BN recalibration batches before "
                                      "evaluation/saving (0: the whole target-train split)")
-    precision: Precision = "fp32"
+    precision: Precision = Field(default="fp32", description=PRECISION_HELP)
+    sync_batchnorm: bool = Field(default=True, description=SYNC_BN_HELP)
     num_workers: int = Field(default=2, ge=0)
 
 

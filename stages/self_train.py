@@ -17,6 +17,17 @@ checkpoint the working store is snapshotted into `snapshots/pseudo-<iteration>` 
 file), then `train_state.pt` is written naming that snapshot, then older snapshots are removed.
 Resuming replaces the working store with the named snapshot. A crash at any point leaves either
 the previous state or the new one, never a mix.
+
+Under `torchrun` each process takes its share of every epoch's crops (the batch sizes are per
+process) and DistributedDataParallel averages the student's gradients, with synchronised batch
+norm when `self_train.sync_batchnorm` (stages.distributed). The mean teacher stays identical on
+every rank: its parameters follow the identical student, and its batch-norm buffers, which each
+rank's train-mode teacher passes move, are averaged over the ranks after every step. Online and
+offline thresholds are computed per process over its own batch, as in the reference's two-GPU
+runs. The images of one step are distinct across ranks, so each rank writes its own store
+chunks; the all-reduce of the change counts that follows the writes keeps a rank from reading
+an image another rank is still writing. Rank 0 takes the snapshots, writes checkpoints,
+metrics and manifests and runs the periodic evaluation.
 """
 
 from __future__ import annotations
@@ -49,6 +60,7 @@ from stages.data.crops import CropDataset, InfiniteLoader, resize_label
 from stages.data.index import DatasetIndex, load_dataset_index
 from stages.data.transforms import CropParams, crop_label
 from stages.devices import resolve_device
+from stages.distributed import Ranks, Silent
 from stages.errors import DudaError
 from stages.evaluate import target_val_miou
 from stages.nn.model import build_model, parameter_groups
@@ -94,7 +106,9 @@ def run(config: Config, data: str | Path, checkpoint: str | Path, pseudo: str | 
     The initial student (and teacher) is the checkpoint's mean teacher when it has one, else
     its student (a warmup checkpoint). `out/pseudo` receives the offline-updated store.
     """
-    reporter = reporter or Reporter()
+    torch_device = resolve_device(device)
+    ranks = Ranks(torch_device)
+    reporter = (reporter or Reporter()) if ranks.is_main else Silent()
     out = Path(out)
     index = load_dataset_index(data)
     checkpoint = Path(checkpoint)
@@ -103,27 +117,36 @@ def run(config: Config, data: str | Path, checkpoint: str | Path, pseudo: str | 
     inputs = {"data": index.ref, "checkpoint": checkpoint_manifest.ref(checkpoint),
               "pseudo": source_store.manifest().ref(pseudo)}
     section = stage_config(config, "self_train")
-    torch_device = resolve_device(device)
+    ranks.barrier()  # every rank inspects `out` before rank 0 changes it
     with ArtifactWriter(out, kind=CHECKPOINT, stage="self_train", config=section,
                         config_hash=config_hash(section), inputs=inputs, force=force,
                         resume=resume, resumable=True, round=round,
-                        device=str(torch_device)) as writer:
+                        device=str(torch_device), is_writer=ranks.is_main) as writer:
         if writer.up_to_date:
             return writer.result()
+        ranks.barrier()
         identity = {"config": section, "inputs": {k: v.id for k, v in inputs.items()}}
-        summary, store, store_summary = _train(
-            config, index, checkpoint, source_store, out, device=torch_device,
-            resuming=writer.resuming, identity=identity, reporter=reporter)
-        # The store artifact first, then the run's own manifest (written last).
-        with ArtifactWriter(out / STORE_DIR, kind=PSEUDO_LABELS, stage="self_train",
-                            config=section, config_hash=config_hash(section),
-                            inputs={**inputs, "parent": inputs["pseudo"]}, resumable=True,
-                            resume=True, round=round, device=str(torch_device)) as store_writer:
-            store_writer.finish(store_summary, digest=store.digest() + summary["model_digest"])
+        trained = _train(config, index, checkpoint, source_store, out, device=torch_device,
+                         ranks=ranks, resuming=writer.resuming, identity=identity,
+                         reporter=reporter)
+        if ranks.is_main:
+            summary, store, store_summary = trained
+            # The store artifact first, then the run's own manifest (written last).
+            with ArtifactWriter(out / STORE_DIR, kind=PSEUDO_LABELS, stage="self_train",
+                                config=section, config_hash=config_hash(section),
+                                inputs={**inputs, "parent": inputs["pseudo"]}, resumable=True,
+                                resume=True, round=round,
+                                device=str(torch_device)) as store_writer:
+                store_writer.finish(store_summary,
+                                    digest=store.digest() + summary["model_digest"])
+        summary = ranks.broadcast(trained[0] if ranks.is_main else None)
         writer.finish(summary, digest=summary["model_digest"])
-    # Scratch space for resuming, not part of the artifact: removed once the run is finished
-    # (a crash before this line leaves a resumable run, after it a finished one).
-    shutil.rmtree(out / SNAPSHOTS_DIR, ignore_errors=True)
+        if ranks.is_main:
+            # Scratch space for resuming, not part of the artifact: removed once the run is
+            # finished (a crash before this line leaves a resumable run, after it a finished
+            # one).
+            shutil.rmtree(out / SNAPSHOTS_DIR, ignore_errors=True)
+        ranks.barrier()  # the manifests exist before any rank returns
     return writer.result()
 
 
@@ -131,9 +154,10 @@ def run(config: Config, data: str | Path, checkpoint: str | Path, pseudo: str | 
 
 
 def _train(config: Config, index: DatasetIndex, checkpoint: Path,
-           source_store: PseudoLabelStore, out: Path, *, device: torch.device, resuming: bool,
-           identity: dict[str, Any], reporter: Reporter,
-           ) -> tuple[dict[str, Any], PseudoLabelStore, dict[str, Any]]:
+           source_store: PseudoLabelStore, out: Path, *, device: torch.device, ranks: Ranks,
+           resuming: bool, identity: dict[str, Any], reporter: Reporter,
+           ) -> tuple[dict[str, Any], PseudoLabelStore, dict[str, Any]] | None:
+    """The training loop: (summary, store, store summary) on rank 0, None on the others."""
     cfg = config.self_train
     num_classes = index.num_classes
     state_path, metrics_path = out / TRAIN_STATE_FILE, out / METRICS_FILE
@@ -141,22 +165,31 @@ def _train(config: Config, index: DatasetIndex, checkpoint: Path,
     seed_everything(config.seed)
 
     student = _initial_student(config, index, checkpoint).to(device).train()
+    # The teacher is copied before any batch-norm synchronisation: plain BN (ALGORITHM.md E.1).
     teacher = MeanTeacher(student, cfg.teacher, cfg.ema_decay).to(device)
+    teacher_norms = [buffer for name, buffer in teacher.named_buffers()
+                     if name.endswith(("running_mean", "running_var"))]
+    ranks.announce(reporter, f"{cfg.source_batch_size} source + {cfg.target_batch_size} "
+                   "target crops per process")
     optimizer = build_optimizer(parameter_groups(student, cfg.optimizer.lr,
                                                  cfg.optimizer.backbone_lr_multiplier,
                                                  cfg.optimizer.weight_decay), cfg.optimizer)
     fp16 = device.type == "cuda" and cfg.precision == "fp16"
     scaler = torch.amp.GradScaler("cuda", enabled=fp16)
-    source_loader = _loader(config, index, "source", cfg.source_batch_size, config.seed, device)
+    source_loader = _loader(config, index, "source", cfg.source_batch_size, config.seed, device,
+                            ranks)
     target_loader = _loader(config, index, "target", cfg.target_batch_size, config.seed + 1,
-                            device)
+                            device, ranks)
+    ranks.seed_apart(config.seed)  # models built alike; from here each rank its own dropout
+    has_state = resuming and state_path.is_file()  # read before rank 0 writes one
 
     progress: dict[str, Any] = {"iteration": 0, "miou_last": None, "miou_best": None,
                                 "best_iteration": None, "offline_changes": _zero_changes(
                                     num_classes)}
-    if resuming and state_path.is_file():
+    if has_state:
         state = load_train_state(state_path)
         check_resume_config(state["identity"], identity, out)
+        ranks.check_resume(state, out)
         student.load_state_dict(state["student"])
         teacher.load_state_dict(state["teacher"])
         optimizer.load_state_dict(state["optimizer"])
@@ -165,20 +198,33 @@ def _train(config: Config, index: DatasetIndex, checkpoint: Path,
         source_loader.load_state_dict(state["source_loader"])
         target_loader.load_state_dict(state["target_loader"])
         progress.update(state["progress"])
-        store = _restore_snapshot(snapshots / state["store_snapshot"], store_path)
-        restore_rng_state(state["rng"])
-        truncate_metrics(metrics_path, progress["iteration"])
+        _check_snapshot(snapshots / state["store_snapshot"])
+        restore_rng_state(ranks.rng_state_of_rank(state))
+        if ranks.is_main:
+            _restore_snapshot(snapshots / state["store_snapshot"], store_path)
+            truncate_metrics(metrics_path, progress["iteration"])
         reporter.info(f"resuming {out} at iteration {progress['iteration']}")
-    else:
+    elif ranks.is_main:
         metrics_path.unlink(missing_ok=True)
         shutil.rmtree(store_path, ignore_errors=True)
         shutil.rmtree(snapshots, ignore_errors=True)
-        store = copy_store(source_store, store_path)
+        copy_store(source_store, store_path)
+    ranks.barrier()  # rank 0 has put the working store in place
+    store = open_unfinished(store_path)
+    net = ranks.data_parallel(student, cfg.sync_batchnorm)  # what the training step calls
 
     def save_state() -> None:
+        ranks.barrier()  # every rank's store writes are done
+        rng = ranks.gather(capture_rng_state())
+        if ranks.is_main:
+            _save_state(rng)
+        ranks.barrier()  # no rank writes the store again before the snapshot is taken
+
+    def _save_state(rng: list[dict[str, Any]]) -> None:
         name = _snapshot(store_path, snapshots, progress["iteration"])
         save_train_state(state_path, {
             "identity": identity,
+            "world_size": ranks.world_size,
             "progress": dict(progress),
             "student": student.state_dict(),
             "teacher": teacher.state_dict(),
@@ -187,13 +233,13 @@ def _train(config: Config, index: DatasetIndex, checkpoint: Path,
             "source_loader": source_loader.state_dict(),
             "target_loader": target_loader.state_dict(),
             "store_snapshot": name,
-            "rng": capture_rng_state(),
+            "rng": rng,
         })
         for old in snapshots.iterdir():
             if old.name != name:
                 shutil.rmtree(old, ignore_errors=True)
 
-    if not state_path.is_file():
+    if not has_state:
         save_state()  # iteration 0: a resume before the first checkpoint starts cleanly
 
     start = progress["iteration"]
@@ -223,15 +269,19 @@ def _train(config: Config, index: DatasetIndex, checkpoint: Path,
                                                  config.input.target_size).to(device),
                 )
                 outputs = self_train_step(
-                    student, teacher, batch, weights=cfg.loss, alpha=alpha, optimizer=optimizer,
+                    net, teacher, batch, weights=cfg.loss, alpha=alpha, optimizer=optimizer,
                     scaler=scaler, precision=cfg.precision, offline_update=offline_update,
                     consistency_teacher_mode=cfg.consistency_teacher_mode,
                     reproduce_teacher_bn_quirk=cfg.reproduce_teacher_bn_quirk)
                 teacher.update(student)  # E.2 step 11
+                ranks.average(teacher_norms)
                 if offline_update:
                     changes = _offline_update(store, indices, outputs.teacher_probabilities,
                                               beta, cfg.offline_cap,
                                               cfg.agree_requires_confidence)
+                    # Summed over ranks; the all-reduce also waits for every rank's writes.
+                    changes = dict(zip(changes, ranks.sum(np.array(list(changes.values()),
+                                                                   dtype=np.int64)).tolist()))
                     for key, counts in changes.items():
                         progress["offline_changes"][key] = [
                             a + b for a, b in zip(progress["offline_changes"][key], counts)]
@@ -251,19 +301,27 @@ def _train(config: Config, index: DatasetIndex, checkpoint: Path,
                 figures: dict[str, Any] = {}
                 if iteration % cfg.log_every == 0 or iteration == cfg.iterations:
                     record = {name: _mean(values) for name, values in window.items()}
-                    check_finite(record, iteration, "self-training", "self_train")
-                    record.update(lr=lr, alpha=alpha, beta=beta)
                     if outputs.online_thresholds is not None:
+                        record["online/thresholds"] = outputs.online_thresholds.tolist()
+                    record = ranks.mean_of(record)
+                    check_finite(record, iteration, "self-training", "self_train")
+                    if "online/thresholds" in record:
                         record["online/thresholds"] = [
-                            round(v, 4) for v in outputs.online_thresholds.tolist()]
-                    append_metrics(metrics_path, {"iteration": iteration, **record})
+                            round(v, 4) for v in record["online/thresholds"]]
+                    record.update(lr=lr, alpha=alpha, beta=beta)
+                    if ranks.is_main:
+                        append_metrics(metrics_path, {"iteration": iteration, **record})
                     figures = {k.removeprefix("loss/"): v for k, v in record.items()
                                if k.startswith("loss/") or k in ("alpha", "beta", "lr")}
                     window = {}
                 if cfg.eval_every and iteration % cfg.eval_every == 0:
-                    figures.update(_evaluate(config, index, student, teacher, store, progress,
-                                             out, metrics_path, device, reporter))
-                    student.train()
+                    ranks.barrier()  # the store is complete for the quality figures
+                    if ranks.is_main:  # the others wait for its recalibrated teacher
+                        figures.update(_evaluate(config, index, student, teacher, store,
+                                                 progress, out, metrics_path, device,
+                                                 reporter))
+                        student.train()
+                    ranks.broadcast_tensors(teacher_norms)
                 task.advance(1, **figures)
                 if iteration % cfg.checkpoint_every == 0 and iteration != cfg.iterations:
                     save_state()
@@ -271,6 +329,9 @@ def _train(config: Config, index: DatasetIndex, checkpoint: Path,
         source_loader.close()
         target_loader.close()
 
+    ranks.barrier()  # every rank's store writes are done
+    if not ranks.is_main:
+        return None
     # E.9 #6: the teacher's BN statistics are recalibrated before saving.
     _recalibrate(config, index, teacher, device)
     write_model_file(out / MODEL_FILE, student=student, teacher=teacher,
@@ -285,6 +346,8 @@ def _train(config: Config, index: DatasetIndex, checkpoint: Path,
         "backbone": config.model.backbone,
         "num_classes": num_classes,
         "teacher": cfg.teacher,
+        **ranks.describe(device, cfg.precision, cfg.sync_batchnorm,
+                         batch=cfg.source_batch_size + cfg.target_batch_size),
         "iterations_per_second": (progress["iteration"] - start) / elapsed if elapsed else None,
         "offline_changes": {k: sum(v) for k, v in progress["offline_changes"].items()},
         "model_digest": file_digest(out / MODEL_FILE),
@@ -321,7 +384,7 @@ def _initial_student(config: Config, index: DatasetIndex, checkpoint: Path) -> t
 
 
 def _loader(config: Config, index: DatasetIndex, domain: str, batch_size: int, seed: int,
-            device: torch.device) -> InfiniteLoader:
+            device: torch.device, ranks: Ranks) -> InfiniteLoader:
     """Source crops with labels; target weak crops with the full image and no label (the
     offline labels come from the store, read in this process at the step that uses them)."""
     source = domain == "source"
@@ -334,8 +397,8 @@ def _loader(config: Config, index: DatasetIndex, domain: str, batch_size: int, s
                           config.model.normalization, seed=seed, with_full_image=not source,
                           with_labels=source)
     return InfiniteLoader(dataset, batch_size, seed=seed,
-                          num_workers=config.self_train.num_workers,
-                          pin_memory=device.type == "cuda")
+                          num_workers=config.self_train.num_workers, rank=ranks.rank,
+                          world_size=ranks.world_size, pin_memory=device.type == "cuda")
 
 
 def _offline_crops(store: PseudoLabelStore, indices: list[int], params: torch.Tensor,
@@ -439,13 +502,16 @@ def _snapshot(store_path: Path, snapshots: Path, iteration: int) -> str:
     return name
 
 
-def _restore_snapshot(snapshot: Path, store_path: Path) -> PseudoLabelStore:
+def _check_snapshot(snapshot: Path) -> None:
     if not snapshot.is_dir():
         raise DudaError(f"the run's store snapshot {snapshot} is missing",
                         "the run directory was edited; start over with --force")
+
+
+def _restore_snapshot(snapshot: Path, store_path: Path) -> None:
+    """Replace the working store by the snapshot (hard links)."""
     shutil.rmtree(store_path, ignore_errors=True)
     shutil.copytree(snapshot, store_path, copy_function=link_or_copy)
-    return open_unfinished(store_path)
 
 
 def _mean(values: list[float | torch.Tensor]) -> float:

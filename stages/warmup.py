@@ -9,6 +9,12 @@ state (model, optimizers, discriminator, AMP scalers, loader positions, every RN
 atomically to `train_state.pt`, so `--resume` continues exactly where the run stopped; on the
 CPU a resumed run reaches bit-identical weights. Optional periodic evaluation on target-val
 keeps `best.pt`; the last weights are `model.pt`.
+
+Under `torchrun` every process trains the same model on its own share of each epoch's source
+crops (`warmup.batch_size` per process); DistributedDataParallel averages the gradients, with
+synchronised batch norm when `warmup.sync_batchnorm` (stages.distributed), and the
+discriminator's gradients are averaged alike. Rank 0 writes the checkpoints, metrics and
+manifest and runs the periodic evaluation; a resumed run must use the same number of processes.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from stages.config import Config, config_hash, stage_config
 from stages.data.crops import CropDataset, InfiniteLoader
 from stages.data.index import DatasetIndex, load_dataset_index
 from stages.devices import autocast, resolve_device
+from stages.distributed import Ranks, Silent
 from stages.errors import DudaError
 from stages.evaluate import target_val_miou
 from stages.nn.discriminator import (
@@ -75,24 +82,30 @@ def run(config: Config, data: str | Path, out: str | Path, *, init: str | Path |
     an external DeepLabV2 checkpoint; see stages.nn.weights). `resume` continues the unfinished
     run in `out`; a finished one with the same config and inputs is a no-op.
     """
-    reporter = reporter or Reporter()
+    torch_device = resolve_device(device)
+    ranks = Ranks(torch_device)
+    reporter = (reporter or Reporter()) if ranks.is_main else Silent()
     out = Path(out)
     index = load_dataset_index(data)
     inputs = {"data": index.ref}
     if init is not None:
         inputs["init"] = _init_ref(Path(init))
     section = stage_config(config, "warmup")
-    torch_device = resolve_device(device)
+    ranks.barrier()  # every rank inspects `out` before rank 0 changes it
     with ArtifactWriter(out, kind=CHECKPOINT, stage="warmup", config=section,
                         config_hash=config_hash(section), inputs=inputs, force=force,
-                        resume=resume, resumable=True, device=str(torch_device)) as writer:
+                        resume=resume, resumable=True, device=str(torch_device),
+                        is_writer=ranks.is_main) as writer:
         if writer.up_to_date:
             return writer.result()
+        ranks.barrier()
         resume_identity = {"config": section, "inputs": {k: v.id for k, v in inputs.items()}}
         summary = _train(config, index, out, init=Path(init) if init is not None else None,
-                         device=torch_device, resuming=writer.resuming,
+                         device=torch_device, ranks=ranks, resuming=writer.resuming,
                          identity=resume_identity, reporter=reporter)
-        writer.finish(summary, digest=file_digest(out / MODEL_FILE))
+        summary = ranks.broadcast(summary)
+        writer.finish(summary, digest=file_digest(out / MODEL_FILE) if ranks.is_main else "")
+        ranks.barrier()  # the manifest exists before any rank returns
     return writer.result()
 
 
@@ -115,8 +128,9 @@ def _load_init(model: nn.Module, path: Path) -> str:
 
 
 def _train(config: Config, index: DatasetIndex, out: Path, *, init: Path | None,
-           device: torch.device, resuming: bool, identity: dict[str, Any],
-           reporter: Reporter) -> dict[str, Any]:
+           device: torch.device, ranks: Ranks, resuming: bool, identity: dict[str, Any],
+           reporter: Reporter) -> dict[str, Any] | None:
+    """The training loop; the summary on rank 0, None on the other ranks."""
     cfg = config.warmup
     opt = cfg.optimizer
     adv = cfg.adversarial
@@ -127,12 +141,14 @@ def _train(config: Config, index: DatasetIndex, out: Path, *, init: Path | None,
     model = build_model(config.model, num_classes)
     loaded = _load_init(model, init) if init is not None else None
     model.to(device).train()
+    ranks.announce(reporter, f"{cfg.batch_size} source crops per process")
     optimizer = build_optimizer(parameter_groups(model, opt.lr, opt.backbone_lr_multiplier,
                                                  opt.weight_decay), opt)
     fp16 = device.type == "cuda" and cfg.precision == "fp16"
     scaler = torch.amp.GradScaler("cuda", enabled=fp16)
 
-    source_loader = _loader(config, index, "source", seed=config.seed, device=device)
+    source_loader = _loader(config, index, "source", seed=config.seed, device=device,
+                            ranks=ranks)
     discriminator = d_optimizer = target_loader = None
     d_scaler = torch.amp.GradScaler("cuda", enabled=fp16)
     if adv.enabled:
@@ -146,12 +162,16 @@ def _train(config: Config, index: DatasetIndex, out: Path, *, init: Path | None,
             raise DudaError(f"input.crop_size {[crop_h, crop_w]} is too small for the "
                             "discriminator of the adversarial warmup (five stride-2 convs)",
                             "use crops of at least 32×32, or disable warmup.adversarial")
-        target_loader = _loader(config, index, "target", seed=config.seed + 1, device=device)
+        target_loader = _loader(config, index, "target", seed=config.seed + 1, device=device,
+                                ranks=ranks)
+    # The models are built alike on every rank; from here each rank draws its own dropout.
+    ranks.seed_apart(config.seed)
 
     progress = {"iteration": 0, "miou_last": None, "miou_best": None, "best_iteration": None}
     if resuming and state_path.is_file():
         state = load_train_state(state_path)
         check_resume_config(state["identity"], identity, out)
+        ranks.check_resume(state, out)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         source_loader.load_state_dict(state["source_loader"])
@@ -164,21 +184,27 @@ def _train(config: Config, index: DatasetIndex, out: Path, *, init: Path | None,
             if fp16 and state.get("discriminator_scaler"):
                 d_scaler.load_state_dict(state["discriminator_scaler"])
         progress.update(state["progress"])
-        restore_rng_state(state["rng"])
-        truncate_metrics(metrics_path, progress["iteration"])
+        restore_rng_state(ranks.rng_state_of_rank(state))
+        if ranks.is_main:
+            truncate_metrics(metrics_path, progress["iteration"])
         reporter.info(f"resuming {out} at iteration {progress['iteration']}")
-    else:
+    elif ranks.is_main:
         metrics_path.unlink(missing_ok=True)
+    net = ranks.data_parallel(model, cfg.sync_batchnorm)  # what the training step calls
 
     def save_state() -> None:
+        rng = ranks.gather(capture_rng_state())
+        if not ranks.is_main:
+            return
         state = {
             "identity": identity,
+            "world_size": ranks.world_size,
             "progress": dict(progress),
             "model": model.state_dict(),
             "optimizer": optimizer.state_dict(),
             "source_loader": source_loader.state_dict(),
             "scaler": scaler.state_dict() if fp16 else None,
-            "rng": capture_rng_state(),
+            "rng": rng,
         }
         if adv.enabled:
             state.update(discriminator=discriminator.state_dict(),
@@ -188,6 +214,7 @@ def _train(config: Config, index: DatasetIndex, out: Path, *, init: Path | None,
         save_train_state(state_path, state)
 
     losses: dict[str, torch.Tensor] = {}
+    logged: dict[str, float] = {}  # the last logged loss values (means over ranks)
     lr = 0.0
     start = progress["iteration"]
     started = time.monotonic()
@@ -206,7 +233,7 @@ def _train(config: Config, index: DatasetIndex, out: Path, *, init: Path | None,
                 labels = batch["label"].to(device, non_blocking=True)
                 optimizer.zero_grad(set_to_none=True)
                 with autocast(device, cfg.precision):
-                    source_logits = model(images)  # (B, C, h, w)
+                    source_logits = net(images)  # (B, C, h, w)
                 source_ce = cross_entropy(source_logits, labels)
                 losses = {"loss/source_ce": source_ce.detach()}
                 total = source_ce
@@ -215,7 +242,7 @@ def _train(config: Config, index: DatasetIndex, out: Path, *, init: Path | None,
                     # ALGORITHM.md C.1: the domains are forwarded separately (own BN statistics).
                     target_images = next(target_loader)["image"].to(device, non_blocking=True)
                     with autocast(device, cfg.precision):
-                        target_logits = model(target_images)
+                        target_logits = net(target_images)
                     target_probabilities = F.softmax(target_logits.float(), dim=1)
                     with autocast(device, cfg.precision):
                         adv_loss = adversarial_loss(discriminator(target_probabilities))
@@ -235,6 +262,7 @@ def _train(config: Config, index: DatasetIndex, out: Path, *, init: Path | None,
                         d_loss = discriminator_loss(discriminator(source_probabilities),
                                                     discriminator(target_probabilities.detach()))
                     d_scaler.scale(d_loss).backward()
+                    ranks.average_gradients(discriminator)
                     d_scaler.step(d_optimizer)
                     d_scaler.update()
                     losses["loss/discriminator"] = d_loss.detach()
@@ -243,21 +271,29 @@ def _train(config: Config, index: DatasetIndex, out: Path, *, init: Path | None,
                 progress["iteration"] = iteration
                 figures: dict[str, Any] = {}
                 if iteration % cfg.log_every == 0 or iteration == cfg.iterations:
-                    values = {name: float(value) for name, value in losses.items()}
+                    values = ranks.mean_of({name: float(value)
+                                            for name, value in losses.items()})
                     check_finite(values, iteration, "warmup", "warmup")
-                    append_metrics(metrics_path, {"iteration": iteration, **values, "lr": lr})
+                    logged = values
+                    if ranks.is_main:
+                        append_metrics(metrics_path, {"iteration": iteration, **values,
+                                                      "lr": lr})
                     figures = {name.removeprefix("loss/"): value
                                for name, value in values.items()}
                     figures["lr"] = lr
                 if cfg.eval_every and (iteration % cfg.eval_every == 0
                                        or iteration == cfg.iterations):
-                    miou = target_val_miou(model, config, index, device,
-                                           num_workers=cfg.num_workers,
-                                           precision=cfg.precision)
-                    model.train()
-                    _record_evaluation(progress, miou, iteration, model, config, index, out)
-                    append_metrics(metrics_path, {"iteration": iteration, "val/miou": miou})
-                    figures["miou"] = miou
+                    if ranks.is_main:  # the others wait at the barrier
+                        miou = target_val_miou(model, config, index, device,
+                                               num_workers=cfg.num_workers,
+                                               precision=cfg.precision)
+                        model.train()
+                        _record_evaluation(progress, miou, iteration, model, config, index,
+                                           out)
+                        append_metrics(metrics_path, {"iteration": iteration,
+                                                      "val/miou": miou})
+                        figures["miou"] = miou
+                    ranks.barrier()
                 task.advance(1, **figures)
                 if iteration % cfg.checkpoint_every == 0 or iteration == cfg.iterations:
                     save_state()
@@ -266,6 +302,8 @@ def _train(config: Config, index: DatasetIndex, out: Path, *, init: Path | None,
         if target_loader is not None:
             target_loader.close()
 
+    if not ranks.is_main:
+        return None
     write_model_file(out / MODEL_FILE, student=model, teacher=None, model_config=config.model,
                      class_names=index.classes.names, iteration=progress["iteration"])
     elapsed = time.monotonic() - started
@@ -274,8 +312,9 @@ def _train(config: Config, index: DatasetIndex, out: Path, *, init: Path | None,
         "backbone": config.model.backbone,
         "num_classes": num_classes,
         "adversarial": adv.enabled,
+        **ranks.describe(device, cfg.precision, cfg.sync_batchnorm, batch=cfg.batch_size),
         "init": {"path": str(init.resolve()), "loaded": loaded} if init is not None else None,
-        "final_loss": {name: float(value) for name, value in losses.items()} or None,
+        "final_loss": logged or None,
         "iterations_per_second": (progress["iteration"] - start) / elapsed if elapsed else None,
     }
     if progress["miou_last"] is not None:
@@ -287,7 +326,7 @@ def _train(config: Config, index: DatasetIndex, out: Path, *, init: Path | None,
 
 
 def _loader(config: Config, index: DatasetIndex, domain: Literal["source", "target"], seed: int,
-            device: torch.device) -> InfiniteLoader:
+            device: torch.device, ranks: Ranks) -> InfiniteLoader:
     """Endless augmented crops of `domain`-train (ALGORITHM.md A.4); target crops unlabelled."""
     size = config.input.source_size if domain == "source" else config.input.target_size
     dataset = CropDataset(index.samples(domain, "train"), size, config.input.crop_size,
@@ -295,8 +334,8 @@ def _loader(config: Config, index: DatasetIndex, domain: Literal["source", "targ
                           config.model.normalization, seed=seed,
                           with_labels=domain == "source")
     return InfiniteLoader(dataset, config.warmup.batch_size, seed=seed,
-                          num_workers=config.warmup.num_workers,
-                          pin_memory=device.type == "cuda")
+                          num_workers=config.warmup.num_workers, rank=ranks.rank,
+                          world_size=ranks.world_size, pin_memory=device.type == "cuda")
 
 
 def _record_evaluation(progress: dict[str, Any], miou: float, iteration: int, model: nn.Module,

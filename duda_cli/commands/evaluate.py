@@ -6,7 +6,15 @@ import typer
 from rich.table import Table
 
 from duda_cli import options
-from duda_cli.console import ConsoleReporter, default_path, finish, load, setup_logging, user_errors
+from duda_cli.console import (
+    ConsoleReporter,
+    default_path,
+    finish,
+    load,
+    setup_logging,
+    single_process,
+    user_errors,
+)
 
 
 def register(app: typer.Typer) -> None:
@@ -23,6 +31,7 @@ def evaluate(config: options.Config, checkpoint: options.Checkpoint, data: optio
 
     setup_logging(quiet)
     with user_errors():
+        single_process("duda evaluate")
         cfg = load(config, set_, seed, data_root)
         result = stage.run(cfg, default_path(cfg, data, "data"), checkpoint,
                            default_path(cfg, out, "evaluate"), force=force, device=device,

@@ -2,11 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import os
-import sys
-import traceback
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -14,7 +9,16 @@ import typer
 from rich.table import Table
 
 from duda_cli import options
-from duda_cli.console import ConsoleReporter, default_path, finish, load, setup_logging, user_errors
+from duda_cli.console import (
+    ConsoleReporter,
+    default_path,
+    distributed_exit,
+    finish,
+    load,
+    rank,
+    setup_logging,
+    user_errors,
+)
 
 Checkpoints = Annotated[list[Path], typer.Option(
     "--checkpoint", help="Checkpoint artifact of the teacher; repeat it for an ensemble "
@@ -36,7 +40,7 @@ def generate_pseudo(config: options.Config, checkpoint: Checkpoints, data: optio
     """
     from stages import generate_pseudo as stage  # imported here: `duda --help` stays fast
 
-    main = int(os.environ.get("RANK", "0")) == 0
+    main = rank() == 0
     setup_logging(quiet or not main)
     with distributed_exit():
         with user_errors():
@@ -46,33 +50,6 @@ def generate_pseudo(config: options.Config, checkpoint: Checkpoints, data: optio
                                reporter=ConsoleReporter(quiet or not main))
         if main:
             finish(result, as_json, quiet, "pseudo-label store", table(result.manifest.summary))
-
-
-@contextlib.contextmanager
-def distributed_exit() -> Iterator[None]:
-    """Under torchrun, end every worker with destroy_process_group() then os._exit.
-
-    A plain interpreter exit after gloo sometimes aborts with SIGABRT (PITFALLS.md), which
-    makes torchrun report a failure. Single-process runs are left alone.
-    """
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        yield
-        return
-    code = 0
-    try:
-        yield
-    except typer.Exit as exit_:
-        code = exit_.exit_code
-    except BaseException:  # noqa: BLE001 - a bug: print the traceback, exit 1
-        traceback.print_exc()
-        code = 1
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
 
 
 def table(summary: dict) -> Table:

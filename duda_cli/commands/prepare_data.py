@@ -7,7 +7,15 @@ from rich.console import Group
 from rich.table import Table
 
 from duda_cli import options
-from duda_cli.console import ConsoleReporter, default_path, finish, load, setup_logging, user_errors
+from duda_cli.console import (
+    ConsoleReporter,
+    default_path,
+    finish,
+    load,
+    setup_logging,
+    single_process,
+    user_errors,
+)
 
 
 def register(app: typer.Typer) -> None:
@@ -23,6 +31,7 @@ def prepare_data(config: options.Config, set_: options.Set = None, out: options.
 
     setup_logging(quiet)
     with user_errors():
+        single_process("duda prepare-data")
         cfg = load(config, set_, seed, data_root)
         result = stage.run(cfg, default_path(cfg, out, "data"), force=force,
                            reporter=ConsoleReporter(quiet))

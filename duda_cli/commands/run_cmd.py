@@ -10,7 +10,14 @@ import typer
 from rich.table import Table
 
 from duda_cli import options
-from duda_cli.console import ConsoleReporter, load, setup_logging, stderr, user_errors
+from duda_cli.console import (
+    ConsoleReporter,
+    load,
+    setup_logging,
+    single_process,
+    stderr,
+    user_errors,
+)
 
 Root = Annotated[Path | None, typer.Option(
     "--out", "-o", help="Directory for every stage's artifact (default: runs/<experiment>).",
@@ -36,6 +43,7 @@ def run(config: options.Config, out: Root = None, init: Init = None, set_: optio
 
     setup_logging(quiet)
     with user_errors():
+        single_process("duda run")
         cfg = load(config, set_, seed, data_root)
         root = out if out is not None else Path("runs") / cfg.experiment
         result = pipeline.run(cfg, root, init=init, force=force, device=device,

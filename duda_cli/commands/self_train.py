@@ -8,7 +8,16 @@ import typer
 from rich.table import Table
 
 from duda_cli import options
-from duda_cli.console import ConsoleReporter, default_path, finish, load, setup_logging, user_errors
+from duda_cli.console import (
+    ConsoleReporter,
+    default_path,
+    distributed_exit,
+    finish,
+    load,
+    rank,
+    setup_logging,
+    user_errors,
+)
 
 
 def register(app: typer.Typer) -> None:
@@ -21,17 +30,25 @@ def self_train(config: options.Config, checkpoint: options.Checkpoint, pseudo: o
                set_: options.Set = None, device: options.Device = "auto",
                seed: options.Seed = None, data_root: options.DataRoot = None,
                as_json: options.Json = False, quiet: options.Quiet = False) -> None:
-    """Self-train from a checkpoint on a pseudo-label store; writes RUN and RUN/pseudo."""
+    """Self-train from a checkpoint on a pseudo-label store; writes RUN and RUN/pseudo.
+
+    Trains data-parallel on several processes with
+    `torchrun --nproc_per_node N -m duda_cli self-train …`.
+    """
     from stages import self_train as stage  # imported here: `duda --help` stays fast
 
-    setup_logging(quiet)
-    with user_errors():
-        cfg = load(config, set_, seed, data_root)
-        result = stage.run(cfg, default_path(cfg, data, "data"), checkpoint, pseudo,
-                           default_path(cfg, out, "self_train"), resume=resume, force=force,
-                           device=device, reporter=ConsoleReporter(quiet))
-    finish(result, as_json, quiet, "self-train run (offline store in RUN/pseudo)",
-           _table(result.path, result.manifest.summary))
+    main = rank() == 0
+    setup_logging(quiet or not main)
+    with distributed_exit():
+        with user_errors():
+            cfg = load(config, set_, seed, data_root)
+            result = stage.run(cfg, default_path(cfg, data, "data"), checkpoint, pseudo,
+                               default_path(cfg, out, "self_train"), resume=resume,
+                               force=force, device=device,
+                               reporter=ConsoleReporter(quiet or not main))
+        if main:
+            finish(result, as_json, quiet, "self-train run (offline store in RUN/pseudo)",
+                   _table(result.path, result.manifest.summary))
 
 
 def _table(path: Path, summary: dict) -> Table:

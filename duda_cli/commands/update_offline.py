@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
-import os
-
 import typer
 from rich.table import Table
 
 from duda_cli import options
-from duda_cli.commands.generate_pseudo import distributed_exit
-from duda_cli.console import ConsoleReporter, default_path, finish, load, setup_logging, user_errors
+from duda_cli.console import (
+    ConsoleReporter,
+    default_path,
+    distributed_exit,
+    finish,
+    load,
+    rank,
+    setup_logging,
+    user_errors,
+)
 
 
 def register(app: typer.Typer) -> None:
@@ -28,7 +34,7 @@ def update_offline(config: options.Config, checkpoint: options.Checkpoint,
     """
     from stages import update_offline as stage  # imported here: `duda --help` stays fast
 
-    main = int(os.environ.get("RANK", "0")) == 0
+    main = rank() == 0
     setup_logging(quiet or not main)
     with distributed_exit():
         with user_errors():

@@ -9,7 +9,16 @@ import typer
 from rich.table import Table
 
 from duda_cli import options
-from duda_cli.console import ConsoleReporter, default_path, finish, load, setup_logging, user_errors
+from duda_cli.console import (
+    ConsoleReporter,
+    default_path,
+    distributed_exit,
+    finish,
+    load,
+    rank,
+    setup_logging,
+    user_errors,
+)
 
 Init = Annotated[Path | None, typer.Option(
     "--init", help="Initial weights: a torchvision ImageNet ResNet state dict, a checkpoint "
@@ -26,16 +35,24 @@ def warmup(config: options.Config, data: options.Data = None, init: Init = None,
            device: options.Device = "auto", seed: options.Seed = None,
            data_root: options.DataRoot = None, as_json: options.Json = False,
            quiet: options.Quiet = False) -> None:
-    """Source-only supervised training (optionally with the adversarial warmup)."""
+    """Source-only supervised training (optionally with the adversarial warmup).
+
+    Trains data-parallel on several processes with
+    `torchrun --nproc_per_node N -m duda_cli warmup …`.
+    """
     from stages import warmup as stage  # imported here: `duda --help` stays fast
 
-    setup_logging(quiet)
-    with user_errors():
-        cfg = load(config, set_, seed, data_root)
-        result = stage.run(cfg, default_path(cfg, data, "data"), default_path(cfg, out, "warmup"),
-                           init=init, resume=resume, force=force, device=device,
-                           reporter=ConsoleReporter(quiet))
-    finish(result, as_json, quiet, "warmup checkpoint", _table(result.manifest.summary))
+    main = rank() == 0
+    setup_logging(quiet or not main)
+    with distributed_exit():
+        with user_errors():
+            cfg = load(config, set_, seed, data_root)
+            result = stage.run(cfg, default_path(cfg, data, "data"),
+                               default_path(cfg, out, "warmup"), init=init, resume=resume,
+                               force=force, device=device,
+                               reporter=ConsoleReporter(quiet or not main))
+        if main:
+            finish(result, as_json, quiet, "warmup checkpoint", _table(result.manifest.summary))
 
 
 def _table(summary: dict) -> Table:
