@@ -1,11 +1,14 @@
 """generate-pseudo on N processes (torchrun) versus one, on the same images: the scaling ratio.
 
-Both layouts run the real command, `duda generate-pseudo`, on a dataset index of synthetic
-target images and a randomly initialised checkpoint, alternating, best of `--repeats`, and get
-the same CPU threads in all: one process with T threads against N processes with T/N each
-(T = `--threads`, default the machine's cores). The times are whole command runs, so they
-include starting Python, torchrun and the process group (about 3 s here); use enough images to
-make that small. On a multi-GPU node, `--device cuda --processes 4` measures 4 GPUs against 1.
+Every layout runs the real command, `duda generate-pseudo`, on a dataset index of synthetic
+target images and a randomly initialised checkpoint, alternating, best of `--repeats`. With
+T = `--threads` CPU threads (default: the machine's cores) the layouts are
+- 1 process with T/N threads: one worker, as one GPU would be;
+- N processes with T/N threads each: N workers (the ratio to the line above is the scaling);
+- 1 process with all T threads: the same CPU as the N processes, used by one.
+The times are whole command runs, so they include starting Python, torchrun and the process
+group (about 3 s here); use enough images to make that small. On a multi-GPU node,
+`--device cuda --processes 4` measures 4 GPUs against 1.
 
     python benchmarks/generate_scaling.py [--images 96] [--processes 2] [--size 128 256]
 """
@@ -58,33 +61,40 @@ def main() -> None:
                    "--checkpoint", str(root / "ckpt"), "--out", str(root / "pseudo"),
                    "--force", "--quiet", "--device", args.device]
         torchrun = Path(sys.executable).parent / "torchrun"
-        layouts = {
-            1: ([sys.executable, *command], args.threads),
-            args.processes: ([str(torchrun), "--standalone", "--nproc_per_node",
-                              str(args.processes), *command],
-                             max(1, args.threads // args.processes)),
+        share = max(1, args.threads // args.processes)
+        layouts = {  # name: (launch, threads per process)
+            "one worker": ([sys.executable, *command], share),
+            "N workers": ([str(torchrun), "--standalone", "--nproc_per_node",
+                           str(args.processes), *command], share),
+            "one process, all threads": ([sys.executable, *command], args.threads),
         }
 
-        def timed(processes: int) -> float:
-            launch, threads = layouts[processes]
+        def timed(name: str) -> float:
+            launch, threads = layouts[name]
             env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
             start = time.perf_counter()
             subprocess.run(launch, cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL)
             return time.perf_counter() - start
 
-        best = {n: float("inf") for n in layouts}
+        best = {name: float("inf") for name in layouts}
         for _ in range(args.repeats):
-            for n in layouts:
-                best[n] = min(best[n], timed(n))
+            for name in layouts:
+                best[name] = min(best[name], timed(name))
 
-    one, many = args.images / best[1], args.images / best[args.processes]
+    rate = {name: args.images / seconds for name, seconds in best.items()}
+    n = args.processes
     print(f"device {args.device}, {args.backbone} (width {args.width:g}), {args.images} images "
-          f"{height}x{width}, batch {args.batch_size}, {args.threads} threads in all, "
-          f"best of {args.repeats}")
-    print(f"1 process:     {one:.2f} images/s ({best[1]:.1f} s)")
-    print(f"{args.processes} processes:   {many:.2f} images/s ({best[args.processes]:.1f} s)")
-    print(f"scaling ratio {args.processes} / 1: {many / one:.3f} "
-          f"(efficiency {many / one / args.processes:.2f})")
+          f"{height}x{width}, batch {args.batch_size}, best of {args.repeats}")
+    print(f"1 process x {share} thread(s):   {rate['one worker']:.2f} images/s "
+          f"({best['one worker']:.1f} s)")
+    print(f"{n} processes x {share} thread(s): {rate['N workers']:.2f} images/s "
+          f"({best['N workers']:.1f} s)")
+    print(f"1 process x {args.threads} thread(s):   {rate['one process, all threads']:.2f} "
+          f"images/s ({best['one process, all threads']:.1f} s)")
+    scaling = rate["N workers"] / rate["one worker"]
+    print(f"scaling ratio {n} processes / 1: {scaling:.3f} (efficiency {scaling / n:.2f})")
+    print(f"{n} processes / 1 process with the same {args.threads} threads: "
+          f"{rate['N workers'] / rate['one process, all threads']:.3f}")
 
 
 if __name__ == "__main__":
