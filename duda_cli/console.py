@@ -90,6 +90,8 @@ def user_errors() -> Iterator[None]:
             stderr.print(f"[bold]fix:[/] {error.fix}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
     except KeyboardInterrupt:
+        if rank():  # Ctrl-C reaches every rank; rank 0 says it once
+            raise typer.Exit(130) from None
         stderr.print("\ninterrupted: an output without its manifest.json is unfinished and never "
                      "used as input; warmup and self-train continue from their last checkpoint "
                      "with --resume", highlight=False, soft_wrap=True)

@@ -34,6 +34,10 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 # Stated tolerances (relative to the update of the one-process run).
 EXACT = 1e-4  # terms normalised alike in both layouts: measured about 1e-6
+# The adversarial warmup, measured 5e-5: Adam divides each gradient element by its running
+# magnitude, so rounding-level differences in near-zero discriminator gradients become
+# lr-sized steps that reach the student through the adversarial term.
+ADVERSARIAL = 1e-3
 PER_RANK = 0.3  # the default self-training step: measured about 0.1 (see the test)
 
 
@@ -126,7 +130,11 @@ def relative_gaps(start: torch.Tensor, one: Path, two: Path, half: Path | None =
 
 @pytest.mark.slow
 def test_warmup_two_ranks_equal_one_with_twice_the_batch(setup) -> None:
-    root, common = setup["root"], ["-c", str(setup["config"]), "--data", str(setup["index"])]
+    # With the adversarial warmup: two student passes before one backward under DDP, and the
+    # discriminator's gradients averaged over the ranks.
+    root = setup["root"]
+    common = ["-c", str(setup["config"]), "--data", str(setup["index"]),
+              "--set", "warmup.adversarial.enabled=true", "--set", "input.crop_size=[32,64]"]
     duda("warmup", *common, "--out", str(root / "w_one"), "--set", "warmup.batch_size=4")
     two = duda("warmup", *common, "--out", str(root / "w_two"), "--set", "warmup.batch_size=2",
                "--json", ranks=2)
@@ -141,7 +149,7 @@ def test_warmup_two_ranks_equal_one_with_twice_the_batch(setup) -> None:
     start = torch.cat([v.float().flatten() for k, v in start.state_dict().items()
                        if v.is_floating_point() and "running" not in k])
     gap, control = relative_gaps(start, root / "w_one", root / "w_two", root / "w_half")
-    assert gap < EXACT, gap
+    assert gap < ADVERSARIAL, gap
     assert control > 0.1, control
     summary = json.loads(two.stdout)["summary"]
     assert (summary["processes"], summary["batch_per_step"], summary["sync_batchnorm"]) == (
