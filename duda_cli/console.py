@@ -46,8 +46,9 @@ def single_process(command: str) -> None:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise DudaError(f"`{command}` runs in one process; torchrun started "
                         f"{os.environ['WORLD_SIZE']}",
-                        "launch it without torchrun (warmup, self-train, generate-pseudo and "
-                        "update-offline are the commands that run on several processes)")
+                        "launch it without torchrun (warmup, self-train, generate-pseudo, "
+                        "update-offline and evaluate are the commands that run on several "
+                        "processes)")
 
 
 @contextlib.contextmanager

@@ -7,6 +7,10 @@ the split, IoU per class and mIoU for every protocol of the dataset's class tabl
 recomputed on target-train (E.7, E.8). Writes an evaluation artifact (`duda.evaluation`) with
 `report.json` and, on request, colourised predictions and image | prediction | ground-truth
 panels under `predictions/`.
+
+Under `torchrun` the images are split across ranks in whole batches and the confusion matrices
+summed, so the report equals a single-process one; every rank recalibrates alike and then takes
+rank 0's statistics, and rank 0 writes the report and the manifest.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from stages.data.full_images import FullImageDataset, collate_full_images
 from stages.data.index import DatasetIndex, Sample, load_dataset_index
 from stages.data.io import read_image
 from stages.devices import resolve_device
+from stages.distributed import Ranks, Silent
 from stages.errors import DudaError
 from stages.inference import SlidingWindow, predict_classes
 from stages.metrics import ConfusionMatrix
@@ -47,32 +52,39 @@ def run(config: Config, data: str | Path, checkpoint: str | Path, out: str | Pat
         force: bool = False, device: str = "auto", reporter: Reporter | None = None,
         ) -> StageResult:
     """Evaluate `checkpoint` on config.evaluate.domain / split of the dataset index `data`."""
-    reporter = reporter or Reporter()
+    torch_device = resolve_device(device)
+    ranks = Ranks(torch_device)
+    reporter = (reporter or Reporter()) if ranks.is_main else Silent()
     settings = config.evaluate
     index = load_dataset_index(data)
     checkpoint = Path(checkpoint)
     checkpoint_manifest = load_checkpoint_manifest(checkpoint)
     samples = index.samples(settings.domain, settings.split)
     _check_labelled(index, samples, settings.domain, settings.split)
-    torch_device = resolve_device(device)
     section = stage_config(config, "evaluate")
     inputs = {"data": index.ref, "checkpoint": checkpoint_manifest.ref(checkpoint)}
 
+    ranks.barrier()  # every rank inspects `out` before rank 0 changes it
     with ArtifactWriter(out, kind=EVALUATION, stage="evaluate", config=section,
                         config_hash=config_hash(section), inputs=inputs, force=force,
-                        device=str(torch_device)) as writer:
+                        device=str(torch_device), is_writer=ranks.is_main) as writer:
         if writer.up_to_date:
             return writer.result()
         loaded = load_model(checkpoint, settings.model, torch_device)
         check_compatible(loaded, index.classes.names, what=f"dataset index {index.path}")
         recalibration = _recalibrate(config, index, loaded, torch_device, reporter)
+        ranks.broadcast_tensors([buffer for name, buffer in loaded.model.named_buffers()
+                                 if name.endswith(("running_mean", "running_var"))])
+        ranks.barrier()  # rank 0 has prepared `out`
         size = _inference_size(config)
         window = None
         if settings.sliding_window:
             window = SlidingWindow(tuple(settings.window or config.input.crop_size),
                                    settings.window_overlap)
-        matrix = _evaluate(loaded, samples, size, window, config, writer.path,
-                           index.classes, torch_device, reporter)
+        mine = ranks.mine(len(samples), settings.batch_size)
+        matrix = _evaluate(loaded, [samples[i] for i in mine], size, window, config,
+                           writer.path, index.classes, torch_device, reporter)
+        matrix.matrix = torch.from_numpy(ranks.sum(matrix.matrix.cpu().numpy()))
         report = _report(matrix, index.classes, {
             "domain": settings.domain, "split": settings.split, "images": len(samples),
             "size": list(size), "flip": settings.flip,
@@ -81,12 +93,14 @@ def run(config: Config, data: str | Path, checkpoint: str | Path, out: str | Pat
             "bn_recalibration": recalibration,
             "checkpoint": str(checkpoint.resolve()),
         })
-        atomic_write_json(writer.path / REPORT_FILE, report)
+        if ranks.is_main:
+            atomic_write_json(writer.path / REPORT_FILE, report)
         summary = {key: report[key] for key in ("miou", "miou_by_protocol", "per_class")}
         summary.update(model=loaded.which, domain=settings.domain, split=settings.split,
                        images=len(samples), primary_protocol=report["primary_protocol"])
         digest = hashlib.sha256(matrix.matrix.cpu().numpy().tobytes()).hexdigest()
         writer.finish(summary, digest)
+        ranks.barrier()  # the manifest exists before any rank returns
     return writer.result()
 
 

@@ -242,9 +242,27 @@ def test_single_process_commands_refuse_torchrun(tiny_config_file: Path, tmp_pat
 
     from duda_cli.app import app
 
-    result = CliRunner().invoke(app, ["evaluate", "-c", str(tiny_config_file), "--checkpoint",
-                                      str(tmp_path), "--data", str(tmp_path)],
+    result = CliRunner().invoke(app, ["run", "-c", str(tiny_config_file), "--out",
+                                      str(tmp_path / "runs")],
                                 env={"WORLD_SIZE": "2", "RANK": "0"})
     assert result.exit_code == 2
-    assert "`duda evaluate` runs in one process; torchrun started 2" in result.stderr
+    assert "`duda run` runs in one process; torchrun started 2" in result.stderr
     assert "launch it without torchrun" in result.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.slow
+def test_evaluate_two_ranks_report_what_one_does(trained) -> None:
+    root = trained["root"]
+    common = ["evaluate", "-c", str(trained["config"]), "--data", str(trained["index"]),
+              "--checkpoint", str(trained["warmup"]), "--set", "evaluate.recalibrate_bn=true",
+              "--set", "evaluate.recalibrate_batches=2", "--set", "evaluate.save_predictions=true",
+              "--set", "evaluate.batch_size=1", "--json"]
+    one = json.loads(duda(*common, "--out", str(root / "e_one")).stdout)
+    two = json.loads(duda(*common, "--out", str(root / "e_two"), ranks=2).stdout)
+    assert two["summary"] == one["summary"]
+    reports = [json.loads((root / name / "report.json").read_text()) for name in ("e_one", "e_two")]
+    assert reports[0]["confusion_matrix"] == reports[1]["confusion_matrix"]
+    assert sum(map(sum, reports[1]["confusion_matrix"])) > 0
+    assert sorted(p.name for p in (root / "e_two" / "predictions").iterdir()) == sorted(
+        p.name for p in (root / "e_one" / "predictions").iterdir())

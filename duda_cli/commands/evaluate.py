@@ -9,10 +9,11 @@ from duda_cli import options
 from duda_cli.console import (
     ConsoleReporter,
     default_path,
+    distributed_exit,
     finish,
     load,
+    rank,
     setup_logging,
-    single_process,
     user_errors,
 )
 
@@ -26,17 +27,22 @@ def evaluate(config: options.Config, checkpoint: options.Checkpoint, data: optio
              device: options.Device = "auto", seed: options.Seed = None,
              data_root: options.DataRoot = None, as_json: options.Json = False,
              quiet: options.Quiet = False) -> None:
-    """Evaluate a checkpoint (teacher or student) on target-val: mIoU per protocol, IoU per class."""
+    """Evaluate a checkpoint (teacher or student) on target-val: mIoU per protocol, IoU per class.
+
+    Runs on several processes with `torchrun --nproc_per_node N -m duda_cli evaluate …`.
+    """
     from stages import evaluate as stage  # imported here: `duda --help` stays fast
 
-    setup_logging(quiet)
-    with user_errors():
-        single_process("duda evaluate")
-        cfg = load(config, set_, seed, data_root)
-        result = stage.run(cfg, default_path(cfg, data, "data"), checkpoint,
-                           default_path(cfg, out, "evaluate"), force=force, device=device,
-                           reporter=ConsoleReporter(quiet))
-    finish(result, as_json, quiet, "evaluation", _table(result.manifest.summary))
+    main = rank() == 0
+    setup_logging(quiet or not main)
+    with distributed_exit():
+        with user_errors():
+            cfg = load(config, set_, seed, data_root)
+            result = stage.run(cfg, default_path(cfg, data, "data"), checkpoint,
+                               default_path(cfg, out, "evaluate"), force=force, device=device,
+                               reporter=ConsoleReporter(quiet or not main))
+        if main:
+            finish(result, as_json, quiet, "evaluation", _table(result.manifest.summary))
 
 
 def _table(summary: dict) -> Table:
