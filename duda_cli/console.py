@@ -12,7 +12,7 @@ import logging
 import os
 import sys
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -162,6 +162,22 @@ class ConsoleReporter(Reporter):
 
 def _default_every(total: int | None) -> int:
     return max(1, (total or 100) // 10)
+
+
+def run_stage(run: Callable[[Reporter], StageResult], *, what: str,
+              table: Callable[[StageResult], Table | None], as_json: bool,
+              quiet: bool) -> None:
+    """The body of every stage command, in one process or under torchrun: logging and progress
+    on rank 0 only, a `DudaError` as one message and exit 2, a torchrun-safe exit, and the
+    result (`what`, its `table`) printed by rank 0. `run(reporter)` loads the config and runs
+    the stage."""
+    main = rank() == 0
+    setup_logging(quiet or not main)
+    with distributed_exit():
+        with user_errors():
+            result = run(ConsoleReporter(quiet or not main))
+        if main:
+            finish(result, as_json, quiet, what, table(result))
 
 
 def finish(result: StageResult, as_json: bool, quiet: bool, what: str,

@@ -6,16 +6,9 @@ import typer
 from rich.table import Table
 
 from duda_cli import options
-from duda_cli.console import (
-    ConsoleReporter,
-    default_path,
-    distributed_exit,
-    finish,
-    load,
-    rank,
-    setup_logging,
-    user_errors,
-)
+from duda_cli.console import default_path, load, run_stage
+from stages.artifacts import StageResult
+from stages.reporting import Reporter
 
 
 def register(app: typer.Typer) -> None:
@@ -33,16 +26,14 @@ def evaluate(config: options.Config, checkpoint: options.Checkpoint, data: optio
     """
     from stages import evaluate as stage  # imported here: `duda --help` stays fast
 
-    main = rank() == 0
-    setup_logging(quiet or not main)
-    with distributed_exit():
-        with user_errors():
-            cfg = load(config, set_, seed, data_root)
-            result = stage.run(cfg, default_path(cfg, data, "data"), checkpoint,
-                               default_path(cfg, out, "evaluate"), force=force, device=device,
-                               reporter=ConsoleReporter(quiet or not main))
-        if main:
-            finish(result, as_json, quiet, "evaluation", _table(result.manifest.summary))
+    def run(reporter: Reporter) -> StageResult:
+        cfg = load(config, set_, seed, data_root)
+        return stage.run(cfg, default_path(cfg, data, "data"), checkpoint,
+                         default_path(cfg, out, "evaluate"), force=force, device=device,
+                         reporter=reporter)
+
+    run_stage(run, what="evaluation", table=lambda result: _table(result.manifest.summary),
+              as_json=as_json, quiet=quiet)
 
 
 def _table(summary: dict) -> Table:

@@ -7,15 +7,9 @@ from rich.console import Group
 from rich.table import Table
 
 from duda_cli import options
-from duda_cli.console import (
-    ConsoleReporter,
-    default_path,
-    finish,
-    load,
-    setup_logging,
-    single_process,
-    user_errors,
-)
+from duda_cli.console import default_path, load, run_stage, single_process
+from stages.artifacts import StageResult
+from stages.reporting import Reporter
 
 
 def register(app: typer.Typer) -> None:
@@ -29,13 +23,13 @@ def prepare_data(config: options.Config, set_: options.Set = None, out: options.
     """Index the source and target datasets (or generate the synthetic benchmark)."""
     from stages import prepare_data as stage  # imported here: `duda --help` stays fast
 
-    setup_logging(quiet)
-    with user_errors():
+    def run(reporter: Reporter) -> StageResult:
         single_process("duda prepare-data")
         cfg = load(config, set_, seed, data_root)
-        result = stage.run(cfg, default_path(cfg, out, "data"), force=force,
-                           reporter=ConsoleReporter(quiet))
-    finish(result, as_json, quiet, "dataset index", _table(result.manifest.summary))
+        return stage.run(cfg, default_path(cfg, out, "data"), force=force, reporter=reporter)
+
+    run_stage(run, what="dataset index", table=lambda result: _table(result.manifest.summary),
+              as_json=as_json, quiet=quiet)
 
 
 def _table(summary: dict) -> Group:
