@@ -136,7 +136,7 @@ class Ranks:
 
     def seed_apart(self, seed: int) -> None:
         """Give each rank its own torch/numpy/python random stream (dropout), once the models
-        every rank must build alike are built. Rank 0 of one process keeps the seeded one."""
+        every rank must build alike are built. A single process keeps its seeded stream."""
         if self.world_size > 1:
             seed_everything(int(np.random.SeedSequence([seed, self.rank]).generate_state(1)[0]))
 
@@ -161,7 +161,8 @@ class Ranks:
         saved = int(state.get("world_size", 1))
         if saved != self.world_size:
             launch = ("without torchrun" if saved == 1
-                      else f"with torchrun --nproc_per_node {saved} (processes in all)")
+                      else f"with {saved} processes in all (torchrun --nproc_per_node {saved} "
+                      "on one node)")
             raise DudaError(f"cannot resume {where}: it was trained by {saved} process(es), "
                             f"this launch has {self.world_size}",
                             f"resume it {launch}, or start over with --force")
