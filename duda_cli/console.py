@@ -41,11 +41,15 @@ def rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
+def world_size() -> int:
+    """The number of processes torchrun started (1 otherwise)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def single_process(command: str) -> None:
     """Refuse a launch by torchrun of a command that runs in one process."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise DudaError(f"`{command}` runs in one process; torchrun started "
-                        f"{os.environ['WORLD_SIZE']}",
+    if world_size() > 1:
+        raise DudaError(f"`{command}` runs in one process; torchrun started {world_size()}",
                         "launch it without torchrun (warmup, self-train, generate-pseudo, "
                         "update-offline and evaluate are the commands that run on several "
                         "processes)")
@@ -58,7 +62,7 @@ def distributed_exit() -> Iterator[None]:
     A plain interpreter exit after gloo sometimes aborts with SIGABRT (PITFALLS.md), which
     makes torchrun report a failure. Single-process runs are left alone.
     """
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    if world_size() <= 1:
         yield
         return
     code = 0

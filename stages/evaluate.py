@@ -40,6 +40,7 @@ from stages.distributed import Ranks, Silent
 from stages.errors import DudaError
 from stages.inference import SlidingWindow, predict_classes
 from stages.metrics import ConfusionMatrix
+from stages.nn.teacher import batchnorm_statistics, recalibrate_batchnorm
 from stages.reporting import Reporter
 
 REPORT_FILE = "report.json"
@@ -73,8 +74,8 @@ def run(config: Config, data: str | Path, checkpoint: str | Path, out: str | Pat
         loaded = load_model(checkpoint, settings.model, torch_device)
         check_compatible(loaded, index.classes.names, what=f"dataset index {index.path}")
         recalibration = _recalibrate(config, index, loaded, torch_device, reporter)
-        ranks.broadcast_tensors([buffer for name, buffer in loaded.model.named_buffers()
-                                 if name.endswith(("running_mean", "running_var"))])
+        if recalibration is not None:
+            ranks.broadcast_tensors(batchnorm_statistics(loaded.model))
         ranks.barrier()  # rank 0 has prepared `out`
         size = _inference_size(config)
         window = None
@@ -149,8 +150,6 @@ def recalibrate_on_target(model: torch.nn.Module, normalization: str, config: Co
     images at input.target_size: `batches` batches, 0 = the whole split (E.7). The model is
     left in eval mode. The mean teacher's recalibration of DUDA; applied to a source-only
     model it is AdaBN."""
-    from stages.nn.teacher import recalibrate_batchnorm
-
     samples = [dataclasses.replace(sample, label=None)
                for sample in index.samples("target", "train")]
     dataset = FullImageDataset(samples, config.input.target_size, normalization)

@@ -65,7 +65,7 @@ from stages.errors import DudaError
 from stages.evaluate import target_val_miou
 from stages.nn.model import build_model, parameter_groups
 from stages.nn.pseudo_labels import confidence_and_prediction, merge_offline, offline_thresholds
-from stages.nn.teacher import MeanTeacher, recalibrate_batchnorm
+from stages.nn.teacher import MeanTeacher, batchnorm_statistics, recalibrate_batchnorm
 from stages.pseudo_store import (
     PseudoLabelStore,
     copy_store,
@@ -167,8 +167,7 @@ def _train(config: Config, index: DatasetIndex, checkpoint: Path,
     student = _initial_student(config, index, checkpoint).to(device).train()
     # The teacher is copied before any batch-norm synchronisation: plain BN (ALGORITHM.md E.1).
     teacher = MeanTeacher(student, cfg.teacher, cfg.ema_decay).to(device)
-    teacher_norms = [buffer for name, buffer in teacher.named_buffers()
-                     if name.endswith(("running_mean", "running_var"))]
+    teacher_norms = batchnorm_statistics(teacher)
     ranks.announce(reporter, f"{cfg.source_batch_size} source + {cfg.target_batch_size} "
                    "target crops per process")
     optimizer = build_optimizer(parameter_groups(student, cfg.optimizer.lr,

@@ -85,6 +85,13 @@ def _batchnorm_modules(model: nn.Module) -> list[_BatchNorm]:
     return [module for module in model.modules() if isinstance(module, _BatchNorm)]
 
 
+def batchnorm_statistics(model: nn.Module) -> list[torch.Tensor]:
+    """The running mean and variance buffers of every batch norm of `model` (what
+    `recalibrate_batchnorm` recomputes), e.g. to share them across ranks."""
+    return [buffer for norm in _batchnorm_modules(model) if norm.track_running_stats
+            for buffer in (norm.running_mean, norm.running_var)]
+
+
 @torch.no_grad()
 def recalibrate_batchnorm(
     model: nn.Module, batches: Iterable[torch.Tensor], device: torch.device | str
