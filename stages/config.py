@@ -162,6 +162,9 @@ class AdversarialConfig(Section):
 
 
 class WarmupConfig(Section):
+    train_domain: Literal["source", "target"] = Field(
+        default="source", description="target: train on target-train labels (the oracle, the "
+        "upper bound of an adaptation table)")
     iterations: int = Field(default=40000, ge=1)
     batch_size: int = Field(default=2, ge=1, description="source crops per process (under "
                             "torchrun the step sees processes × batch_size)")

@@ -147,8 +147,9 @@ def _train(config: Config, index: DatasetIndex, out: Path, *, init: Path | None,
     fp16 = device.type == "cuda" and cfg.precision == "fp16"
     scaler = torch.amp.GradScaler("cuda", enabled=fp16)
 
-    source_loader = _loader(config, index, "source", seed=config.seed, device=device,
-                            ranks=ranks)
+    # The oracle (train_domain: target) trains the same model on target-train labels.
+    source_loader = _loader(config, index, cfg.train_domain, seed=config.seed, device=device,
+                            ranks=ranks, labelled=True)
     discriminator = d_optimizer = target_loader = None
     d_scaler = torch.amp.GradScaler("cuda", enabled=fp16)
     if adv.enabled:
@@ -163,7 +164,7 @@ def _train(config: Config, index: DatasetIndex, out: Path, *, init: Path | None,
                             "discriminator of the adversarial warmup (five stride-2 convs)",
                             "use crops of at least 32×32, or disable warmup.adversarial")
         target_loader = _loader(config, index, "target", seed=config.seed + 1, device=device,
-                                ranks=ranks)
+                                ranks=ranks, labelled=False)
     # The models are built alike on every rank; from here each rank draws its own dropout.
     ranks.seed_apart(config.seed)
 
@@ -326,13 +327,13 @@ def _train(config: Config, index: DatasetIndex, out: Path, *, init: Path | None,
 
 
 def _loader(config: Config, index: DatasetIndex, domain: Literal["source", "target"], seed: int,
-            device: torch.device, ranks: Ranks) -> InfiniteLoader:
-    """Endless augmented crops of `domain`-train (ALGORITHM.md A.4); target crops unlabelled."""
+            device: torch.device, ranks: Ranks, labelled: bool) -> InfiniteLoader:
+    """Endless augmented crops of `domain`-train (ALGORITHM.md A.4), with labels if `labelled`."""
     size = config.input.source_size if domain == "source" else config.input.target_size
     dataset = CropDataset(index.samples(domain, "train"), size, config.input.crop_size,
                           config.input.scale_range, config.input.flip_probability,
                           config.model.normalization, seed=seed,
-                          with_labels=domain == "source")
+                          with_labels=labelled)
     return InfiniteLoader(dataset, config.warmup.batch_size, seed=seed,
                           num_workers=config.warmup.num_workers, rank=ranks.rank,
                           world_size=ranks.world_size, pin_memory=device.type == "cuda")
