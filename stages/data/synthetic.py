@@ -3,7 +3,7 @@
 Every scene is ray-cast from a pinhole camera over a tiny world: a road with sidewalks, façades,
 walls, fences, trees and terrain along both sides, a backdrop closing the street, and upright
 objects (cars, a bus, persons, poles carrying signs and lights) standing on the ground. Labels
-are Cityscapes trainIds (ALGORITHM.md A.1), so the class tables and protocols apply unchanged.
+are Cityscapes trainIds (`stages.classes`), so the class tables and protocols apply unchanged.
 
 The two domains share the geometry and the layout rules and differ in appearance and in object
 statistics, the way GTA5 differs from Cityscapes: the source is clean, flat-shaded and
@@ -33,7 +33,7 @@ Domain = Literal["source", "target"]
 DOMAIN_CODES = {"source": 0, "target": 1}
 SPLIT_CODES = {"train": 0, "val": 1}
 
-# Cityscapes trainIds (ALGORITHM.md A.1).
+# Cityscapes trainIds (stages/classes.py).
 ROAD, SIDEWALK, BUILDING, WALL, FENCE, POLE, LIGHT, SIGN, VEGETATION, TERRAIN, SKY = range(11)
 PERSON, RIDER, CAR, TRUCK, BUS = 11, 12, 13, 14, 15
 
@@ -218,113 +218,169 @@ def _pick(rng: np.random.Generator, options: tuple) -> tuple:
     return options[int(rng.integers(len(options)))]
 
 
+@dataclass(frozen=True)
+class _Street:
+    """The street cross-section, relative to the camera (x to the right, metres)."""
+
+    centre: float
+    road_half: float
+    sidewalk: tuple[float, float]  # widths, left and right
+    terrain: tuple[float, float]  # widths of the grass strips behind the sidewalks (0: none)
+    end: float  # depth of the backdrop closing the street
+
+    @property
+    def left_kerb(self) -> float:
+        return self.centre - self.road_half
+
+    @property
+    def right_kerb(self) -> float:
+        return self.centre + self.road_half
+
+    @property
+    def facade(self) -> tuple[float, float]:
+        """x of the building fronts on the left and on the right."""
+        return (self.left_kerb - self.sidewalk[0] - self.terrain[0],
+                self.right_kerb + self.sidewalk[1] + self.terrain[1])
+
+
+def _draw_street(rng: np.random.Generator) -> _Street:
+    centre = rng.uniform(-1.5, 1.5)
+    road_half = rng.uniform(3.5, 6.0)
+    sidewalk = (rng.uniform(2.0, 4.0), rng.uniform(2.0, 4.0))
+    terrain = tuple(rng.uniform(1.0, 3.0) if rng.random() < 0.35 else 0.0 for _ in range(2))
+    return _Street(centre, road_half, sidewalk, terrain, rng.uniform(90.0, 160.0))
+
+
 def render_scene(rng: np.random.Generator, style: Style, height: int,
                  width: int) -> tuple[np.ndarray, np.ndarray]:
-    """Draw one street scene: image (H, W, 3) uint8 RGB and label (H, W) uint8 trainIds."""
+    """Draw one street scene: image (H, W, 3) uint8 RGB and label (H, W) uint8 trainIds.
+
+    The painters run back to front in a fixed order, each drawing its own random numbers, so a
+    scene is a function of the generator's state alone.
+    """
     focal = width * rng.uniform(0.5, 0.6)
     cx = width * rng.uniform(0.42, 0.58)
     cy = height * rng.uniform(0.36, 0.46)
     canvas = _Canvas(height, width, focal, cx, cy, rng.uniform(*style.camera_height))
+    street = _draw_street(rng)
+    _paint_sky(canvas, style)
+    _paint_ground(canvas, style, street)
+    for side, plane_x in ((-1, street.facade[0]), (1, street.facade[1])):
+        _paint_facades(rng, canvas, style, street, side, plane_x)
+    _paint_backdrop(rng, canvas, style, street)
+    _paint_poles(rng, canvas, style, street)
+    _paint_persons(rng, canvas, style, street)
+    _paint_vehicles(rng, canvas, style, street)
+    image = _shade(rng, canvas, style)
+    return image, canvas.label
+
+
+def _paint_sky(canvas: _Canvas, style: Style) -> None:
+    """A vertical gradient from the top of the picture to the horizon."""
+    t = np.clip((canvas.v * canvas.focal + canvas.cy) / max(canvas.cy, 1.0), 0, 1)[..., None]
+    canvas.colour[:] = np.asarray(style.sky_top) * (1 - t) + np.asarray(style.sky_bottom) * t
+
+
+def _paint_ground(canvas: _Canvas, style: Style, street: _Street) -> None:
+    """The ground plane: road, sidewalks and terrain strips (trainIds 0, 1, 9)."""
     u, v = canvas.u, canvas.v
-
-    # The street cross-section, relative to the camera (x to the right, metres).
-    centre = rng.uniform(-1.5, 1.5)
-    road_half = rng.uniform(3.5, 6.0)
-    sidewalk = (rng.uniform(2.0, 4.0), rng.uniform(2.0, 4.0))  # left, right
-    terrain = tuple(rng.uniform(1.0, 3.0) if rng.random() < 0.35 else 0.0 for _ in range(2))
-    left_kerb, right_kerb = centre - road_half, centre + road_half
-    facade = (left_kerb - sidewalk[0] - terrain[0], right_kerb + sidewalk[1] + terrain[1])
-    street_end = rng.uniform(90.0, 160.0)
-
-    # Sky: a vertical gradient.
-    t = np.clip((v * focal + cy) / max(cy, 1.0), 0, 1)[..., None]
-    sky = np.asarray(style.sky_top) * (1 - t) + np.asarray(style.sky_bottom) * t
-    canvas.colour[:] = sky
-
-    # Ground plane: road, sidewalks, terrain strips (ALGORITHM.md A.1 classes 0, 1, 9).
+    left_kerb, right_kerb, sidewalk = street.left_kerb, street.right_kerb, street.sidewalk
     below = v > 1e-6
     z_ground = np.where(below, canvas.camera_height / np.maximum(v, 1e-6), FAR)
     x_ground = u * z_ground
-    ground = below & (z_ground < street_end)
+    ground = below & (z_ground < street.end)
     road = ground & (x_ground > left_kerb) & (x_ground < right_kerb)
-    dash = (np.abs(x_ground - centre) < 0.12) & (np.mod(z_ground, 6.0) < 3.0)
+    dash = (np.abs(x_ground - street.centre) < 0.12) & (np.mod(z_ground, 6.0) < 3.0)
     canvas.paint(road, z_ground, ROAD, style.road, details=((dash, style.marking),))
     walk = ground & (((x_ground <= left_kerb) & (x_ground > left_kerb - sidewalk[0]))
                      | ((x_ground >= right_kerb) & (x_ground < right_kerb + sidewalk[1])))
     kerb = (np.abs(x_ground - left_kerb) < 0.15) | (np.abs(x_ground - right_kerb) < 0.15)
     canvas.paint(walk, z_ground, SIDEWALK, style.sidewalk, np.where(kerb, 0.8, 1.0))
-    grass = ground & ((x_ground <= left_kerb - sidewalk[0]) | (x_ground >= right_kerb + sidewalk[1]))
+    grass = ground & ((x_ground <= left_kerb - sidewalk[0])
+                      | (x_ground >= right_kerb + sidewalk[1]))
     canvas.paint(grass, z_ground, TERRAIN, style.terrain)
 
-    # Façades along both sides: buildings, walls and trees in segments along the street. The
-    # segments are drawn first; every pixel then looks up its segment (one pass per side).
-    split_column = int(np.clip(round(cx), 0, width))
-    for side, plane_x in ((-1, facade[0]), (1, facade[1])):
-        starts = [rng.uniform(-2.0, 4.0)]
-        while starts[-1] < street_end:
-            starts.append(starts[-1] + rng.uniform(8.0, 25.0))
-        count = len(starts) - 1
-        z_start = np.asarray(starts[:-1], np.float32)
-        length = np.diff(np.asarray(starts, np.float32))
-        kind = rng.choice(3, size=count, p=(0.7, 0.1, 0.2))  # building, wall, tree
-        top = np.where(kind == 0, rng.uniform(6.0, 22.0, count), rng.uniform(1.5, 3.0, count))
-        colours = np.asarray(style.buildings, np.float32)[rng.integers(len(style.buildings),
-                                                                       size=count)]
-        crown_y, crown_r = rng.uniform(3.5, 6.0, count), rng.uniform(2.0, 3.5, count)
-        fenced = rng.random(count) < 0.5
 
-        where = (slice(None), slice(0, split_column) if side < 0 else slice(split_column, None))
-        su, sv = u[where], v[where]
-        facing = (su * side) > 1e-6
-        z_plane = np.where(facing, plane_x / np.where(facing, su, 1.0), FAR)
-        y_plane = canvas.camera_height - sv * z_plane
-        segment = np.clip(np.searchsorted(np.asarray(starts), z_plane, side="right") - 1, 0,
-                          count - 1)
-        inside = facing & (z_plane >= starts[0]) & (z_plane < starts[-1]) & (y_plane >= 0)
-        seg_kind, seg_top, seg_start = kind[segment], top[segment], z_start[segment]
-        light = 1.0 if side < 0 else style.shade
+def _paint_facades(rng: np.random.Generator, canvas: _Canvas, style: Style, street: _Street,
+                   side: int, plane_x: float) -> None:
+    """One side of the street: buildings, walls and trees in segments along the street.
 
-        building = inside & (seg_kind == 0) & (y_plane < seg_top)
-        along, across = style.window_period
-        windows = ((np.mod(z_plane - seg_start, along) > 0.35 * along)
-                   & (np.mod(y_plane, across) > 0.4 * across) & (y_plane > 2.5)
-                   & (y_plane < seg_top - 1.0))
-        canvas.paint(building, z_plane, BUILDING, colours[segment], light,
-                     details=((windows, style.window),), where=where)
-        canvas.paint(inside & (seg_kind == 1) & (y_plane < seg_top), z_plane, WALL, style.wall,
-                     light, where=where)
-        # A tree: a trunk and an elliptic crown, both labelled vegetation (as in Cityscapes).
-        tree = inside & (seg_kind == 2)
-        half = length[segment] / 2
-        centre_z = seg_start + half
-        crown = (((z_plane - centre_z) / half) ** 2
-                 + ((y_plane - crown_y[segment]) / crown_r[segment]) ** 2) < 1.0
-        trunk = (np.abs(z_plane - centre_z) < 0.4) & (y_plane < crown_y[segment])
-        canvas.paint(tree & (crown | trunk), z_plane, VEGETATION, style.vegetation, light,
-                     where=where)
-        canvas.paint(tree & fenced[segment] & (y_plane < 1.2), z_plane - 0.5, FENCE, style.fence,
-                     light, where=where)
+    The segments are drawn first; every pixel of that half of the picture then looks up its
+    segment (one vectorised pass per side).
+    """
+    starts = [rng.uniform(-2.0, 4.0)]
+    while starts[-1] < street.end:
+        starts.append(starts[-1] + rng.uniform(8.0, 25.0))
+    count = len(starts) - 1
+    z_start = np.asarray(starts[:-1], np.float32)
+    length = np.diff(np.asarray(starts, np.float32))
+    kind = rng.choice(3, size=count, p=(0.7, 0.1, 0.2))  # building, wall, tree
+    top = np.where(kind == 0, rng.uniform(6.0, 22.0, count), rng.uniform(1.5, 3.0, count))
+    colours = np.asarray(style.buildings, np.float32)[rng.integers(len(style.buildings),
+                                                                   size=count)]
+    crown_y, crown_r = rng.uniform(3.5, 6.0, count), rng.uniform(2.0, 3.5, count)
+    fenced = rng.random(count) < 0.5
 
-    # The backdrop closing the street: buildings and trees of random widths and heights.
+    split_column = int(np.clip(round(canvas.cx), 0, canvas.label.shape[1]))
+    where = (slice(None), slice(0, split_column) if side < 0 else slice(split_column, None))
+    su, sv = canvas.u[where], canvas.v[where]
+    facing = (su * side) > 1e-6
+    z_plane = np.where(facing, plane_x / np.where(facing, su, 1.0), FAR)
+    y_plane = canvas.camera_height - sv * z_plane
+    segment = np.clip(np.searchsorted(np.asarray(starts), z_plane, side="right") - 1, 0,
+                      count - 1)
+    inside = facing & (z_plane >= starts[0]) & (z_plane < starts[-1]) & (y_plane >= 0)
+    seg_kind, seg_top, seg_start = kind[segment], top[segment], z_start[segment]
+    light = 1.0 if side < 0 else style.shade
+
+    building = inside & (seg_kind == 0) & (y_plane < seg_top)
+    along, across = style.window_period
+    windows = ((np.mod(z_plane - seg_start, along) > 0.35 * along)
+               & (np.mod(y_plane, across) > 0.4 * across) & (y_plane > 2.5)
+               & (y_plane < seg_top - 1.0))
+    canvas.paint(building, z_plane, BUILDING, colours[segment], light,
+                 details=((windows, style.window),), where=where)
+    canvas.paint(inside & (seg_kind == 1) & (y_plane < seg_top), z_plane, WALL, style.wall,
+                 light, where=where)
+    # A tree: a trunk and an elliptic crown, both labelled vegetation (as in Cityscapes).
+    tree = inside & (seg_kind == 2)
+    half = length[segment] / 2
+    centre_z = seg_start + half
+    crown = (((z_plane - centre_z) / half) ** 2
+             + ((y_plane - crown_y[segment]) / crown_r[segment]) ** 2) < 1.0
+    trunk = (np.abs(z_plane - centre_z) < 0.4) & (y_plane < crown_y[segment])
+    canvas.paint(tree & (crown | trunk), z_plane, VEGETATION, style.vegetation, light,
+                 where=where)
+    canvas.paint(tree & fenced[segment] & (y_plane < 1.2), z_plane - 0.5, FENCE, style.fence,
+                 light, where=where)
+
+
+def _paint_backdrop(rng: np.random.Generator, canvas: _Canvas, style: Style,
+                    street: _Street) -> None:
+    """The backdrop closing the street: buildings and trees of random widths and heights."""
+    facade = street.facade
     x0 = facade[0] - 40.0
     while x0 < facade[1] + 40.0:
         span = rng.uniform(6.0, 20.0)
         top = rng.uniform(5.0, 25.0)
-        where, bx, by = canvas.billboard(street_end, (x0, x0 + span), (0.0, top))
+        where, bx, by = canvas.billboard(street.end, (x0, x0 + span), (0.0, top))
         mask = (bx >= x0) & (bx < x0 + span) & (by >= 0) & (by < top)
         if rng.random() < 0.75:
-            canvas.paint(mask, street_end, BUILDING, _pick(rng, style.buildings), 0.9,
+            canvas.paint(mask, street.end, BUILDING, _pick(rng, style.buildings), 0.9,
                          where=where)
         else:
             crown = ((bx - x0 - span / 2) / (span / 2)) ** 2 + ((by - top / 2) / (top / 2)) ** 2
-            canvas.paint((crown < 1) & (by >= 0), street_end, VEGETATION, style.vegetation,
+            canvas.paint((crown < 1) & (by >= 0), street.end, VEGETATION, style.vegetation,
                          where=where)
         x0 += span
 
-    # Upright objects, each on a plane facing the camera (painted with the depth test).
-    for _ in range(int(rng.integers(2, 6))):  # poles, some with a sign or a traffic light
+
+def _paint_poles(rng: np.random.Generator, canvas: _Canvas, style: Style,
+                 street: _Street) -> None:
+    """Poles at the kerbs, some carrying a sign or a traffic light, on camera-facing planes."""
+    for _ in range(int(rng.integers(2, 6))):
         side = -1 if rng.random() < 0.5 else 1
-        px = (left_kerb - 0.4) if side < 0 else (right_kerb + 0.4)
+        px = (street.left_kerb - 0.4) if side < 0 else (street.right_kerb + 0.4)
         pz = rng.uniform(6.0, 60.0)
         pole_top = rng.uniform(4.0, 7.0)
         where, x, y = canvas.billboard(pz, (px - 1.0, px + 1.0), (0.0, pole_top + 0.5))
@@ -344,10 +400,15 @@ def render_scene(rng: np.random.Generator, style: Style, height: int,
             canvas.paint(box, pz - 0.05, LIGHT, style.light, details=((lamp, (230, 60, 40)),),
                          where=where)
 
+
+def _paint_persons(rng: np.random.Generator, canvas: _Canvas, style: Style,
+                   street: _Street) -> None:
+    """Pedestrians on the sidewalks: head, torso and legs."""
+    sidewalk = street.sidewalk
     for _ in range(int(rng.integers(style.persons_per_scene[0], style.persons_per_scene[1] + 1))):
         side = -1 if rng.random() < 0.5 else 1
-        px = (left_kerb - rng.uniform(0.5, sidewalk[0] - 0.3) if side < 0
-              else right_kerb + rng.uniform(0.5, sidewalk[1] - 0.3))
+        px = (street.left_kerb - rng.uniform(0.5, sidewalk[0] - 0.3) if side < 0
+              else street.right_kerb + rng.uniform(0.5, sidewalk[1] - 0.3))
         pz = rng.uniform(4.0, 35.0)
         ph = rng.uniform(*style.person_height)
         where, x, y = canvas.billboard(pz, (px - 0.3 * ph, px + 0.3 * ph), (0.0, ph))
@@ -358,8 +419,12 @@ def render_scene(rng: np.random.Generator, style: Style, height: int,
         canvas.paint(head | torso | legs, pz, PERSON, _pick(rng, style.clothes),
                      details=((head, style.skin), (legs, (40, 40, 60))), where=where)
 
-    vehicles = int(rng.integers(style.cars_per_scene[0], style.cars_per_scene[1] + 1))
-    for _ in range(vehicles):
+
+def _paint_vehicles(rng: np.random.Generator, canvas: _Canvas, style: Style,
+                    street: _Street) -> None:
+    """Cars in random lanes, then (sometimes) a bus."""
+    left_kerb, right_kerb = street.left_kerb, street.right_kerb
+    for _ in range(int(rng.integers(style.cars_per_scene[0], style.cars_per_scene[1] + 1))):
         lane = rng.uniform(left_kerb + 1.0, right_kerb - 1.0)
         vz = rng.uniform(5.0, 70.0)
         w = rng.uniform(1.7, 2.0)
@@ -382,9 +447,6 @@ def render_scene(rng: np.random.Generator, style: Style, height: int,
         box = (np.abs(x - lane) < 1.25) & (y >= 0.1) & (y < 3.2)
         glass = (y > 1.6) & (y < 2.8) & (np.abs(x - lane) < 1.1)
         canvas.paint(box, bz, BUS, style.bus, details=((glass, (50, 60, 70)),), where=where)
-
-    image = _shade(rng, canvas, style)
-    return image, canvas.label
 
 
 def _shade(rng: np.random.Generator, canvas: _Canvas, style: Style) -> np.ndarray:
