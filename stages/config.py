@@ -116,9 +116,21 @@ class InputConfig(Section):
 
 
 class ModelConfig(Section):
-    """DeepLabV2 (ALGORITHM.md B.1)."""
+    """DeepLabV2 and its initial weights (docs/method.md, the network).
+
+    `style` picks the ResNet layout: `torchvision` (IAST's: stride on a block's 3×3 conv, the
+    first block of a dilated layer keeps the previous dilation, max-pool rounding down) or
+    `caffe`, the DUDA / FDA / AdaptSegNet reference DeepLabV2 (stride on the first 1×1 conv,
+    every block of layer3 dilated 2 and of layer4 dilated 4, max-pool rounding up). The two
+    compute different functions of the same weights, so weights are only loaded into the layout
+    they were trained in. `init` names the initial weights: `none`, `imagenet` (torchvision's
+    ImageNet weights), or the path of a weights file or checkpoint artifact.
+    """
 
     backbone: Literal["resnet101", "resnet50", "resnet18"] = "resnet101"
+    style: Literal["torchvision", "caffe"] = Field(
+        default="torchvision",
+        description="ResNet layout: torchvision, or caffe (the reference DeepLabV2; resnet50/101)")
     width_multiplier: float = Field(default=1.0, gt=0,
                                     description="channel multiplier (resnet18 only)")
     dropout: float = Field(default=0.5, ge=0.0, lt=1.0,
@@ -126,11 +138,26 @@ class ModelConfig(Section):
     aspp_rates: list[int] = Field(default_factory=lambda: [6, 12, 18, 24])
     freeze_bn_affine: bool = True
     normalization: Literal["caffe_bgr", "imagenet_rgb"] = "caffe_bgr"
+    init: str = Field(default="none",
+                      description="initial weights: none, imagenet, or a weights file or "
+                                  "checkpoint artifact path")
 
     @model_validator(mode="after")
     def _check(self) -> ModelConfig:
         if self.width_multiplier != 1.0 and self.backbone != "resnet18":
             raise ValueError("model.width_multiplier is only supported for backbone resnet18")
+        if self.style == "caffe" and self.backbone == "resnet18":
+            raise ValueError("model.style: caffe is the Bottleneck ResNet of the reference "
+                             "DeepLabV2: set model.backbone to resnet50 or resnet101, or use "
+                             "model.style: torchvision with resnet18")
+        if not self.init.strip():
+            raise ValueError("model.init is empty: set it to none, imagenet, or the path of a "
+                             "weights file or checkpoint artifact")
+        if self.init == "imagenet" and (self.backbone == "resnet18" or self.style != "torchvision"
+                                        or self.normalization != "imagenet_rgb"):
+            raise ValueError("model.init: imagenet loads torchvision's ImageNet ResNet-50/101 "
+                             "weights: set model.backbone to resnet50 or resnet101, "
+                             "model.style: torchvision and model.normalization: imagenet_rgb")
         return self
 
 

@@ -1,8 +1,9 @@
-"""DeepLabV2: output size and stride, dilation, frozen BN affine, parameter groups."""
+"""DeepLabV2: output size and stride, the two ResNet layouts, frozen BN affine, parameter groups."""
 
 from __future__ import annotations
 
 import pytest
+from pydantic import ValidationError
 import torch
 import torchvision
 from torch import nn
@@ -41,7 +42,7 @@ def test_resnet50_backbone_has_output_stride_8_and_2048_channels() -> None:
 def test_layer3_and_layer4_are_dilated_2_and_4() -> None:
     model = build_model(TINY, 19)
     backbone = model.backbone
-    # The first block of a dilated layer keeps the previous dilation (torchvision, B.3).
+    # torchvision layout: the first block of a dilated layer keeps the previous dilation.
     assert backbone.layer3[0].conv1.dilation == (1, 1)
     assert backbone.layer3[1].conv2.dilation == (2, 2)
     assert backbone.layer3[1].conv2.padding == (2, 2)
@@ -115,3 +116,72 @@ def test_dropout_zero_means_no_dropout_module() -> None:
     assert not any(isinstance(m, nn.Dropout2d) for m in model.modules())
     model = build_model(TINY, 19)
     assert any(isinstance(m, nn.Dropout2d) and m.p == 0.1 for m in model.modules())
+
+
+CAFFE50 = ModelConfig(backbone="resnet50", style="caffe", dropout=0.0)
+
+
+def test_caffe_layout_puts_the_stride_in_the_first_1x1_conv_and_dilates_every_block() -> None:
+    backbone = build_model(CAFFE50, 19).backbone
+    assert backbone.maxpool.ceil_mode is True
+    for name, stride, dilation in (("layer1", 1, 1), ("layer2", 2, 1), ("layer3", 1, 2),
+                                   ("layer4", 1, 4)):
+        layer = getattr(backbone, name)
+        assert layer[0].conv1.stride == (stride, stride), name
+        assert layer[0].downsample[0].stride == (stride, stride), name
+        assert all(block.downsample is None for block in layer[1:]), name
+        for block in layer:
+            assert block.conv2.stride == (1, 1), name
+            assert block.conv2.dilation == (dilation, dilation), name
+            assert block.conv2.padding == (dilation, dilation), name
+        assert all(block.conv1.stride == (1, 1) for block in layer[1:]), name
+
+
+def test_both_layouts_have_the_same_tensor_names_and_shapes() -> None:
+    with torch.device("meta"):
+        caffe = build_model(CAFFE50, 19).state_dict()
+        torchvision_style = build_model(CAFFE50.model_copy(update={"style": "torchvision"}),
+                                        19).state_dict()
+    assert {k: v.shape for k, v in caffe.items()} == {k: v.shape
+                                                     for k, v in torchvision_style.items()}
+    assert "backbone.layer4.0.downsample.1.running_var" in caffe
+
+
+@pytest.mark.parametrize("backbone", ["resnet101", "resnet50"])
+@pytest.mark.parametrize("style, size, features", [
+    ("caffe", (1024, 2048), (129, 257)), ("caffe", (512, 896), (65, 113)),
+    ("torchvision", (1024, 2048), (128, 256)), ("torchvision", (512, 896), (64, 112))])
+def test_feature_map_sizes_of_the_two_layouts(backbone: str, style: str, size: tuple[int, int],
+                                              features: tuple[int, int]) -> None:
+    # Shapes only, on the meta device: a full-size ResNet-101 forward is too slow for a test.
+    with torch.device("meta"):
+        model = build_model(ModelConfig(backbone=backbone, style=style), 19)
+        out = model.features(torch.empty(1, 3, *size))
+        logits = model(torch.empty(1, 3, *size))
+    assert tuple(out.shape) == (1, 2048, *features)
+    assert tuple(logits.shape) == (1, 19, *size)
+
+
+def test_caffe_style_is_refused_for_resnet18_with_the_fix() -> None:
+    with pytest.raises(ValidationError, match="set model.backbone to resnet50 or resnet101"):
+        ModelConfig(backbone="resnet18", style="caffe")
+
+
+def test_a_stored_model_config_without_style_or_init_reads_as_torchvision_without_init() -> None:
+    stored = ModelConfig(backbone="resnet18").model_dump(mode="json")
+    del stored["style"], stored["init"]
+    config = ModelConfig.model_validate(stored)
+    assert config.style == "torchvision" and config.init == "none"
+
+
+def test_imagenet_init_needs_the_torchvision_layout_and_rgb_inputs() -> None:
+    ok = ModelConfig(backbone="resnet50", normalization="imagenet_rgb", init="imagenet")
+    assert ok.init == "imagenet"
+    for bad in ({"backbone": "resnet50", "normalization": "caffe_bgr"},
+                {"backbone": "resnet50", "normalization": "imagenet_rgb", "style": "caffe"},
+                {"backbone": "resnet18", "normalization": "imagenet_rgb"}):
+        with pytest.raises(ValidationError, match="model.style: torchvision and "
+                                                  "model.normalization: imagenet_rgb"):
+            ModelConfig(init="imagenet", **bad)
+    with pytest.raises(ValidationError, match="model.init is empty"):
+        ModelConfig(init=" ")

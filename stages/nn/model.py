@@ -1,11 +1,18 @@
-"""DeepLabV2 with a dilated ResNet backbone (ALGORITHM.md B.1), and its optimiser parameter groups.
+"""DeepLabV2 with a dilated ResNet backbone, and its optimiser parameter groups.
 
-The model is `backbone` (a torchvision ResNet made output-stride 8 by dilating layer3 by 2 and
-layer4 by 4), an optional `Dropout2d` (DUDA's p = 0.5), and `classifier`, the four-branch ASPP
-of DeepLabV2 whose branch outputs are summed. Logits are upsampled bilinearly
-(align_corners=True) to the input size, so every loss and metric works at input resolution.
+The model is `backbone` (a ResNet of output stride 8), an optional `Dropout2d` (DUDA's p = 0.5),
+and `classifier`, the four-branch ASPP of DeepLabV2 whose branch outputs are summed. Logits are
+upsampled bilinearly (align_corners=True) to the input size, so every loss and metric works at
+input resolution. The backbone comes in two layouts (`model.style`, docs/method.md):
+- `torchvision`: torchvision's ResNet with layer3 dilated by 2 and layer4 by 4, the first block
+  of each keeping the previous dilation (`replace_stride_with_dilation`), as IAST uses it;
+- `caffe`: the reference DeepLabV2 of DUDA / FDA / AdaptSegNet, ported from Caffe: the stride of
+  a downsampling block sits in its first 1×1 conv, every block of layer3 is dilated 2 and every
+  block of layer4 dilated 4, and the stem's max-pool rounds up (`ceil_mode=True`), so a
+  1024×2048 input gives a 129×257 feature map where torchvision's layout gives 128×256.
+Both layouts have the same parameter names and shapes, but compute different functions of them.
 Parameter names start with `backbone.` or `classifier.`; `parameter_groups` gives the backbone
-its smaller learning rate from that prefix (ALGORITHM.md B.2).
+its smaller learning rate from that prefix.
 """
 
 from __future__ import annotations
@@ -72,7 +79,8 @@ def _scaled(channels: int, width_multiplier: float) -> int:
 class ResNetBackbone(nn.Module):
     """The convolutional part of a torchvision ResNet (no pooling head, no fc).
 
-    forward: (B, 3, H, W) float -> (B, out_channels, ⌈H/8⌉, ⌈W/8⌉) float (output stride 8).
+    forward: (B, 3, H, W) float -> (B, out_channels, h, w) float, output stride 8: h = ⌈H/8⌉ in
+    the torchvision layout, ⌈(⌊⌈H/2⌉/2⌋ + 1)/2⌉ in the caffe one (the max-pool rounds up).
     Attribute names (conv1, bn1, layer1 … layer4) are torchvision's, so a torchvision state dict
     maps onto `backbone.<name>` one to one.
     """
@@ -96,30 +104,58 @@ class ResNetBackbone(nn.Module):
         return self.layer4(self.layer3(self.layer2(self.layer1(x))))
 
 
-def _resnet101() -> tv_resnet.ResNet:
-    return tv_resnet.resnet101(weights=None, replace_stride_with_dilation=[False, True, True])
-
-
-def _resnet50() -> tv_resnet.ResNet:
-    return tv_resnet.resnet50(weights=None, replace_stride_with_dilation=[False, True, True])
-
-
 def _resnet18(width_multiplier: float) -> tv_resnet.ResNet:
     return _NarrowResNet(DilatedBasicBlock, [2, 2, 2, 2], width_multiplier,
                          replace_stride_with_dilation=[False, True, True])
 
 
-BACKBONES: dict[str, Callable[[ModelConfig], tv_resnet.ResNet]] = {
-    "resnet101": lambda cfg: _resnet101(),
-    "resnet50": lambda cfg: _resnet50(),
-    "resnet18": lambda cfg: _resnet18(cfg.width_multiplier),
+# The reference DeepLabV2: per-layer strides and dilations of layer1..layer4.
+CAFFE_STRIDES = (1, 2, 1, 1)
+CAFFE_DILATIONS = (1, 1, 2, 4)
+
+
+def _caffe_resnet(layers: list[int]) -> tv_resnet.ResNet:
+    """A Bottleneck ResNet in the reference DeepLabV2 layout, under torchvision's names.
+
+    Built as a plain torchvision ResNet (strides 1, 2, 2, 2 on the 3×3 convs), then re-strided
+    in place: a layer's first block takes the layer's stride on its first 1×1 conv and its
+    downsample conv; every 3×3 conv of a layer takes the layer's dilation (padding = dilation,
+    first blocks included); the max-pool rounds up. Tensor names and shapes are unchanged.
+    """
+    resnet = tv_resnet.ResNet(tv_resnet.Bottleneck, layers)
+    resnet.maxpool.ceil_mode = True
+    stages = (resnet.layer1, resnet.layer2, resnet.layer3, resnet.layer4)
+    for layer, stride, dilation in zip(stages, CAFFE_STRIDES, CAFFE_DILATIONS):
+        for index, block in enumerate(layer):
+            block.conv1.stride = (stride, stride) if index == 0 else (1, 1)
+            block.conv2.stride = (1, 1)
+            block.conv2.dilation = (dilation, dilation)
+            block.conv2.padding = (dilation, dilation)
+        layer[0].downsample[0].stride = (stride, stride)
+    return resnet
+
+
+def _torchvision_resnet(layers: list[int]) -> tv_resnet.ResNet:
+    return tv_resnet.ResNet(tv_resnet.Bottleneck, layers,
+                            replace_stride_with_dilation=[False, True, True])
+
+
+BOTTLENECK_LAYERS = {"resnet50": [3, 4, 6, 3], "resnet101": [3, 4, 23, 3]}
+
+# (model.backbone, model.style) -> the ResNet whose conv1 … layer4 become the backbone.
+BACKBONES: dict[tuple[str, str], Callable[[ModelConfig], tv_resnet.ResNet]] = {
+    ("resnet101", "torchvision"): lambda cfg: _torchvision_resnet(BOTTLENECK_LAYERS["resnet101"]),
+    ("resnet101", "caffe"): lambda cfg: _caffe_resnet(BOTTLENECK_LAYERS["resnet101"]),
+    ("resnet50", "torchvision"): lambda cfg: _torchvision_resnet(BOTTLENECK_LAYERS["resnet50"]),
+    ("resnet50", "caffe"): lambda cfg: _caffe_resnet(BOTTLENECK_LAYERS["resnet50"]),
+    ("resnet18", "torchvision"): lambda cfg: _resnet18(cfg.width_multiplier),
 }
 
 
 class ASPP(nn.Module):
     """DeepLabV2's classifier: parallel 3×3 convs with dilation = padding = rate, outputs summed.
 
-    (B, in_channels, h, w) -> (B, num_classes, h, w). Weights N(0, 0.01), biases 0 (B.1).
+    (B, in_channels, h, w) -> (B, num_classes, h, w). Weights N(0, 0.01), biases 0.
     """
 
     def __init__(self, in_channels: int, num_classes: int, rates: list[int]) -> None:
@@ -146,15 +182,15 @@ class DeepLabV2(nn.Module):
         super().__init__()
         self.config = config
         self.num_classes = num_classes
-        self.backbone = ResNetBackbone(BACKBONES[config.backbone](config))
-        # ALGORITHM.md B.1 / E.9 #21: DUDA's Dropout2d(0.5) on the layer4 features.
+        self.backbone = ResNetBackbone(BACKBONES[config.backbone, config.style](config))
+        # docs/method.md: DUDA's Dropout2d(0.5) on the layer4 features (FDA and IAST have none).
         self.dropout = nn.Dropout2d(config.dropout) if config.dropout > 0 else nn.Identity()
         self.classifier = ASPP(self.backbone.out_channels, num_classes, list(config.aspp_rates))
         if config.freeze_bn_affine:
             freeze_batchnorm_affine(self)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) -> backbone features (B, C_feat, ⌈H/8⌉, ⌈W/8⌉)."""
+        """(B, 3, H, W) -> backbone features (B, C_feat, h, w), h ≈ H/8 (see ResNetBackbone)."""
         return self.backbone(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -163,8 +199,8 @@ class DeepLabV2(nn.Module):
 
 
 def freeze_batchnorm_affine(model: nn.Module) -> None:
-    """ALGORITHM.md B.1: BN γ/β get requires_grad=False; the modules stay in train mode, so
-    they still normalise with batch statistics and update their running statistics."""
+    """BN γ/β get requires_grad=False; the modules stay in train mode, so they still normalise
+    with batch statistics and update their running statistics (docs/method.md)."""
     for module in model.modules():
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             for parameter in module.parameters(recurse=False):
@@ -182,7 +218,7 @@ def parameter_groups(model: nn.Module, lr: float, backbone_lr_multiplier: float,
                      weight_decay: float) -> list[dict[str, Any]]:
     """Two SGD groups: the backbone at lr × backbone_lr_multiplier, the head at lr.
 
-    ALGORITHM.md B.2: every trainable tensor (biases included) gets the weight decay; frozen
+    docs/method.md: every trainable tensor (biases included) gets the weight decay; frozen
     tensors (BN affine when frozen) are left out. Each group carries `base_lr`, the learning
     rate a scheduler multiplies by its factor, and a `name`.
     """
