@@ -45,7 +45,7 @@ def write_index(root: Path, count: int, height: int, width: int) -> Path:
     target-domain images with their labels."""
     samples = []
     with ArtifactWriter(root, kind=DATASET_INDEX, stage="prepare_data", config={},
-                        config_hash="bench") as writer:
+                        config_hash=f"bench-{count}-{height}-{width}") as writer:
         (root / "images").mkdir()
         for i in range(count):
             image, label = generate_sample(0, "target", "train", i, height, width)
@@ -57,7 +57,7 @@ def write_index(root: Path, count: int, height: int, width: int) -> Path:
         content = IndexFile(classes=cityscapes_table(),
                             domains={"target": DomainEntry(layout="folder", splits=split)})
         (root / INDEX_FILE).write_text(content.model_dump_json())
-        writer.finish({}, digest=f"bench-{count}-{height}-{width}")
+        writer.finish({}, content=[INDEX_FILE])
     return root
 
 

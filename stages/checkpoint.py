@@ -11,9 +11,7 @@ never leaves a half-written checkpoint under its final name, and read with
 from __future__ import annotations
 
 import logging
-import os
 import pickle
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -22,7 +20,7 @@ import torch
 from pydantic import ValidationError
 from torch import nn
 
-from stages.artifacts import CHECKPOINT, Manifest, load_artifact
+from stages.artifacts import CHECKPOINT, Manifest, atomic_open, load_artifact
 from stages.config import ModelConfig
 from stages.errors import DudaError
 
@@ -38,23 +36,16 @@ Which = Literal["teacher", "student"]
 
 def save_torch(obj: Any, path: str | Path) -> None:
     """`torch.save` to a temporary file beside `path`, fsync, then swap it in atomically."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as handle:
-            torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with atomic_open(Path(path)) as handle:
+        torch.save(obj, handle)
 
 
 def load_torch(path: str | Path) -> dict[str, Any]:
     """Read a checkpoint file on the CPU with `weights_only=True`.
 
-    A missing file, or one that is truncated or corrupt, is a DudaError naming the file.
+    A missing file, one that is truncated, corrupt or not a torch file at all, and one holding
+    Python objects that weights-only loading refuses (a pickle that would run code; it is never
+    executed) are each a DudaError naming the file.
     """
     path = Path(path)
     if not path.is_file():
@@ -62,16 +53,26 @@ def load_torch(path: str | Path) -> dict[str, Any]:
                         "check the path, or rerun the stage that writes it")
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError,
-            zipfile.BadZipFile) as error:
+    except pickle.UnpicklingError as error:
+        if "Weights only load failed" not in str(error):
+            raise _unreadable(path, error) from None
         logger.debug("torch.load(%s) failed: %r", path, error)
-        raise DudaError(f"checkpoint file {path} is truncated or corrupt",
-                        "rerun the stage that wrote it (with --force), or use another "
-                        "checkpoint") from None
+        raise DudaError(f"{path} holds Python objects, not only tensors and plain values; "
+                        "it was not loaded (loading it could run code)",
+                        "save a plain state dict: torch.save(model.state_dict(), path)"
+                        ) from None
+    except Exception as error:  # noqa: BLE001 - torch.load raises many types on foreign bytes
+        raise _unreadable(path, error) from None
     if not isinstance(data, dict):
         raise DudaError(f"checkpoint file {path} holds a {type(data).__name__}, not a dict",
                         "pass a checkpoint written by duda")
     return data
+
+
+def _unreadable(path: Path, error: BaseException) -> DudaError:
+    logger.debug("torch.load(%s) failed: %r", path, error)
+    return DudaError(f"checkpoint file {path} is truncated or corrupt, or not a torch file",
+                     "rerun the stage that wrote it (with --force), or use another file")
 
 
 def model_state_dict(model: nn.Module | dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

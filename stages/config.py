@@ -61,8 +61,12 @@ class DomainConfig(Section):
 
 
 class SyntheticConfig(Section):
-    """Sizes of the built-in synthetic street-scene benchmark."""
+    """Sizes of the built-in synthetic street-scene benchmark, and which domain pair it draws."""
 
+    pair: Literal["easy", "hard"] = Field(
+        default="easy",
+        description="easy: a mostly global change of appearance; hard: class-by-class "
+                    "appearance, camera geometry and class frequencies change")
     seed: int = 0
     height: int = 128
     width: int = 256
@@ -365,28 +369,38 @@ def config_hash(section: dict[str, Any]) -> str:
 # ------------------------------------------------------------------------------ loading
 
 
-def _format_validation_error(error: ValidationError, source: str) -> str:
-    lines = []
+def _format_validation_error(error: ValidationError, source: str,
+                              overrides: list[str] | None = None) -> str:
+    lines, from_file = [], False
     for item in error.errors():
-        where = ".".join(str(part) for part in item["loc"]) or "(top level)"
-        kind = item["type"]
-        if kind == "extra_forbidden":
-            lines.append(f"unknown key '{where}'{_allowed_keys(item['loc'])}")
-        elif kind in ("float_type", "int_type", "bool_type") and isinstance(item["input"], str):
-            hint = ""
-            if kind == "float_type":
-                hint = (" (YAML reads 1e-3 as a string: write it with a dot and a signed "
-                        "exponent, 1.0e-3)")
-            elif kind == "bool_type":
-                hint = " (write true or false)"
-            expected = {"float_type": "a number", "int_type": "an integer",
-                        "bool_type": "true or false"}[kind]
-            lines.append(f"'{where}' must be {expected}, got the string {item['input']!r}{hint}")
-        elif kind == "missing":
-            lines.append(f"missing key '{where}'")
+        key = "'" + (".".join(str(part) for part in item["loc"]) or "(top level)") + "'"
+        setting = _overridden(item["loc"], overrides or [])
+        if setting is not None:
+            key = f"{key} (from --set {setting!r})"
         else:
-            lines.append(f"'{where}': {item['msg']} (got {item['input']!r})")
-    return f"invalid config {source}:\n  " + "\n  ".join(lines)
+            from_file = True
+        lines.append(_describe_error(item, key))
+    where = f"config {source}" if from_file else "--set override"
+    return f"invalid {where}:\n  " + "\n  ".join(lines)
+
+
+def _describe_error(item: Any, key: str) -> str:
+    kind = item["type"]
+    if kind == "extra_forbidden":
+        return f"unknown key {key}{_allowed_keys(item['loc'])}"
+    if kind in ("float_type", "int_type", "bool_type") and isinstance(item["input"], str):
+        hint = ""
+        if kind == "float_type":
+            hint = (" (YAML reads 1e-3 as a string: write it with a dot and a signed "
+                    "exponent, 1.0e-3)")
+        elif kind == "bool_type":
+            hint = " (write true or false)"
+        expected = {"float_type": "a number", "int_type": "an integer",
+                    "bool_type": "true or false"}[kind]
+        return f"{key} must be {expected}, got the string {item['input']!r}{hint}"
+    if kind == "missing":
+        return f"missing key {key}"
+    return f"{key}: {item['msg']} (got {item['input']!r})"
 
 
 def _allowed_keys(location: tuple[Any, ...]) -> str:
@@ -418,7 +432,10 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Return a copy of the raw config dict with every `--set` override applied."""
+    """Return a copy of the raw config dict with every `--set` override applied.
+
+    A mapping value merges into the section it names (`--set 'warmup.optimizer={lr: 0.1}'`
+    changes only `lr`), any other value replaces the key."""
     result = json.loads(json.dumps(raw))
     for text in overrides:
         path, value = parse_override(text)
@@ -431,8 +448,26 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
                 raise DudaError(f"--set {text!r}: '{part}' is not a section",
                                 "check the key path with `duda config show`")
             node = child
-        node[path[-1]] = value
+        _merge(node, path[-1], value)
     return result
+
+
+def _merge(node: dict[str, Any], key: str, value: Any) -> None:
+    if isinstance(value, dict) and isinstance(node.get(key), dict):
+        for child_key, child_value in value.items():
+            _merge(node[key], str(child_key), child_value)
+    else:
+        node[key] = value
+
+
+def _overridden(location: tuple[Any, ...], overrides: list[str]) -> str | None:
+    """The `--set` text that set the key at `location` (or a section holding it), if any."""
+    keys = [str(part) for part in location]
+    for text in reversed(overrides):
+        path, _ = parse_override(text)
+        if keys[:len(path)] == path or path[:len(keys)] == keys:
+            return text
+    return None
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None,
@@ -456,7 +491,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None,
     try:
         config = Config.model_validate(raw)
     except ValidationError as error:
-        raise DudaError(_format_validation_error(error, str(path)),
+        raise DudaError(_format_validation_error(error, str(path), overrides),
                         "fix the key or value; `duda config schema` lists every key") from None
     return resolve_roots(config, data_root)
 

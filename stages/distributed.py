@@ -18,7 +18,8 @@ from __future__ import annotations
 import datetime
 import os
 import warnings
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -31,6 +32,8 @@ from stages.reporting import Reporter, Task
 from stages.training import seed_everything
 
 COLLECTIVE_TIMEOUT_MINUTES = 60
+
+T = TypeVar("T")
 
 # The autograd-aware all-reduce ProcessGroupBatchNorm needs; its suggested replacement is private.
 warnings.filterwarnings("ignore", message=r"torch\.distributed\.nn\.functional\.all_reduce",
@@ -76,6 +79,22 @@ class Ranks:
         holder = [value]
         dist.broadcast_object_list(holder, src=0)
         return holder[0]
+
+    def on_main(self, function: Callable[[], T]) -> T:
+        """Run `function` on rank 0 only and hand its result, or its DudaError, to every rank
+        (so a user error stops every rank alike instead of leaving the others waiting)."""
+        outcome: tuple[bool, Any] | None = None
+        if self.is_main:
+            try:
+                outcome = (True, function())
+            except DudaError as error:
+                outcome = (False, error)
+        outcome = self.broadcast(outcome)
+        assert outcome is not None
+        succeeded, value = outcome
+        if not succeeded:
+            raise value
+        return value
 
     def gather(self, value: Any) -> list[Any]:
         """Every rank's `value`, in rank order, on every rank."""

@@ -15,5 +15,9 @@ class DudaError(Exception):
         self.message = message
         self.fix = fix
 
+    def __reduce__(self) -> tuple:
+        # Keep the fix when the error is sent to another process (torchrun ranks).
+        return (DudaError, (self.message, self.fix))
+
     def __str__(self) -> str:
         return self.message if not self.fix else f"{self.message}\n  fix: {self.fix}"

@@ -16,7 +16,6 @@ rank 0's statistics, and rank 0 writes the report and the manifest.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import itertools
 import logging
 from pathlib import Path
@@ -65,10 +64,9 @@ def run(config: Config, data: str | Path, checkpoint: str | Path, out: str | Pat
     section = stage_config(config, "evaluate")
     inputs = {"data": index.ref, "checkpoint": checkpoint_manifest.ref(checkpoint)}
 
-    ranks.barrier()  # every rank inspects `out` before rank 0 changes it
     with ArtifactWriter(out, kind=EVALUATION, stage="evaluate", config=section,
                         config_hash=config_hash(section), inputs=inputs, force=force,
-                        device=str(torch_device), is_writer=ranks.is_main) as writer:
+                        device=str(torch_device), ranks=ranks) as writer:
         if writer.up_to_date:
             return writer.result()
         loaded = load_model(checkpoint, settings.model, torch_device)
@@ -76,7 +74,6 @@ def run(config: Config, data: str | Path, checkpoint: str | Path, out: str | Pat
         recalibration = _recalibrate(config, index, loaded, torch_device, reporter)
         if recalibration is not None:
             ranks.broadcast_tensors(batchnorm_statistics(loaded.model))
-        ranks.barrier()  # rank 0 has prepared `out`
         size = _inference_size(config)
         window = None
         if settings.sliding_window:
@@ -84,7 +81,7 @@ def run(config: Config, data: str | Path, checkpoint: str | Path, out: str | Pat
                                    settings.window_overlap)
         mine = ranks.mine(len(samples), settings.batch_size)
         matrix = _evaluate(loaded, [samples[i] for i in mine], size, window, config,
-                           writer.path, index.classes, torch_device, reporter)
+                           writer.work, index.classes, torch_device, reporter)
         matrix.matrix = torch.from_numpy(ranks.sum(matrix.matrix.cpu().numpy()))
         report = _report(matrix, index.classes, {
             "domain": settings.domain, "split": settings.split, "images": len(samples),
@@ -95,13 +92,11 @@ def run(config: Config, data: str | Path, checkpoint: str | Path, out: str | Pat
             "checkpoint": str(checkpoint.resolve()),
         })
         if ranks.is_main:
-            atomic_write_json(writer.path / REPORT_FILE, report)
+            atomic_write_json(writer.work / REPORT_FILE, report)
         summary = {key: report[key] for key in ("miou", "miou_by_protocol", "per_class")}
         summary.update(model=loaded.which, domain=settings.domain, split=settings.split,
                        images=len(samples), primary_protocol=report["primary_protocol"])
-        digest = hashlib.sha256(matrix.matrix.cpu().numpy().tobytes()).hexdigest()
-        writer.finish(summary, digest)
-        ranks.barrier()  # the manifest exists before any rank returns
+        writer.finish(summary, content=[REPORT_FILE])
     return writer.result()
 
 

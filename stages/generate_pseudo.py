@@ -44,6 +44,7 @@ from stages.errors import DudaError
 from stages.evaluate import recalibrate_on_target
 from stages.inference import predict
 from stages.pseudo_store import (
+    STORE_METADATA,
     PseudoLabelStore,
     confusion_counts,
     create_store,
@@ -85,7 +86,7 @@ def run(config: Config, data: str | Path, checkpoint: str | Path | Sequence[str 
     with ArtifactWriter(out, kind=PSEUDO_LABELS, stage="generate_pseudo", config=section,
                         config_hash=config_hash(section), inputs=inputs, force=force,
                         round=max(manifest.round for manifest in manifests),
-                        device=str(torch_device), is_writer=ranks.is_main) as writer:
+                        device=str(torch_device), ranks=ranks) as writer:
         if writer.up_to_date:
             return writer.result()
         height, width = native_size(samples)
@@ -95,14 +96,11 @@ def run(config: Config, data: str | Path, checkpoint: str | Path | Sequence[str 
                 recalibrate_on_target(loaded.model, loaded.model_config.normalization, config,
                                       index, cfg.recalibrate_batches, cfg.batch_size,
                                       cfg.num_workers, torch_device, reporter)
-        ranks.barrier()  # rank 0's ArtifactWriter has prepared the directory
-        if ranks.is_main:
-            store = create_store(out, ids=[sample.id for sample in samples], height=height,
-                                 width=width, class_names=index.classes.names,
-                                 index_id=index.manifest.id, palette=index.classes.palette)
-        ranks.barrier()
-        if not ranks.is_main:
-            store = open_unfinished(out)
+        ranks.on_main(lambda: create_store(
+            writer.work, ids=[sample.id for sample in samples], height=height, width=width,
+            class_names=index.classes.names, index_id=index.manifest.id,
+            palette=index.classes.palette).path)
+        store = open_unfinished(writer.work)  # rank 0 created it; every rank writes its images
         mine = ranks.mine(len(samples), cfg.batch_size)
         size = tuple(cfg.size or config.input.target_size)
 
@@ -127,9 +125,7 @@ def run(config: Config, data: str | Path, checkpoint: str | Path | Sequence[str 
             store.set_statistics({**statistics_from_counts(
                 kept, len(samples) * height * width), "predicted_pixels": predicted.tolist()})
             store.check_complete()
-        digest = ranks.broadcast(store.digest() if ranks.is_main else None)
-        writer.finish(summary, digest)
-        ranks.barrier()  # the manifest exists before any rank returns
+        writer.finish(summary, content=[STORE_METADATA])
     return writer.result()
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from stages import evaluate, generate_pseudo, prepare_data, self_train, update_offline, warmup
-from stages.artifacts import MANIFEST, StageResult
+from stages.artifacts import StageResult, unfinished
 from stages.config import Config
 from stages.reporting import Reporter
 
@@ -26,10 +26,6 @@ class PipelineResult:
     @property
     def final(self) -> StageResult:
         return self.stages["evaluate"]
-
-
-def _unfinished(path: Path) -> bool:
-    return path.is_dir() and not (path / MANIFEST).is_file() and any(path.iterdir())
 
 
 def run(config: Config, root: Path, *, init: Path | None = None, force: bool = False,
@@ -47,7 +43,7 @@ def run(config: Config, root: Path, *, init: Path | None = None, force: bool = F
     data = note("data", prepare_data.run(config, root / "data", force=force, reporter=reporter))
     out = root / "warmup"
     checkpoint = note("warmup", warmup.run(
-        config, data.path, out, init=init, resume=_unfinished(out), force=force, device=device,
+        config, data.path, out, init=init, resume=unfinished(out), force=force, device=device,
         reporter=reporter)).path
     # The source-only baseline as trained: no BN recalibration on the target (that is part of
     # the adaptation being measured).
@@ -62,7 +58,7 @@ def run(config: Config, root: Path, *, init: Path | None = None, force: bool = F
     for round_index in range(1, config.pipeline.rounds + 1):
         out = root / f"round{round_index}"
         checkpoint = note(f"round{round_index}", self_train.run(
-            config, data.path, checkpoint, pseudo, out, resume=_unfinished(out), force=force,
+            config, data.path, checkpoint, pseudo, out, resume=unfinished(out), force=force,
             device=device, reporter=reporter, round=round_index)).path
         pseudo = note(f"round{round_index}_offline", update_offline.run(
             config, data.path, checkpoint, checkpoint / "pseudo",

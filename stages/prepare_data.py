@@ -14,7 +14,6 @@ Artifact layout: `index.json` (stages.data.index.IndexFile), `labels/` (converte
 
 from __future__ import annotations
 
-import hashlib
 import multiprocessing
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -46,8 +45,10 @@ def run(config: Config, out: Path, *, force: bool = False,
     """Index (or generate) the datasets of `config.data` into the artifact at `out`."""
     reporter = reporter or Reporter()
     section = stage_config(config, "prepare_data")
+    roots = [domain.root for domain in (config.data.source, config.data.target) if domain.root]
     with ArtifactWriter(out, kind=DATASET_INDEX, stage="prepare_data", config=section,
-                        config_hash=config_hash(section), force=force) as writer:
+                        config_hash=config_hash(section), protect=roots,
+                        force=force) as writer:
         if writer.up_to_date:
             return writer.result()
         data = config.data
@@ -65,19 +66,19 @@ def run(config: Config, out: Path, *, force: bool = False,
             splits: dict[str, SplitEntry] = {}
             for split in _splits(domain, domain_config):
                 if domain_config.layout == "synthetic":
-                    entry, row = _generate(data, domain, split, writer.path, reporter)
+                    entry, row = _generate(data, domain, split, writer.work, reporter)
                 else:
                     entry, row = _convert(listings[domain, split], domain_config, classes,
-                                          data.workers, writer.path, reporter, warnings)
+                                          data.workers, writer.work, reporter, warnings)
                 row["pixel_shares"] = pixel_shares(entry.pixel_counts, classes.names)
                 splits[split] = entry
                 rows.append(row)
             domains[domain] = DomainEntry(layout=domain_config.layout, root=domain_config.root,
                                           splits=splits)
         text = IndexFile(classes=classes, domains=domains).model_dump_json(indent=1)
-        (writer.path / INDEX_FILE).write_text(text)
+        (writer.work / INDEX_FILE).write_text(text)
         writer.finish({"splits": rows, "classes": list(classes.names), "warnings": warnings},
-                      digest=hashlib.sha256(text.encode()).hexdigest())
+                      content=[INDEX_FILE])
     return writer.result()
 
 
@@ -212,7 +213,7 @@ def _generate(data: DataConfig, domain: str, split: str, out: Path,
         image = f"images/{domain}/{split}/{sample_id}.png"
         label = _label_path(domain, split, sample_id)
         jobs.append((sizes.seed, domain, split, index, sizes.height, sizes.width,
-                     out / image, out / label))
+                     out / image, out / label, sizes.pair))
         samples.append(SampleEntry(id=sample_id, image=image, label=label))
     for folder in ("images", "labels"):
         (out / folder / domain / split).mkdir(parents=True, exist_ok=True)

@@ -55,15 +55,20 @@ from stages.artifacts import (
     ArtifactWriter,
     Manifest,
     StageResult,
+    atomic_open,
+    check_not_input,
+    is_ours,
     load_artifact,
+    write_marker,
 )
 from stages.classes import IGNORE_INDEX
-from stages.data.io import read_label
+from stages.data.io import open_image, open_label_image, read_label
 from stages.errors import DudaError
 from stages.reporting import Reporter
 
 FORMAT = 1
 ARRAYS = ("labels", "confidence", "written")
+STORE_METADATA = "zarr.json"  # the group's attributes: the content a manifest's digest covers
 _CHUNK_KEY_ENCODING = {"name": "default", "separator": "/"}
 # An all-ignore label map or an all-zero confidence map must still be stored as a chunk file,
 # or it could not be told apart from a missing one.
@@ -276,12 +281,42 @@ class PseudoLabelStore:
         return self.read_labels(i), self.read_confidence(i)
 
     def read_labels(self, i: int) -> np.ndarray:
-        """(H, W) uint8 trainIds, 255 = ignore."""
-        return np.asarray(self._array("labels")[self._check_index(i)])
+        """(H, W) uint8 trainIds, 255 = ignore. A chunk that does not decode or holds values
+        that are not class ids is a DudaError naming the image."""
+        labels = np.asarray(self._read_chunk("labels", i))
+        invalid = (labels >= self.num_classes) & (labels != IGNORE_INDEX)
+        if invalid.any():
+            raise self._damaged(i, f"its labels hold values {np.unique(labels[invalid])[:5]} "
+                                   f"outside 0..{self.num_classes - 1} and {IGNORE_INDEX}")
+        return labels
 
     def read_confidence(self, i: int) -> np.ndarray:
         """(H, W) float32 (stored as float16)."""
-        return np.asarray(self._array("confidence")[self._check_index(i)], dtype=np.float32)
+        return np.asarray(self._read_chunk("confidence", i), dtype=np.float32)
+
+    def _read_chunk(self, name: str, i: int) -> np.ndarray:
+        i = self._check_index(i)
+        try:
+            return self._array(name)[i]
+        except DudaError:
+            raise
+        except Exception as error:  # noqa: BLE001 - zarr/numcodecs raise many types
+            raise self._damaged(i, f"its {name} chunk does not decode ({error})") from None
+
+    def _damaged(self, i: int, what: str) -> DudaError:
+        return DudaError(f"pseudo-label store {self.path} is damaged: image {i} ({self.ids[i]}): "
+                         f"{what}",
+                         "rebuild the store (rerun the stage that wrote it with --force); a "
+                         "store must not be edited by hand")
+
+    def validate(self, reporter: Reporter | None = None) -> None:
+        """Read and check every chunk once (a DudaError names the first damaged image)."""
+        reporter = reporter or Reporter()
+        with reporter.task("checking the pseudo-label store", total=len(self)) as task:
+            for i in range(len(self)):
+                self.read_labels(i)
+                self.read_confidence(i)
+                task.advance(1)
 
     def missing(self) -> list[int]:
         """The images not (completely) on disk: no `written` marker or a chunk file missing.
@@ -321,12 +356,6 @@ class PseudoLabelStore:
                                   minlength=self.num_classes + 1)
         return statistics_from_counts(counts[:-1], len(self.ids) * self.height * self.width)
 
-    def digest(self) -> str:
-        """A digest of the store's identity and attributes (for the manifest id)."""
-        attrs = self.attrs
-        text = json.dumps(attrs, sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
-
 
 def statistics_from_counts(kept: Sequence[int] | np.ndarray, pixels: int) -> dict[str, Any]:
     """The per-class statistics dict from kept-pixel counts per class and the pixel total."""
@@ -347,7 +376,7 @@ def _check_destination(path: Path) -> None:
                         "write the new version to another directory")
     if path.exists() and not path.is_dir():
         raise DudaError(f"{path} exists and is not a directory", "choose another output path")
-    if path.exists() and any(path.iterdir()):
+    if path.exists() and any(not entry.name.startswith(".") for entry in path.iterdir()):
         raise DudaError(f"{path} is not empty", "write the store into a new or empty directory")
 
 
@@ -367,7 +396,10 @@ def create_store(path: str | Path, *, ids: Sequence[str], height: int, width: in
     if len(set(ids)) != len(ids):
         raise ValueError("image ids must be unique")
     count = len(ids)
-    group = zarr.open_group(path, mode="w-", zarr_format=3)
+    write_marker(path, PSEUDO_LABELS, "store")
+    # "a" creates the group: the folder holds only the marker (checked above), which zarr's
+    # exclusive mode "w-" would count as existing data.
+    group = zarr.open_group(path, mode="a", zarr_format=3)
     group.attrs.update(json.loads(json.dumps({
         "duda_pseudo_labels": FORMAT,
         "ids": list(ids),
@@ -458,7 +490,7 @@ def copy_store(src: str | Path | PseudoLabelStore, dst: str | Path) -> PseudoLab
     manifest = source.manifest()
     dst = Path(dst)
     _check_destination(dst)
-    dst.mkdir(parents=True, exist_ok=True)
+    write_marker(dst, PSEUDO_LABELS, "copy")
     for entry in sorted(source.path.iterdir()):
         if entry.name == MANIFEST or entry.name.startswith("."):
             continue
@@ -559,12 +591,24 @@ def quality(store: PseudoLabelStore, index: Any, reporter: Reporter | None = Non
 # ----------------------------------------------------------------------- export and import
 
 
+LABEL_EXPORT = "duda.label_export"
+
+
 def export_labels(store: PseudoLabelStore, directory: str | Path, colour: bool = False,
                   reporter: Reporter | None = None) -> int:
     """Write one PNG per image, `<id>.png`: single-channel trainIds (255 = ignore), or with
-    `colour` a palette PNG whose pixel values are still the trainIds. Returns the count."""
+    `colour` a palette PNG whose pixel values are still the trainIds. Returns the count.
+
+    `directory` must be new, empty, or an earlier export (it carries the project's marker);
+    every chunk is checked before the first PNG is written."""
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    check_not_input(directory, [store.path])
+    if directory.exists() and not (directory.is_dir() and (
+            not any(directory.iterdir()) or is_ours(directory))):
+        raise DudaError(f"{directory} exists and is not an earlier label export; its files are "
+                        "left untouched", "export into a new or empty folder")
+    store.validate(reporter)
+    write_marker(directory, LABEL_EXPORT, "pseudo_export")
     palette = None
     if colour:
         colours = store.palette or _default_palette(store.num_classes)
@@ -580,7 +624,8 @@ def export_labels(store: PseudoLabelStore, directory: str | Path, colour: bool =
             else:
                 image = Image.fromarray(labels, mode="P")
                 image.putpalette(palette)
-            image.save(directory / f"{sample_id}.png")
+            with atomic_open(directory / f"{sample_id}.png") as handle:
+                image.save(handle, format="PNG")
             task.advance(1)
     return len(store)
 
@@ -632,16 +677,15 @@ def import_labels(directory: str | Path, data: str | Path, out: str | Path, *,
         raise DudaError(f"label folder {directory} has no PNG for {len(missing)} of "
                         f"{len(samples)} target-train images: {_first(missing)}",
                         "name each PNG like its image (<image stem>.png or <sample id>.png)")
-    with Image.open(samples[0].image) as first:
-        width, height = first.size
+    width, height = open_image(samples[0].image).size
     num_classes = index.num_classes
     wrong_size, out_of_range = [], []
     for path in matched:
-        with Image.open(path) as image:
-            if image.size != (width, height):
-                wrong_size.append(f"{path.name} ({image.size[1]}×{image.size[0]})")
-                continue
-            labels = np.asarray(image)
+        image = open_label_image(path)  # a corrupt or lossy (non-PNG) file is a DudaError
+        if image.size != (width, height):
+            wrong_size.append(f"{path.name} ({image.size[1]}×{image.size[0]})")
+            continue
+        labels = np.asarray(image)
         if labels.ndim != 2:
             raise DudaError(f"{path} has {labels.shape[2]} channels; a label PNG has one",
                             "write single-channel (or palette) PNGs of trainIds, 255 = ignore")
@@ -662,16 +706,15 @@ def import_labels(directory: str | Path, data: str | Path, out: str | Path, *,
     reporter = reporter or Reporter()
     with ArtifactWriter(out, kind=PSEUDO_LABELS, stage="pseudo_import", config=config,
                         config_hash=identity, inputs={"data": index.ref},
-                        force=force) as writer:
+                        protect=[directory], force=force) as writer:
         if writer.up_to_date:
             return writer.result()
-        store = create_store(out, ids=[sample.id for sample in samples], height=height,
+        store = create_store(writer.work, ids=[sample.id for sample in samples], height=height,
                              width=width, class_names=index.classes.names,
                              index_id=index.manifest.id, palette=index.classes.palette)
         with reporter.task("import", total=len(matched)) as task:
             for i, path in enumerate(matched):
-                with Image.open(path) as image:
-                    labels = np.asarray(image)
+                labels = np.asarray(open_label_image(path))
                 store.write(i, labels, (labels != IGNORE_INDEX).astype(np.float32))
                 task.advance(1)
         store.set_selector({"name": "imported", "directory": str(directory.resolve())})
@@ -684,7 +727,7 @@ def import_labels(directory: str | Path, data: str | Path, out: str | Path, *,
                    "per_class": {name: {"kept_pixels": statistics["kept_pixels"][c],
                                         "coverage": statistics["coverage"][c]}
                                  for c, name in enumerate(store.class_names)}}
-        writer.finish(summary, store.digest())
+        writer.finish(summary, content=[STORE_METADATA])
     return writer.result()
 
 

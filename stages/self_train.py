@@ -45,7 +45,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from stages.artifacts import CHECKPOINT, PSEUDO_LABELS, ArtifactWriter, StageResult, file_digest
+from stages.artifacts import CHECKPOINT, PSEUDO_LABELS, ArtifactWriter, StageResult
 from stages.checkpoint import (
     BEST_FILE,
     METRICS_FILE,
@@ -67,6 +67,7 @@ from stages.nn.model import build_model, parameter_groups
 from stages.nn.pseudo_labels import confidence_and_prediction, merge_offline, offline_thresholds
 from stages.nn.teacher import MeanTeacher, batchnorm_statistics, recalibrate_batchnorm
 from stages.pseudo_store import (
+    STORE_METADATA,
     PseudoLabelStore,
     copy_store,
     link_or_copy,
@@ -117,36 +118,34 @@ def run(config: Config, data: str | Path, checkpoint: str | Path, pseudo: str | 
     inputs = {"data": index.ref, "checkpoint": checkpoint_manifest.ref(checkpoint),
               "pseudo": source_store.manifest().ref(pseudo)}
     section = stage_config(config, "self_train")
-    ranks.barrier()  # every rank inspects `out` before rank 0 changes it
     with ArtifactWriter(out, kind=CHECKPOINT, stage="self_train", config=section,
                         config_hash=config_hash(section), inputs=inputs, force=force,
                         resume=resume, resumable=True, round=round,
-                        device=str(torch_device), is_writer=ranks.is_main) as writer:
+                        device=str(torch_device), ranks=ranks) as writer:
         if writer.up_to_date:
             return writer.result()
-        ranks.barrier()
+        # A damaged input store is refused before any training (and before it is copied).
+        ranks.on_main(lambda: source_store.validate(reporter))
         identity = {"config": section, "inputs": {k: v.id for k, v in inputs.items()}}
-        trained = _train(config, index, checkpoint, source_store, out, device=torch_device,
-                         ranks=ranks, resuming=writer.resuming, identity=identity,
-                         reporter=reporter)
+        trained = _train(config, index, checkpoint, source_store, writer.work,
+                         device=torch_device, ranks=ranks, resuming=writer.resuming,
+                         identity=identity, reporter=reporter)
+        summary: dict[str, Any] = {}
         if ranks.is_main:
-            summary, store, store_summary = trained
+            summary, store_summary = trained
             # The store artifact first, then the run's own manifest (written last).
-            with ArtifactWriter(out / STORE_DIR, kind=PSEUDO_LABELS, stage="self_train",
+            with ArtifactWriter(writer.work / STORE_DIR, kind=PSEUDO_LABELS, stage="self_train",
                                 config=section, config_hash=config_hash(section),
                                 inputs={**inputs, "parent": inputs["pseudo"]}, resumable=True,
-                                resume=True, round=round,
-                                device=str(torch_device)) as store_writer:
-                store_writer.finish(store_summary,
-                                    digest=store.digest() + summary["model_digest"])
-        summary = ranks.broadcast(trained[0] if ranks.is_main else None)
-        writer.finish(summary, digest=summary["model_digest"])
+                                resume=True, round=round, device=str(torch_device),
+                                lock=False) as store_writer:
+                store_writer.finish(store_summary, content=[STORE_METADATA])
+        writer.finish(summary, content=[MODEL_FILE])
         if ranks.is_main:
             # Scratch space for resuming, not part of the artifact: removed once the run is
             # finished (a crash before this line leaves a resumable run, after it a finished
             # one).
-            shutil.rmtree(out / SNAPSHOTS_DIR, ignore_errors=True)
-        ranks.barrier()  # the manifests exist before any rank returns
+            shutil.rmtree(writer.path / SNAPSHOTS_DIR, ignore_errors=True)
     return writer.result()
 
 
@@ -156,8 +155,8 @@ def run(config: Config, data: str | Path, checkpoint: str | Path, pseudo: str | 
 def _train(config: Config, index: DatasetIndex, checkpoint: Path,
            source_store: PseudoLabelStore, out: Path, *, device: torch.device, ranks: Ranks,
            resuming: bool, identity: dict[str, Any], reporter: Reporter,
-           ) -> tuple[dict[str, Any], PseudoLabelStore, dict[str, Any]] | None:
-    """The training loop: (summary, store, store summary) on rank 0, None on the others."""
+           ) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """The training loop: (summary, store summary) on rank 0, None on the others."""
     cfg = config.self_train
     num_classes = index.num_classes
     state_path, metrics_path = out / TRAIN_STATE_FILE, out / METRICS_FILE
@@ -349,7 +348,6 @@ def _train(config: Config, index: DatasetIndex, checkpoint: Path,
                          batch=cfg.source_batch_size + cfg.target_batch_size),
         "iterations_per_second": (progress["iteration"] - start) / elapsed if elapsed else None,
         "offline_changes": {k: sum(v) for k, v in progress["offline_changes"].items()},
-        "model_digest": file_digest(out / MODEL_FILE),
     }
     if progress["miou_last"] is not None:
         summary.update(miou_last=progress["miou_last"], miou_best=progress["miou_best"],
@@ -359,7 +357,7 @@ def _train(config: Config, index: DatasetIndex, checkpoint: Path,
     store_summary = {**store.class_statistics(),
                      "offline_changes": progress["offline_changes"],
                      "diagnostics": store_quality}
-    return summary, store, store_summary
+    return summary, store_summary
 
 
 def _initial_student(config: Config, index: DatasetIndex, checkpoint: Path) -> torch.nn.Module:

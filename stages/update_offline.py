@@ -30,7 +30,14 @@ from stages.devices import resolve_device
 from stages.distributed import Ranks, Silent
 from stages.inference import predict
 from stages.nn.pseudo_labels import confidence_and_prediction, merge_offline, offline_thresholds
-from stages.pseudo_store import PseudoLabelStore, copy_store, open_store, open_unfinished, quality
+from stages.pseudo_store import (
+    STORE_METADATA,
+    PseudoLabelStore,
+    copy_store,
+    open_store,
+    open_unfinished,
+    quality,
+)
 from stages.reporting import Reporter
 
 CHANGES = ("kept", "added", "dropped")
@@ -57,17 +64,13 @@ def run(config: Config, data: str | Path, checkpoint: str | Path, pseudo: str | 
     with ArtifactWriter(out, kind=PSEUDO_LABELS, stage="update_offline", config=section,
                         config_hash=config_hash(section), inputs=inputs, force=force,
                         round=checkpoint_manifest.round, device=str(torch_device),
-                        is_writer=ranks.is_main) as writer:
+                        ranks=ranks) as writer:
         if writer.up_to_date:
             return writer.result()
         loaded = load_model(checkpoint, cfg.model, torch_device)
         check_compatible(loaded, index.classes.names, what=f"dataset index {index.path}")
-        ranks.barrier()
-        if ranks.is_main:
-            store = copy_store(parent, out)
-        ranks.barrier()
-        if not ranks.is_main:
-            store = open_unfinished(out)
+        ranks.on_main(lambda: copy_store(parent, writer.work).path)
+        store = open_unfinished(writer.work)  # rank 0 copied it; every rank writes its images
 
         samples = [dataclasses.replace(sample, label=None)  # ground truth is never read here
                    for sample in index.samples("target", "train")]
@@ -88,9 +91,7 @@ def run(config: Config, data: str | Path, checkpoint: str | Path, pseudo: str | 
             store.check_complete()
             summary = _summary(index.classes.names, changes, statistics,
                                quality(parent, index), quality(store, index), loaded.which)
-        digest = ranks.broadcast(store.digest() if ranks.is_main else None)
-        writer.finish(summary, digest)
-        ranks.barrier()
+        writer.finish(summary, content=[STORE_METADATA])
     return writer.result()
 
 

@@ -91,21 +91,18 @@ def run(config: Config, data: str | Path, out: str | Path, *, init: str | Path |
     if init is not None:
         inputs["init"] = _init_ref(Path(init))
     section = stage_config(config, "warmup")
-    ranks.barrier()  # every rank inspects `out` before rank 0 changes it
     with ArtifactWriter(out, kind=CHECKPOINT, stage="warmup", config=section,
                         config_hash=config_hash(section), inputs=inputs, force=force,
                         resume=resume, resumable=True, device=str(torch_device),
-                        is_writer=ranks.is_main) as writer:
+                        ranks=ranks) as writer:
         if writer.up_to_date:
             return writer.result()
-        ranks.barrier()
         resume_identity = {"config": section, "inputs": {k: v.id for k, v in inputs.items()}}
-        summary = _train(config, index, out, init=Path(init) if init is not None else None,
-                         device=torch_device, ranks=ranks, resuming=writer.resuming,
-                         identity=resume_identity, reporter=reporter)
-        summary = ranks.broadcast(summary)
-        writer.finish(summary, digest=file_digest(out / MODEL_FILE) if ranks.is_main else "")
-        ranks.barrier()  # the manifest exists before any rank returns
+        summary = _train(config, index, writer.work,
+                         init=Path(init) if init is not None else None, device=torch_device,
+                         ranks=ranks, resuming=writer.resuming, identity=resume_identity,
+                         reporter=reporter)
+        writer.finish(summary or {}, content=[MODEL_FILE])
     return writer.result()
 
 

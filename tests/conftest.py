@@ -55,14 +55,16 @@ def _scene(rng: np.random.Generator, height: int, width: int, shift: int) -> tup
 
 
 def make_index(root: Path, sizes: dict[tuple[str, str], int] | None = None,
-               height: int = 32, width: int = 64, seed: int = 0) -> Path:
-    """Write a finished dataset index artifact at `root` and return its path."""
+               height: int = 32, width: int = 64, seed: int = 0,
+               unlabelled: tuple[tuple[str, str], ...] = ()) -> Path:
+    """Write a finished dataset index artifact at `root` and return its path; the splits in
+    `unlabelled` are indexed without their labels."""
     sizes = sizes or {("source", "train"): 8, ("source", "val"): 4,
                       ("target", "train"): 6, ("target", "val"): 4}
     rng = np.random.default_rng(seed)
     domains: dict[str, dict[str, SplitEntry]] = {}
     with ArtifactWriter(root, kind=DATASET_INDEX, stage="prepare_data", config={},
-                        config_hash="test") as writer:
+                        config_hash=f"test-{seed}-{sorted(sizes.items())}-{unlabelled}") as writer:
         for (domain, split), count in sizes.items():
             folder = root / domain / split
             folder.mkdir(parents=True)
@@ -71,15 +73,17 @@ def make_index(root: Path, sizes: dict[tuple[str, str], int] | None = None,
                 image, label = _scene(rng, height, width, 0 if domain == "source" else 40)
                 Image.fromarray(image).save(folder / f"{i:04d}.png")
                 Image.fromarray(label, mode="L").save(folder / f"{i:04d}_label.png")
+                label_path = f"{domain}/{split}/{i:04d}_label.png"
                 samples.append(SampleEntry(id=f"{domain}_{split}_{i:04d}",
                                            image=f"{domain}/{split}/{i:04d}.png",
-                                           label=f"{domain}/{split}/{i:04d}_label.png"))
+                                           label=None if (domain, split) in unlabelled
+                                           else label_path))
             domains.setdefault(domain, {})[split] = SplitEntry(samples=samples)
         content = IndexFile(classes=cityscapes_table(),
                             domains={d: DomainEntry(layout="synthetic", splits=s)
                                      for d, s in domains.items()})
         (root / INDEX_FILE).write_text(content.model_dump_json(indent=1))
-        writer.finish(summary={"splits": []}, digest=f"tiny-{seed}-{sorted(sizes.items())}")
+        writer.finish(summary={"splits": []}, content=[INDEX_FILE])
     return root
 
 

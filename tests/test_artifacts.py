@@ -22,8 +22,8 @@ def build(path, config_hash="h", inputs=None, **kwargs):
                         config_hash=config_hash, inputs=inputs, **kwargs) as writer:
         if writer.up_to_date:
             return writer.result()
-        (path / "payload.txt").write_text("x")
-        writer.finish({"pairs": 3}, digest="d")
+        (writer.work / "payload.txt").write_text("x")
+        writer.finish({"pairs": 3}, content=["payload.txt"])
     return writer.result()
 
 

@@ -72,8 +72,8 @@ def _invoke(*args: str):
 def test_warmup_writes_the_checkpoint_artifact(tiny_index, tmp_path):
     result = warmup.run(_config(), tiny_index, tmp_path / "w", device="cpu")
     out = result.path
-    assert {p.name for p in out.iterdir()} == {"manifest.json", "model.pt", "train_state.pt",
-                                               "metrics.jsonl"}
+    assert {p.name for p in out.iterdir()} == {".duda-artifact", "manifest.json", "model.pt",
+                                               "train_state.pt", "metrics.jsonl"}
     manifest = read_manifest(out)
     assert manifest.kind == "duda.checkpoint" and manifest.stage == "warmup"
     assert manifest.inputs["data"].path == str(tiny_index.resolve())

@@ -29,9 +29,21 @@ def read_image(path: Path) -> np.ndarray:
     return np.asarray(open_image(path).convert("RGB"))
 
 
+def open_label_image(path: Path) -> Image.Image:
+    """Open and decode a label file, which must be a PNG by its bytes: a lossy format (a JPEG
+    named .png) blurs class boundaries into other class ids and is refused."""
+    image = open_image(path)
+    if image.format != "PNG":
+        raise DudaError(f"{path} is a {image.format or 'non-PNG'} file, not a PNG; a lossy "
+                        "format moves pixels to wrong classes",
+                        "use the dataset's original PNG label files (label maps must be "
+                        "stored losslessly)")
+    return image
+
+
 def read_label(path: Path) -> np.ndarray:
     """(H, W) uint8 trainIds, 255 = ignore (as written by prepare-data)."""
-    image = open_image(path)
+    image = open_label_image(path)
     array = np.asarray(image)
     if array.ndim != 2:
         raise DudaError(f"{path} has {array.shape[2]} channels; a label map has one",

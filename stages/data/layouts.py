@@ -32,7 +32,7 @@ from stages.classes import (
     lookup_table,
 )
 from stages.config import DomainConfig
-from stages.data.io import open_image, write_label
+from stages.data.io import open_image, open_label_image, write_label
 from stages.errors import DudaError
 
 LabelFormat = Literal["train_ids", "cityscapes_ids", "gta5_palette", "synthia_ids",
@@ -310,7 +310,7 @@ def read_raw_label(path: Path, label_format: LabelFormat) -> np.ndarray:
     """The label's raw values, (H, W) integer, before mapping; checks the channel count."""
     if label_format == "synthia_ids":
         return read_synthia_ids(path)
-    image = open_image(path)
+    image = open_label_image(path)
     if image.mode not in ("L", "P", "I", "I;16", "I;16B", "I;16L"):
         raise DudaError(f"{path} is a {len(image.getbands())}-channel ({image.mode}) image; "
                         "a label map has one channel of class values",
