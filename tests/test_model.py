@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from pydantic import ValidationError
 import torch
 import torchvision
+from pydantic import ValidationError
 from torch import nn
 
 from stages.config import ModelConfig
