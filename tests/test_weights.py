@@ -261,7 +261,7 @@ def test_detect_format_from_key_names() -> None:
 
 def test_caffe_lineage_weights_are_refused_by_a_torchvision_model(fda_file: Path) -> None:
     for config in (TORCHVISION50, CAFFE.model_copy(update={"normalization": "imagenet_rgb"})):
-        target = source_model(config=config)
+        target = blank(config)
         before = target.backbone.conv1.weight.clone()
         with pytest.raises(DudaError) as error:
             import_weights(target, fda_file)
