@@ -189,10 +189,11 @@ def load_artifact(path: str | Path, kind: str) -> Manifest:
     return manifest
 
 
-def artifact_id(kind: str, config_hash: str, inputs: dict[str, ArtifactRef],
-                content: dict[str, str]) -> str:
-    """The content-derived id: kind, config hash, the inputs' ids and the content digests."""
-    identity = json.dumps({"kind": kind, "config": config_hash,
+def artifact_id(kind: str, config: dict[str, Any], config_hash: str,
+                inputs: dict[str, ArtifactRef], content: dict[str, str]) -> str:
+    """The content-derived id: kind, config and its hash, the inputs' ids and the content
+    digests."""
+    identity = json.dumps({"kind": kind, "config": config, "config_hash": config_hash,
                            "inputs": sorted(ref.id for ref in inputs.values()),
                            "content": content}, sort_keys=True)
     return hashlib.sha256(identity.encode()).hexdigest()[:16]
@@ -205,7 +206,7 @@ def verify(path: Path, manifest: Manifest) -> None:
     """
     if not manifest.content:
         return
-    if artifact_id(manifest.kind, manifest.config_hash, manifest.inputs,
+    if artifact_id(manifest.kind, manifest.config, manifest.config_hash, manifest.inputs,
                    manifest.content) != manifest.id:
         raise DudaError(f"artifact {path}: {MANIFEST} was edited (its id does not match its "
                         "recorded fields)", "rebuild the artifact with --force")
@@ -585,7 +586,7 @@ class ArtifactWriter:
             digests = {name: file_digest(self.work / name) for name in content}
             manifest = Manifest(
                 schema=f"{self.kind}/{VERSIONS[self.kind]}",
-                id=artifact_id(self.kind, self.config_hash, self.inputs, digests),
+                id=artifact_id(self.kind, self.config, self.config_hash, self.inputs, digests),
                 created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                 stage=self.stage,
                 round=self.round,

@@ -266,3 +266,25 @@ def test_evaluate_two_ranks_report_what_one_does(trained) -> None:
     assert sum(map(sum, reports[1]["confusion_matrix"])) > 0
     assert sorted(p.name for p in (root / "e_two" / "predictions").iterdir()) == sorted(
         p.name for p in (root / "e_one" / "predictions").iterdir())
+
+
+@pytest.mark.slow
+def test_every_rank_of_a_job_refused_by_the_lock_exits_2_at_once(trained) -> None:
+    from stages.artifacts import ArtifactLock
+
+    out = trained["root"] / "locked"
+    lock = ArtifactLock(out)
+    lock.acquire()  # another job writes `out`
+    try:
+        started = time.monotonic()
+        result = duda("evaluate", "-c", str(trained["config"]), "--data", str(trained["index"]),
+                      "--checkpoint", str(trained["warmup"]), "--out", str(out), ranks=2,
+                      check=False)
+    finally:
+        lock.release()
+    # torchrun reports a failed job with its own exit code 1 and each rank's exit code
+    assert result.returncode != 0 and "(exitcode: 2)" in result.stderr, result.stderr[-2000:]
+    # rank 0 and rank 1 both report the refusal; neither waited for a collective timeout
+    assert result.stderr.count(f"is being written by process {os.getpid()}") == 2
+    assert time.monotonic() - started < 120
+    assert not out.exists()
