@@ -12,6 +12,7 @@ from duda_cli.commands import (
     generate_pseudo,
     prepare_data,
     pseudo,
+    report,
     run_cmd,
     self_train,
     update_offline,
@@ -50,6 +51,7 @@ self_train.register(app)
 update_offline.register(app)
 evaluate.register(app)
 pseudo.register(app)
+report.register(app)
 app.add_typer(config_cmd.app, name="config")
 
 

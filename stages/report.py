@@ -1,0 +1,823 @@
+"""The `report` stage: figures and tables from artifacts on disk, in one self-contained page.
+
+It reads checkpoint artifacts (their `metrics.jsonl`), training runs still in progress (a
+folder with `metrics.jsonl` and no manifest yet: a live run is drawn as far as it has logged,
+under a banner) and evaluation artifacts (`report.json` and the saved prediction panels); it
+never runs a model. Training curves are grouped by metrics key (losses, periodic evaluation,
+pseudo-label coverage and accuracy, offline update, schedules, then any other key, so a newly
+logged key appears without a code change), one line per run; per-class lists become heat maps
+over iterations. An evaluation gives per-class IoU bars, its row-normalised confusion matrix and
+a few prediction panels; evaluations are compared class by class in `comparison.md` and
+`comparison.csv`. The output is a `duda.report` artifact: the PNGs, the tables and
+`index.html` with every image embedded as a data URI (no network, no external files).
+
+Inputs that cannot be drawn are listed and skipped; only when nothing can be drawn is it an
+error. The report is derived data: an existing report whose inputs changed (a live run logged
+more) is rebuilt without `--force`; one whose inputs are the same is a no-op.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import hashlib
+import html
+import io
+import json
+import logging
+import math
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from stages import plots
+from stages.artifacts import (
+    CHECKPOINT,
+    EVALUATION,
+    MANIFEST,
+    MARKER,
+    REPORT,
+    VERSIONS,
+    ArtifactRef,
+    ArtifactWriter,
+    Manifest,
+    StageResult,
+    atomic_write_text,
+    partial_path,
+    read_manifest,
+)
+from stages.checkpoint import BEST_FILE, METRICS_FILE, MODEL_FILE, TRAIN_STATE_FILE
+from stages.config import config_hash
+from stages.errors import DudaError
+from stages.reporting import Reporter
+
+HTML_FILE = "index.html"
+COMPARISON_MD = "comparison.md"
+COMPARISON_CSV = "comparison.csv"
+EVALUATION_REPORT = "report.json"  # what `duda evaluate` writes
+PREDICTIONS_DIR = "predictions"
+MAX_PANELS = 4  # prediction panels embedded per evaluation
+PANEL_WIDTH = 1024  # wider panels are scaled down to this many pixels
+
+logger = logging.getLogger("duda")
+
+DRAWABLE = ("checkpoints (training curves), evaluations (IoU per class, confusion matrix, "
+            "predictions) and training runs in progress (a folder with metrics.jsonl)")
+
+# Training-curve figures in page order, each drawing the scalar keys `curve_group` gives it;
+# "other" takes every key no group names. Per-class lists are drawn apart, as heat maps.
+CURVE_GROUPS: tuple[tuple[str, str], ...] = (
+    ("losses", "loss terms"),
+    ("evaluation", "periodic evaluation (target-val)"),
+    ("labels", "pseudo labels: coverage, agreement, accuracy"),
+    ("offline", "offline update: pixels kept, added, dropped"),
+    ("schedules", "learning rate, α, β"),
+    ("other", "other figures"),
+)
+
+
+def curve_group(key: str) -> str:
+    """The `CURVE_GROUPS` name a scalar metrics key is drawn in."""
+    head, _, tail = key.partition("/")
+    if head == "loss":
+        return "losses"
+    if head == "val":
+        return "evaluation"
+    if head == "offline" and tail in ("kept", "added", "dropped"):
+        return "offline"
+    if head in ("lr", "alpha", "beta"):
+        return "schedules"
+    if any(word in key for word in ("coverage", "agreement", "accuracy")):
+        return "labels"
+    return "other"
+
+
+# ------------------------------------------------------------------------------ reading
+
+
+@dataclass(frozen=True)
+class Metrics:
+    """The complete lines of a `metrics.jsonl`; `skipped` counts the others (a line cut short
+    by a killed run, or one that is not a JSON object with an iteration)."""
+
+    records: list[dict[str, Any]]
+    skipped: int
+    digest: str
+
+    @property
+    def last_iteration(self) -> int:
+        return max(int(record["iteration"]) for record in self.records)
+
+
+def read_metrics(path: Path) -> Metrics:
+    data = path.read_bytes()  # read once: a live run may append while we parse
+    records, skipped = [], 0
+    for line in data.split(b"\n"):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except (ValueError, UnicodeDecodeError):
+            skipped += 1
+            continue
+        if isinstance(record, dict) and _is_number(record.get("iteration")):
+            records.append(record)
+        else:
+            skipped += 1
+    return Metrics(records, skipped, hashlib.sha256(data).hexdigest()[:16])
+
+
+def scalar_series(records: Iterable[dict[str, Any]]) -> dict[str, list[tuple[float, float]]]:
+    """Every key holding a number, as (iteration, value) pairs in file order."""
+    series: dict[str, list[tuple[float, float]]] = {}
+    for record in records:
+        for key, value in record.items():
+            if key != "iteration" and _is_number(value):
+                series.setdefault(key, []).append((record["iteration"], float(value)))
+    return series
+
+
+def class_series(records: Iterable[dict[str, Any]]) -> dict[str, tuple[list[float], np.ndarray]]:
+    """Every key holding a list of numbers (one per class; null is NaN), as (iterations (T,),
+    values (T, C)). A line whose list has another length than the key's first is left out."""
+    rows: dict[str, tuple[list[float], list[list[float]]]] = {}
+    for record in records:
+        for key, value in record.items():
+            if not isinstance(value, list) or not value or not all(
+                    v is None or _is_number(v) for v in value):
+                continue
+            iterations, values = rows.setdefault(key, ([], []))
+            if not values or len(values[0]) == len(value):
+                iterations.append(record["iteration"])
+                values.append([math.nan if v is None else float(v) for v in value])
+    return {key: (iterations, np.array(values, dtype=float))
+            for key, (iterations, values) in rows.items()}
+
+
+@dataclass
+class Training:
+    """A checkpoint artifact or a run in progress (`manifest` None), read from `folder`."""
+
+    name: str
+    path: Path  # as given
+    folder: Path  # where it was read: `path`, or its `.partial` sibling during a --force rebuild
+    manifest: Manifest | None
+    metrics: Metrics
+    stage: str
+    class_names: list[str] | None
+    total: int | None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ref(self) -> ArtifactRef:
+        if self.manifest is not None:
+            return self.manifest.ref(self.path)
+        # A live run has no id yet: its metrics' digest stands in, so a report of it is
+        # rebuilt as soon as the run logs another line.
+        return ArtifactRef(kind=CHECKPOINT, id=f"unfinished-{self.metrics.digest}",
+                           path=str(self.folder.resolve()))
+
+    @property
+    def state(self) -> str:
+        if self.manifest is not None:
+            return (f"{self.stage} checkpoint (round {self.manifest.round}), "
+                    f"{self.metrics.last_iteration} iterations")
+        if self.total:
+            return f"unfinished run (iteration {self.metrics.last_iteration} of {self.total})"
+        return f"unfinished run, last logged iteration {self.metrics.last_iteration}"
+
+
+@dataclass
+class Evaluation:
+    name: str
+    path: Path
+    manifest: Manifest
+    report: dict[str, Any]
+    predictions: list[Path]
+    prediction_caption: str
+
+    @property
+    def ref(self) -> ArtifactRef:
+        return self.manifest.ref(self.path)
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.report.get("per_class", {}))
+
+    @property
+    def protocol_classes(self) -> list[str]:
+        """The classes the headline mIoU averages (all, when the report does not say)."""
+        primary = str(self.report.get("primary_protocol", ""))
+        return list(self.report.get("protocols", {}).get(primary, self.class_names))
+
+    @property
+    def headline(self) -> str:
+        primary = self.report.get("primary_protocol")
+        label = f"mIoU-{primary}" if primary else "mIoU"
+        protocol = self.report.get("protocol", {})
+        where = f"{protocol.get('domain', '?')}/{protocol.get('split', '?')}"
+        text = (f"{label} {100 * self.report['miou']:.1f} on {where} "
+                f"({protocol.get('images', '?')} images)")
+        if protocol.get("model"):
+            text += f", {protocol['model']} at iteration {protocol.get('iteration', '?')}"
+        return text
+
+
+@dataclass(frozen=True)
+class Skipped:
+    path: Path
+    reason: str
+    fix: str
+
+
+def _open(path: Path, name: str) -> list[Training | Evaluation | Skipped]:
+    """Read one input, or say why it cannot be drawn. A finished checkpoint that `--force` is
+    rebuilding beside it (in its `.partial` sibling) comes with the rebuild, as a second run."""
+    opened = _open_one(path, name)
+    live = partial_path(path)
+    if isinstance(opened, Training) and opened.manifest is not None and _is_live_run(live):
+        rebuild = _training(path, live, f"{name} (rebuild)", None, note=(
+            f"a rebuild (--force) in progress or interrupted, read from {live}"))
+        return [opened, rebuild]
+    return [opened]
+
+
+def _open_one(path: Path, name: str) -> Training | Evaluation | Skipped:
+    if not path.exists():
+        return Skipped(path, "does not exist", "check the path")
+    if not path.is_dir():
+        return Skipped(path, "is not a folder",
+                       "pass an artifact folder (the one holding manifest.json) or the folder "
+                       "of a training run")
+    live = partial_path(path)
+    if not (path / MANIFEST).is_file():
+        if (path / METRICS_FILE).is_file():
+            return _training(path, path, name, None)
+        if _is_live_run(live):
+            return _training(path, live, name, None)
+        return _unfinished(path)
+    try:
+        manifest = read_manifest(path)
+    except DudaError as error:
+        return Skipped(path, error.message.removeprefix(f"artifact {path} "), error.fix or "")
+    if manifest.kind not in (CHECKPOINT, EVALUATION):
+        return Skipped(path, f"is a {manifest.kind} artifact; only {DRAWABLE} can be drawn",
+                       "pass a checkpoint (from warmup or self-train) or an evaluation "
+                       "artifact")
+    if manifest.version != VERSIONS[manifest.kind]:
+        return Skipped(path, f"has format {manifest.schema_id}; this version of duda reads "
+                       f"{manifest.kind}/{VERSIONS[manifest.kind]}",
+                       "draw it with the version of duda that wrote it")
+    if manifest.kind == EVALUATION:
+        return _evaluation(path, name, manifest)
+    return _training(path, path, name, manifest)
+
+
+def _unfinished(path: Path) -> Skipped:
+    """Why a folder without manifest or metrics cannot be drawn."""
+    try:
+        kind = json.loads((path / MARKER).read_text()).get("kind")
+    except (OSError, ValueError, AttributeError):
+        kind = None
+    if kind == CHECKPOINT or (path / TRAIN_STATE_FILE).is_file():
+        return Skipped(path, "is a training run that has not logged an iteration yet",
+                       "run the report again once it has (every log_every iterations)")
+    if kind is not None:
+        return Skipped(path, f"is an unfinished {kind} artifact (no manifest.json yet)",
+                       "run the report again once the stage writing it has finished")
+    return Skipped(path, "is neither an artifact (no manifest.json) nor a training run "
+                   "(no metrics.jsonl)", _fix_for_folder(path))
+
+
+def _is_live_run(folder: Path) -> bool:
+    return (folder / METRICS_FILE).is_file() and not (folder / MANIFEST).is_file()
+
+
+def _fix_for_folder(path: Path) -> str:
+    inside = sorted(child for child in path.iterdir()
+                    if child.is_dir() and ((child / MANIFEST).is_file()
+                                           or (child / METRICS_FILE).is_file()))
+    if inside:
+        return "pass the artifacts it holds, e.g. " + " ".join(str(c) for c in inside[:6])
+    return f"pass one of: {DRAWABLE}"
+
+
+def _training(path: Path, folder: Path, name: str, manifest: Manifest | None,
+              note: str = "") -> Training | Skipped:
+    metrics_path = folder / METRICS_FILE
+    if not metrics_path.is_file():
+        return Skipped(path, "is a checkpoint without metrics.jsonl (imported or converted, not "
+                       "trained here): it has no training curves",
+                       "pass a checkpoint that warmup or self-train wrote, or its evaluation")
+    metrics = read_metrics(metrics_path)
+    if not metrics.records:
+        cut = f" ({metrics.skipped} incomplete)" if metrics.skipped else ""
+        return Skipped(path, f"has no complete line in metrics.jsonl yet{cut}",
+                       "run the report again once the run has logged its first iteration")
+    state = None if manifest is not None else _train_state(folder)
+    stage = _stage(manifest, folder, state)
+    total = _total_iterations(manifest, state, stage)
+    training = Training(name, path, folder, manifest, metrics, stage,
+                        _class_names(manifest, folder), total)
+    if note:
+        training.notes.append(note)
+    if metrics.skipped:
+        training.notes.append(f"{metrics.skipped} incomplete line{_s(metrics.skipped)} of "
+                              f"{METRICS_FILE} skipped (a line cut short by a killed run is "
+                              "one); the curves use the complete lines")
+    return training
+
+
+def _train_state(folder: Path) -> dict[str, Any] | None:
+    """The saved training state of a run in progress, if it has one yet (best effort: a
+    report never fails on it). Memory-mapped: only the small entries are read."""
+    path = folder / TRAIN_STATE_FILE
+    if not path.is_file():
+        return None
+    import torch
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - being replaced, foreign or damaged: draw without it
+        return None
+    return state if isinstance(state, dict) else None
+
+
+def _stage(manifest: Manifest | None, folder: Path, state: dict[str, Any] | None) -> str:
+    if manifest is not None:
+        return manifest.stage
+    try:
+        return str(json.loads((folder / MARKER).read_text())["stage"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    config = (state or {}).get("identity", {}).get("config", {})
+    for stage in ("self_train", "warmup"):
+        if stage in config:
+            return stage
+    return "training"
+
+
+def _total_iterations(manifest: Manifest | None, state: dict[str, Any] | None,
+                      stage: str) -> int | None:
+    config = manifest.config if manifest is not None else (
+        (state or {}).get("identity", {}).get("config", {}))
+    total = config.get(stage, {}).get("iterations") if isinstance(config, dict) else None
+    return int(total) if _is_number(total) else None
+
+
+def _class_names(manifest: Manifest | None, folder: Path) -> list[str] | None:
+    """From the dataset index the checkpoint was trained on, else from its model file (a run
+    in progress has `best.pt` after its first periodic evaluation)."""
+    if manifest is not None and "data" in manifest.inputs:
+        try:
+            index = json.loads((Path(manifest.inputs["data"].path) / "index.json").read_text())
+            return [str(name) for name in index["classes"]["names"]]
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+    for path in (folder / MODEL_FILE, folder / BEST_FILE):
+        if not path.is_file():
+            continue
+        import torch
+
+        try:
+            model = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            return [str(name) for name in model["class_names"]]
+        except Exception as error:  # noqa: BLE001 - best effort: generic class labels instead
+            logger.debug("class names from %s: %r", path, error)
+    return None
+
+
+def _evaluation(path: Path, name: str, manifest: Manifest) -> Evaluation | Skipped:
+    try:
+        report = json.loads((path / EVALUATION_REPORT).read_text())
+        float(report["miou"])
+        dict(report["per_class"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return Skipped(path, f"is an evaluation whose {EVALUATION_REPORT} is missing or "
+                       "unreadable", "rebuild it with `duda evaluate --force`")
+    predictions, caption = _prediction_images(path / PREDICTIONS_DIR)
+    return Evaluation(name, path, manifest, report, predictions, caption)
+
+
+def _prediction_images(folder: Path) -> tuple[list[Path], str]:
+    """The first few saved panels (image | prediction | ground truth), else colour predictions.
+
+    Panels are `<id>_panel.png` or files in a `panel*` subfolder; colour predictions sit
+    directly in the folder or in `color/` (`colour/`). Other subfolders (trainIds, label ids,
+    confidence) are not pictures to look at."""
+    if not folder.is_dir():
+        return [], ""
+    files = sorted(p for p in folder.rglob("*.png") if p.is_file())
+    panels = [p for p in files if p.stem.endswith("_panel") or any(
+        part.lower().startswith("panel") for part in p.relative_to(folder).parts[:-1])]
+    if panels:
+        return panels[:MAX_PANELS], "image | prediction | ground truth"
+    colour = [p for p in files if p.parent == folder
+              or p.relative_to(folder).parts[0].lower() in ("color", "colour")]
+    return colour[:MAX_PANELS], "prediction"
+
+
+def short_names(paths: Sequence[Path]) -> list[str]:
+    """A label per path: its folder name, with parent folders added where names repeat."""
+    parts = [Path(p).resolve().parts for p in paths]
+    depth = [1] * len(paths)
+    for _ in range(max((len(p) for p in parts), default=1)):
+        names = ["/".join(p[-d:]) for p, d in zip(parts, depth)]
+        repeated = {n for n in names if names.count(n) > 1}
+        if not repeated:
+            return names
+        depth = [d + 1 if n in repeated else d for n, d in zip(names, depth)]
+    return [f"{n} ({i + 1})" for i, n in enumerate(names)]
+
+
+# ------------------------------------------------------------------------------ the stage
+
+
+def run(paths: Sequence[str | Path], out: str | Path, *, force: bool = False,
+        reporter: Reporter | None = None) -> StageResult:
+    """Draw `paths` (checkpoints, evaluations, runs in progress) into the report at `out`."""
+    plots.require_matplotlib()
+    reporter = reporter or Reporter()
+    out = Path(out)
+    if not paths:
+        raise DudaError("no artifact to draw", f"pass one or more of: {DRAWABLE}")
+    given = list({Path(p).resolve(): Path(p) for p in paths}.values())  # each path once
+    opened = [item for path, name in zip(given, short_names(given)) for item in _open(path, name)]
+    skipped = [item for item in opened if isinstance(item, Skipped)]
+    runs = [item for item in opened if isinstance(item, Training)]
+    evaluations = [item for item in opened if isinstance(item, Evaluation)]
+    if not runs and not evaluations:
+        reasons = "; ".join(f"{item.path} {item.reason}" for item in skipped)
+        raise DudaError(f"nothing to draw: {reasons}", skipped[0].fix)
+    for item in skipped:
+        reporter.info(f"skipped {item.path}: {item.reason}")
+    for training in runs:
+        if training.manifest is None or training.notes:
+            reporter.info(f"{training.name}: {'; '.join([training.state, *training.notes])}")
+
+    inputs = {item.name: item.ref for item in [*runs, *evaluations]}
+    section = {"paths": [str(path.resolve()) for path in given]}
+    digest = config_hash(section)
+    force = force or _replaceable(out, digest, inputs)
+    with ArtifactWriter(out, kind=REPORT, stage="report", config=section, config_hash=digest,
+                        inputs=inputs, protect=given, force=force) as writer:
+        if writer.up_to_date:
+            return writer.result()
+        page = _Page(writer.work)
+        _draw_runs(page, runs)
+        _draw_evaluations(page, evaluations)
+        tables = _write_comparison(page, evaluations) if evaluations else []
+        atomic_write_text(writer.work / HTML_FILE, page.html(runs, evaluations, skipped))
+        summary = {
+            "html": HTML_FILE,
+            "figures": page.figures,
+            "tables": tables,
+            "runs": {t.name: {"path": str(t.folder.resolve()), "finished": t.manifest is not None,
+                              "last_iteration": t.metrics.last_iteration,
+                              "total_iterations": t.total,
+                              "skipped_lines": t.metrics.skipped} for t in runs},
+            "evaluations": {e.name: {"path": str(e.path.resolve()), "miou": e.report["miou"]}
+                            for e in evaluations},
+            "skipped": [{"path": str(item.path), "reason": item.reason} for item in skipped],
+        }
+        writer.finish(summary, content=[*page.figures, *tables, HTML_FILE])
+    return writer.result()
+
+
+def _replaceable(out: Path, digest: str, inputs: dict[str, ArtifactRef]) -> bool:
+    """Whether `out` holds a report of other inputs, to be rebuilt without --force (a report
+    is derived from its inputs: replacing it loses nothing). Another kind is refused."""
+    if not (out / MANIFEST).is_file():
+        return False
+    try:
+        manifest = read_manifest(out)
+    except DudaError:
+        return False  # the writer reports the damage
+    if manifest.kind != REPORT:
+        raise DudaError(f"--out {out} holds a {manifest.kind} artifact",
+                        "write the report to a folder of its own (another --out)")
+    return (manifest.config_hash != digest
+            or {k: v.id for k, v in manifest.inputs.items()} != {k: v.id for k, v in
+                                                                   inputs.items()})
+
+
+# ------------------------------------------------------------------------------ drawing
+
+
+class _Page:
+    """The figures written so far and the HTML sections that show them."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.figures: list[str] = []
+        self.run_figures: list[str] = []  # HTML of the training figures
+        self.evaluation_html: dict[str, list[str]] = {}
+        self.comparison_html: list[str] = []
+
+    def name(self, *words: str) -> str:
+        """A new figure file name made of `words`."""
+        stem = "-".join(_slug(word) for word in words)
+        name, n = f"{stem}.png", 1
+        while name in self.figures:
+            n += 1
+            name = f"{stem}-{n}.png"
+        self.figures.append(name)
+        return name
+
+    def figure(self, name: str, caption: str) -> str:
+        data = base64.b64encode((self.folder / name).read_bytes()).decode()
+        return (f'<figure><img src="data:image/png;base64,{data}" alt="{_e(caption)}">'
+                f"<figcaption>{_e(caption)}</figcaption></figure>")
+
+    def html(self, runs: list[Training], evaluations: list[Evaluation],
+             skipped: list[Skipped]) -> str:
+        body = ["<h1>duda report</h1>"]
+        for training in runs:  # what someone watching a live run looks for first
+            if training.manifest is None:
+                body.append(f'<div class="banner live">{_e(training.name)}: '
+                            f"{_e(training.state)}</div>")
+            body.extend(f'<div class="banner">{_e(training.name)}: {_e(note)}</div>'
+                        for note in training.notes)
+        body.append(_inputs_table(runs, evaluations))
+        if skipped:
+            body.append('<div class="banner"><strong>Skipped</strong><ul>' + "".join(
+                f"<li><code>{_e(str(s.path))}</code> {_e(s.reason)} (fix: {_e(s.fix)})</li>"
+                for s in skipped) + "</ul></div>")
+        if runs:
+            body.append("<h2>Training</h2>")
+            body.extend(self.run_figures)
+            for training in runs:
+                body.append(_run_section(training))
+        if evaluations:
+            body.append("<h2>Evaluations</h2>")
+            for evaluation in evaluations:
+                body.extend(self.evaluation_html[evaluation.name])
+            body.extend(self.comparison_html)
+        return _document("duda report", "\n".join(body))
+
+
+def _draw_runs(page: _Page, runs: list[Training]) -> None:
+    if not runs:
+        return
+    overlaid = len(runs) > 1
+    suffix = "" if overlaid else f" — {runs[0].name}"
+    per_run = {t.name: scalar_series(t.metrics.records) for t in runs}
+    keys = list(dict.fromkeys(key for series in per_run.values() for key in series))
+    if keys:
+        page.run_figures.append("<h3>Training curves</h3>")
+    for group, title in CURVE_GROUPS:
+        panels = {key: {name: series[key] for name, series in per_run.items() if key in series}
+                  for key in keys if curve_group(key) == group}
+        if not panels:
+            continue
+        name = page.name("curves", group)
+        plots.small_multiples(panels, page.folder / name, title=title + suffix)
+        page.run_figures.append(page.figure(name, title + (
+            " (one line per run)" if overlaid else "")))
+    per_class = {t.name: class_series(t.metrics.records) for t in runs}
+    class_keys = list(dict.fromkeys(key for series in per_class.values() for key in series))
+    if class_keys:
+        page.run_figures.append("<h3>Per class</h3>")
+    for key in class_keys:
+        # Runs with the same class list share a figure (one heat map each); others get theirs.
+        by_classes: dict[tuple[str, ...], dict[str, tuple[list[float], np.ndarray]]] = {}
+        for training in runs:
+            if key in per_class[training.name]:
+                iterations, values = per_class[training.name][key]
+                labels = _row_labels(training.class_names, values.shape[1])
+                by_classes.setdefault(labels, {})[training.name] = (iterations, values)
+        for labels, panels in by_classes.items():
+            finite = np.concatenate([v[np.isfinite(v)] for _, v in panels.values()])
+            unit = finite.size == 0 or (finite.min() >= 0 and finite.max() <= 1)
+            name = page.name("classes", key)
+            plots.timeline_heatmaps(panels, page.folder / name, row_labels=list(labels),
+                                    title=key + suffix, vmin=0 if unit else None,
+                                    vmax=1 if unit else None, colorbar_label=key)
+            page.run_figures.append(page.figure(
+                name, f"{key} per class over iterations (grey: undefined)"))
+
+
+def _row_labels(names: list[str] | None, count: int) -> tuple[str, ...]:
+    if names is not None and len(names) == count:
+        return tuple(names)
+    return tuple(f"class {c}" for c in range(count))
+
+
+def _draw_evaluations(page: _Page, evaluations: list[Evaluation]) -> None:
+    for evaluation in evaluations:
+        section = [f"<h3>{_e(evaluation.name)}</h3>",
+                   (f"<p><strong>{_e(evaluation.headline)}</strong><br>"
+                    f"<code>{_e(str(evaluation.path.resolve()))}</code></p>")]
+        classes = evaluation.protocol_classes
+        per_class = evaluation.report["per_class"]
+        name = page.name(evaluation.name, "iou")
+        plots.bars_figure({evaluation.name: {c: _percent(per_class.get(c)) for c in classes}},
+                          page.folder / name, title=f"{evaluation.name}: IoU per class",
+                          ylabel="IoU %", ylim=(0, 105))
+        section.append(page.figure(name, "IoU per class (%)"))
+        confusion = _confusion(evaluation)
+        if confusion is not None:
+            matrix, rows, columns = confusion
+            name = page.name(evaluation.name, "confusion")
+            plots.heatmap_figure(matrix, page.folder / name, row_labels=rows,
+                                 column_labels=columns, title=f"{evaluation.name}: confusion",
+                                 xlabel="prediction", ylabel="ground truth", vmin=0, vmax=1,
+                                 colorbar_label="share of the ground-truth row", percent=True)
+            section.append(page.figure(name, "confusion matrix, each ground-truth row "
+                                       "normalised to 1 (cells in %; grey: class absent)"))
+        for source in evaluation.predictions:
+            name = page.name(evaluation.name, "prediction", source.stem)
+            _copy_scaled(source, page.folder / name)
+            section.append(page.figure(name, f"{source.stem}: {evaluation.prediction_caption}"))
+        page.evaluation_html[evaluation.name] = section
+
+
+def _confusion(evaluation: Evaluation) -> tuple[np.ndarray, list[str], list[str]] | None:
+    """The confusion matrix over the protocol's classes, rows normalised by their ground-truth
+    pixels; predictions of classes outside the protocol are summed in an "other" column."""
+    matrix = np.asarray(evaluation.report.get("confusion_matrix") or [], dtype=float)
+    names = evaluation.class_names
+    if matrix.ndim != 2 or matrix.shape != (len(names), len(names)):
+        return None
+    keep = [names.index(c) for c in evaluation.protocol_classes if c in names]
+    totals = matrix[keep].sum(axis=1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        shares = matrix[keep] / totals  # (K, C); a class absent from ground truth is NaN
+    columns = [names[c] for c in keep]
+    table = shares[:, keep]
+    rest = np.nansum(shares, axis=1) - np.nansum(table, axis=1)
+    if np.any(rest > 0):
+        table = np.concatenate([table, np.where(totals > 0, rest[:, None], np.nan)], axis=1)
+        columns.append("other classes")
+    return table, [names[c] for c in keep], columns
+
+
+def _copy_scaled(source: Path, target: Path) -> None:
+    with Image.open(source) as image:
+        image = image.convert("RGB")
+        if image.width > PANEL_WIDTH:
+            height = round(image.height * PANEL_WIDTH / image.width)
+            image = image.resize((PANEL_WIDTH, height), Image.Resampling.LANCZOS)
+        image.save(target, format="PNG")
+
+
+# ------------------------------------------------------------------------------ comparison
+
+
+def comparison_rows(evaluations: Sequence[Evaluation]) -> list[tuple[str, list[float | None]]]:
+    """(row label, IoU per evaluation) for every class any evaluation's mIoU averages, then
+    "mIoU" (each evaluation's headline), then "mIoU-<protocol>" rows where evaluations report
+    more than one protocol or different ones. None where an evaluation has no value."""
+    classes = list(dict.fromkeys(c for e in evaluations for c in e.protocol_classes))
+    rows = [(c, [e.report["per_class"].get(c) if c in e.protocol_classes else None
+                 for e in evaluations]) for c in classes]
+    rows.append(("mIoU", [e.report["miou"] for e in evaluations]))
+    protocols = [dict(e.report.get("miou_by_protocol", {})) for e in evaluations]
+    names = list(dict.fromkeys(p for by in protocols for p in by))
+    if len(names) > 1:
+        for protocol in sorted(names, key=lambda p: (-int(p) if p.isdigit() else 0, p)):
+            rows.append((f"mIoU-{protocol}", [by.get(protocol) for by in protocols]))
+    return rows
+
+
+def _write_comparison(page: _Page, evaluations: list[Evaluation]) -> list[str]:
+    rows = comparison_rows(evaluations)
+    columns = [e.name for e in evaluations]
+    cells = [(label, [None if v is None else 100 * float(v) for v in values])
+             for label, values in rows]
+
+    lines = ["| class | " + " | ".join(_md(c) for c in columns) + " |",
+             "|---|" + "---:|" * len(columns)]
+    for label, values in cells:
+        best = max((v for v in values if v is not None), default=None)
+        text = [("–" if v is None else (f"**{v:.1f}**" if len(values) > 1 and v == best
+                                        else f"{v:.1f}")) for v in values]
+        lines.append(f"| {_md(label)} | " + " | ".join(text) + " |")
+    legend = [f"- {_md(e.name)}: {_md(e.headline)}" for e in evaluations]
+    atomic_write_text(page.folder / COMPARISON_MD,
+                      "IoU per class and mIoU, in %"
+                      + (" (best of each row in bold)" if len(columns) > 1 else "")
+                      + "\n\n" + "\n".join(lines) + "\n\n" + "\n".join(legend) + "\n")
+
+    buffer = io.StringIO()
+    table = csv.writer(buffer, lineterminator="\n")
+    table.writerow(["class", *columns])
+    for label, values in cells:
+        table.writerow([label, *("" if v is None else f"{v:.2f}" for v in values)])
+    atomic_write_text(page.folder / COMPARISON_CSV, buffer.getvalue())
+
+    html_rows = "".join(
+        ('<tr class="total">' if label.startswith("mIoU") else "<tr>") + f"<th>{_e(label)}</th>"
+        + "".join("<td>–</td>" if v is None else f"<td>{v:.1f}</td>" for v in values) + "</tr>"
+        for label, values in cells)
+    page.comparison_html = [
+        "<h2>Comparison</h2>" if len(columns) > 1 else "<h2>Table</h2>",
+        ("<p>IoU per class and mIoU in %; also in <code>comparison.md</code> and "
+         "<code>comparison.csv</code>.</p>"),
+        "<table><thead><tr><th>class</th>" + "".join(f"<th>{_e(c)}</th>" for c in columns)
+        + f"</tr></thead><tbody>{html_rows}</tbody></table>"]
+    if len(columns) > 1:
+        name = page.name("comparison", "iou")
+        plots.bars_figure({e.name: {label: values[i] for label, values in cells
+                                    if not label.startswith("mIoU-")}
+                           for i, e in enumerate(evaluations)},
+                          page.folder / name, title="IoU per class", ylabel="IoU %",
+                          ylim=(0, 105))
+        page.comparison_html.append(page.figure(name, "IoU per class and mIoU (%)"))
+    return [COMPARISON_MD, COMPARISON_CSV]
+
+
+# ------------------------------------------------------------------------------ HTML
+
+
+_CSS = """
+body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2em auto;
+       max-width: 1150px; padding: 0 1em; color: #222; line-height: 1.4; }
+h1 { border-bottom: 2px solid #444; } h2 { border-bottom: 1px solid #bbb; margin-top: 2em; }
+table { border-collapse: collapse; margin: 0.5em 0 1em; font-size: 0.9em; }
+th, td { border: 1px solid #ccc; padding: 0.2em 0.6em; text-align: left; }
+td { text-align: right; font-variant-numeric: tabular-nums; }
+td.text { text-align: left; } tr.total { font-weight: bold; background: #f2f2f2; }
+.banner { background: #fff3cd; border: 1px solid #d9b44a; padding: 0.5em 1em; margin: 0.5em 0; }
+.banner.live { background: #fde2e1; border-color: #d9534f; font-weight: bold; }
+figure { margin: 1em 0; } figure img { max-width: 100%; border: 1px solid #eee; }
+figcaption { font-size: 0.85em; color: #555; } code { font-size: 0.9em; }
+.live { color: #b02a25; font-weight: bold; }
+ul.figures { columns: 3; list-style: none; padding: 0; font-size: 0.9em; }
+"""
+
+
+def _document(title: str, body: str) -> str:
+    return (f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+            f"<title>{_e(title)}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n{body}\n"
+            "</body>\n</html>\n")
+
+
+def _inputs_table(runs: list[Training], evaluations: list[Evaluation]) -> str:
+    rows = [(t.manifest is None, t.name, t.state, str(t.folder.resolve()), t.ref.id)
+            for t in runs]
+    rows += [(False, e.name, f"evaluation: {e.headline}", str(e.path.resolve()),
+              e.manifest.id) for e in evaluations]
+    return ("<table><thead><tr><th>name</th><th>what</th><th>path</th><th>id</th></tr></thead>"
+            "<tbody>" + "".join(('<tr class="live">' if live else "<tr>") + "".join(
+                f'<td class="text">{_e(cell)}</td>' for cell in cells) + "</tr>"
+                for live, *cells in rows) + "</tbody></table>")
+
+
+def _run_section(training: Training) -> str:
+    live = training.manifest is None
+    parts = [f"<h3>{_e(training.name)}</h3>",
+             ('<p class="live">' if live else "<p>") + f"{_e(training.state)}<br>"
+             f"<code>{_e(str(training.folder.resolve()))}</code></p>"]
+    parts.extend(f"<p>{_e(note)}</p>" for note in training.notes)
+    figures = _summary_figures(training.manifest.summary if training.manifest else {})
+    if figures:
+        parts.append('<ul class="figures">' + "".join(
+            f"<li><strong>{_e(key)}</strong> {_e(value)}</li>" for key, value in figures)
+            + "</ul>")
+    return "\n".join(parts)
+
+
+def _summary_figures(summary: dict[str, Any]) -> list[tuple[str, str]]:
+    """The manifest's headline figures, nested dicts flattened one level, digests left out."""
+    flat: list[tuple[str, Any]] = []
+    for key, value in summary.items():
+        if isinstance(value, dict):
+            flat.extend((f"{key}/{k}", v) for k, v in value.items())
+        else:
+            flat.append((key, value))
+    return [(key, f"{value:.4g}" if isinstance(value, float) else str(value))
+            for key, value in flat if "digest" not in key
+            and (value is None or isinstance(value, (str, int, float)))]
+
+
+# ------------------------------------------------------------------------------ helpers
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _percent(value: Any) -> float | None:
+    return None if value is None else 100 * float(value)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "x"
+
+
+def _s(count: int) -> str:
+    return "" if count == 1 else "s"
+
+
+def _e(text: str) -> str:
+    return html.escape(text, quote=True)
+
+
+def _md(text: str) -> str:
+    return text.replace("|", "\\|")

@@ -1,0 +1,357 @@
+"""`duda report`: figures, the self-contained page and the comparison tables, from hand-built
+artifacts (no model runs); runs in progress; bad inputs; the up-to-date check."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import io
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from duda_cli.app import app
+from stages import plots, report
+from stages.artifacts import (
+    CHECKPOINT,
+    DATASET_INDEX,
+    EVALUATION,
+    PSEUDO_LABELS,
+    ArtifactRef,
+    ArtifactWriter,
+)
+
+runner = CliRunner()
+CLASSES = ["road", "sky", "car"]
+
+
+def _artifact(path: Path, kind: str, stage: str, files: dict[str, str | bytes],
+              config: dict | None = None, inputs: dict[str, ArtifactRef] | None = None,
+              summary: dict | None = None) -> Path:
+    """A finished artifact of `kind` holding `files`, written the way the stages write one."""
+    with ArtifactWriter(path, kind=kind, stage=stage, config=config or {},
+                        config_hash=f"test-{path.name}", inputs=inputs) as writer:
+        for name, content in files.items():
+            target = writer.path / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if isinstance(content, bytes):
+                target.write_bytes(content)
+            else:
+                target.write_text(content)
+        writer.finish(summary or {})
+    return path
+
+
+def _index(root: Path) -> Path:
+    return _artifact(root / "data", DATASET_INDEX, "prepare_data",
+                     {"index.json": json.dumps({"classes": {"names": CLASSES}})})
+
+
+def _records(last: int, every: int = 10) -> list[dict]:
+    """Metrics lines as self-train logs them, with per-class lists (null: undefined)."""
+    lines = []
+    for it in range(every, last + 1, every):
+        lines.append({"iteration": it, "loss/source_ce": 1.0 / it, "loss/offline_sce": 2.0 / it,
+                      "lr": 0.01 * (1 - it / 100), "alpha": 0.2 + it / 1000, "beta": 0.25,
+                      "online/coverage": it / 100, "online/accuracy": 0.9,
+                      "offline/kept": 100.0 + it, "offline/added": 10.0, "offline/dropped": 1.0,
+                      "online/thresholds": [0.9, 0.5, 0.0],
+                      "online/class_accuracy": [0.95, None, it / 100],
+                      "newly/added_key": float(it)})
+        if it % 20 == 0:
+            lines.append({"iteration": it, "val/miou": 0.3 + it / 1000,
+                          "offline_store/accuracy": 0.8})
+    return lines
+
+
+def _losses(last: int, every: int = 10) -> list[dict]:
+    """Metrics lines with one key: one figure to draw, for the tests that draw twice."""
+    return [{"iteration": it, "loss/source_ce": 1.0 / it} for it in range(every, last + 1, every)]
+
+
+def _metrics_text(records: list[dict]) -> str:
+    return "".join(json.dumps(r) + "\n" for r in records)
+
+
+def _checkpoint(root: Path, name: str, records: list[dict], data: Path | None = None,
+                total: int = 100) -> Path:
+    inputs = {"data": ArtifactRef(kind=DATASET_INDEX, id="index", path=str(data))} if data else {}
+    return _artifact(root / name, CHECKPOINT, "self_train", {"metrics.jsonl":
+                                                              _metrics_text(records)},
+                     config={"self_train": {"iterations": total}}, inputs=inputs,
+                     summary={"iteration": total, "miou_best": 0.4,
+                              "offline_changes": {"kept": 5, "added": 2, "dropped": 1}})
+
+
+def _live_run(root: Path, records: list[dict], tail: str = "", total: int | None = 200) -> Path:
+    """A training run in progress: metrics, a saved training state, no manifest."""
+    run = root / "live"
+    run.mkdir(parents=True)
+    (run / "metrics.jsonl").write_text(_metrics_text(records) + tail)
+    if total is not None:
+        torch.save({"progress": {"iteration": records[-1]["iteration"]},
+                    "identity": {"config": {"self_train": {"iterations": total}}}},
+                   run / "train_state.pt")
+    return run
+
+
+def _png(width: int, height: int, seed: int) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 255, (height, width, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _evaluation(root: Path, name: str, per_class: dict[str, float], miou: float,
+                protocol: list[str], predictions: dict[str, bytes]) -> Path:
+    confusion = [[90, 5, 5], [10, 80, 10], [0, 0, 0]]  # car absent from the ground truth
+    content = {"miou": miou, "primary_protocol": str(len(protocol)),
+               "miou_by_protocol": {str(len(protocol)): miou},
+               "protocols": {str(len(protocol)): protocol}, "per_class": per_class,
+               "present_in_ground_truth": {c: c != "car" for c in per_class},
+               "confusion_matrix": confusion,
+               "protocol": {"domain": "target", "split": "val", "images": 2,
+                            "model": "teacher", "iteration": 40}}
+    return _artifact(root / name, EVALUATION, "evaluate",
+                     {"report.json": json.dumps(content), **predictions})
+
+
+def _check_png(path: Path, least: int = 100) -> None:
+    with Image.open(path) as image:
+        image.verify()
+    with Image.open(path) as image:
+        assert image.format == "PNG" and min(image.size) >= least, path
+        grey = np.asarray(image.convert("L"), dtype=float)
+    assert grey.std() > 5, f"{path} is blank"
+
+
+def _invoke(*args: str | Path):
+    return runner.invoke(app, ["report", *map(str, args)])
+
+
+def _said(result) -> str:
+    return " ".join(result.stderr.split())  # rich wraps long lines
+
+
+def test_report_of_runs_and_evaluations(tmp_path: Path) -> None:
+    data = _index(tmp_path)
+    round1 = _checkpoint(tmp_path / "seed0", "round1", _records(100), data)
+    other = _checkpoint(tmp_path / "seed1", "round1", _records(60), data)
+    full = _evaluation(tmp_path, "teacher", {"road": 0.9, "sky": 0.5, "car": 0.25}, 0.55,
+                       CLASSES, {"predictions/a.png": _png(64, 32, 1),
+                                 "predictions/a_panel.png": _png(2100, 40, 2)})
+    partial = _evaluation(tmp_path, "warmup", {"road": 0.8, "sky": 0.6, "car": 0.0}, 0.7,
+                          ["road", "sky"], {"predictions/color/b.png": _png(64, 32, 3),
+                                            "predictions/trainid/b.png": _png(64, 32, 4)})
+    out = tmp_path / "report"
+
+    result = _invoke(round1, other, full, partial, "--out", out)
+
+    assert result.exit_code == 0, result.output
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    for group in ("losses", "evaluation", "labels", "offline", "schedules", "other"):
+        assert f"curves-{group}.png" in pngs  # "other" holds the key no group names
+    assert {"classes-online-thresholds.png", "classes-online-class-accuracy.png",
+            "teacher-iou.png", "teacher-confusion.png", "warmup-iou.png",
+            "comparison-iou.png"} <= set(pngs)
+    assert "teacher-prediction-a-panel.png" in pngs  # panels preferred to bare predictions
+    assert "warmup-prediction-b.png" in pngs and len([p for p in pngs if "-b" in p]) == 1
+    assert Image.open(out / "teacher-prediction-a-panel.png").width == report.PANEL_WIDTH
+    for name in pngs:
+        _check_png(out / name, least=16 if "-prediction-" in name else 100)
+
+    page = (out / "index.html").read_text()
+    for name in pngs:
+        assert base64.b64encode((out / name).read_bytes()).decode() in page, name
+    assert "http://" not in page and "https://" not in page and "<script" not in page
+    assert "seed0/round1" in page and "seed1/round1" in page  # same folder names told apart
+    assert "<th>car</th><td>25.0</td><td>–</td>" in page
+
+    markdown = (out / "comparison.md").read_text()
+    assert "| class | teacher | warmup |" in markdown
+    assert "| road | **90.0** | 80.0 |" in markdown
+    assert "| car | **25.0** | – |" in markdown  # car is outside the warmup protocol
+    assert "| mIoU | 55.0 | **70.0** |" in markdown
+    assert "| mIoU-3 | **55.0** | – |" in markdown and "| mIoU-2 | – | **70.0** |" in markdown
+    rows = {row[0]: row[1:] for row in csv.reader((out / "comparison.csv").open())}
+    assert rows["class"] == ["teacher", "warmup"]
+    assert rows["sky"] == ["50.00", "60.00"] and rows["car"] == ["25.00", ""]
+    assert rows["mIoU"] == ["55.00", "70.00"]
+
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["schema"] == "duda.report/1"
+    assert set(manifest["inputs"]) == {"seed0/round1", "seed1/round1", "teacher", "warmup"}
+    assert manifest["summary"]["evaluations"]["warmup"]["miou"] == 0.7
+
+
+def test_second_call_is_a_no_op_and_force_rebuilds(tmp_path: Path) -> None:
+    run = _checkpoint(tmp_path, "round1", _losses(40))
+    out = tmp_path / "report"
+    first = report.run([run], out)
+    written = (out / "index.html").stat().st_mtime_ns
+
+    again = _invoke(run, "--out", out)
+
+    assert again.exit_code == 0 and "up to date" in _said(again)
+    assert (out / "index.html").stat().st_mtime_ns == written
+    forced = report.run([run], out, force=True)
+    assert not forced.up_to_date and forced.manifest.created >= first.manifest.created
+    assert (out / "index.html").stat().st_mtime_ns != written
+
+
+def test_live_run_banner_truncated_line_and_rebuild_as_it_grows(tmp_path: Path) -> None:
+    records = _losses(40)
+    run = _live_run(tmp_path, records, tail='{"iteration": 50, "loss/sour')
+    out = tmp_path / "report"
+
+    result = _invoke(run, "--out", out)
+
+    assert result.exit_code == 0, result.output
+    assert "unfinished run (iteration 40 of 200)" in _said(result)
+    page = (out / "index.html").read_text()
+    assert "unfinished run (iteration 40 of 200)" in page
+    assert "1 incomplete line of metrics.jsonl skipped" in page
+    summary = json.loads((out / "manifest.json").read_text())["summary"]
+    assert summary["runs"]["live"] == {"path": str(run), "finished": False,
+                                       "last_iteration": 40, "total_iterations": 200,
+                                       "skipped_lines": 1}
+    # The run logs on: the same command redraws it, no --force needed.
+    (run / "metrics.jsonl").write_text(_metrics_text(_losses(60)))
+    grown = report.run([run], out)
+    assert not grown.up_to_date
+    assert "unfinished run (iteration 60 of 200)" in (out / "index.html").read_text()
+
+
+def test_live_run_without_saved_state(tmp_path: Path) -> None:
+    run = _live_run(tmp_path, _losses(30), total=None)
+    result = report.run([run], tmp_path / "report")
+    assert result.manifest.summary["runs"]["live"]["total_iterations"] is None
+    assert "unfinished run, last logged iteration 30" in (
+        tmp_path / "report" / "index.html").read_text()
+
+
+def test_checkpoint_being_rebuilt_is_drawn_with_its_rebuild(tmp_path: Path) -> None:
+    run = _checkpoint(tmp_path, "round1", _losses(40))
+    rebuild = tmp_path / ".round1.partial"  # where `--force` builds the replacement
+    rebuild.mkdir()
+    (rebuild / "metrics.jsonl").write_text(_metrics_text(_losses(20)))
+
+    result = report.run([run], tmp_path / "report")
+
+    runs = result.manifest.summary["runs"]
+    assert runs["round1"]["finished"] and runs["round1"]["last_iteration"] == 40
+    assert runs["round1 (rebuild)"] == {"path": str(rebuild), "finished": False,
+                                        "last_iteration": 20, "total_iterations": None,
+                                        "skipped_lines": 0}
+
+
+def _bad_inputs(root: Path) -> dict[str, tuple[Path, str]]:
+    (root / "file.txt").write_text("x")
+    (root / "stranger").mkdir()
+    (root / "stranger" / "notes.txt").write_text("x")
+    (root / "empty_run").mkdir()
+    (root / "empty_run" / "metrics.jsonl").write_text('{"iteration": 1, "lo')
+    return {
+        "missing": (root / "nowhere", "does not exist"),
+        "file": (root / "file.txt", "is not a folder"),
+        "unknown folder": (root / "stranger", "is neither an artifact"),
+        "dataset index": (_index(root), "is a duda.dataset_index artifact; only checkpoints"),
+        "pseudo-label store": (_artifact(root / "store", PSEUDO_LABELS, "generate_pseudo", {}),
+                               "is a duda.pseudo_labels artifact; only checkpoints"),
+        "no metrics": (_artifact(root / "imported", CHECKPOINT, "import", {}),
+                       "is a checkpoint without metrics.jsonl"),
+        "nothing logged": (root / "empty_run", "no complete line in metrics.jsonl yet (1 "),
+    }
+
+
+@pytest.mark.parametrize("case", ["missing", "file", "unknown folder", "dataset index",
+                                  "pseudo-label store", "no metrics", "nothing logged"])
+def test_bad_input_is_one_message_and_exit_2(tmp_path: Path, case: str) -> None:
+    path, message = _bad_inputs(tmp_path)[case]
+    out = tmp_path / "report"
+
+    result = _invoke(path, "--out", out)
+
+    assert result.exit_code == 2, result.output
+    said = _said(result)
+    assert said.startswith("error: nothing to draw:") and message in said and "fix:" in said
+    assert "Traceback" not in result.output
+    assert not out.exists()
+
+
+def test_what_cannot_be_drawn_is_skipped_and_listed(tmp_path: Path) -> None:
+    run = _checkpoint(tmp_path, "round1", _losses(20))
+    index = _index(tmp_path)
+    out = tmp_path / "report"
+
+    result = _invoke(run, index, tmp_path / "nowhere", "--out", out)
+
+    assert result.exit_code == 0, result.output
+    assert f"skipped {index}: is a duda.dataset_index artifact" in _said(result)
+    page = (out / "index.html").read_text()
+    assert "Skipped" in page and "does not exist" in page
+    assert len(json.loads((out / "manifest.json").read_text())["summary"]["skipped"]) == 2
+
+
+def test_unknown_folder_holding_artifacts_names_them(tmp_path: Path) -> None:
+    _checkpoint(tmp_path / "pipeline", "warmup", _losses(20))
+    result = _invoke(tmp_path / "pipeline", "--out", tmp_path / "report")
+    assert result.exit_code == 2
+    assert f"fix: pass the artifacts it holds, e.g. {tmp_path / 'pipeline' / 'warmup'}" in (
+        _said(result))
+
+
+def test_out_holding_another_artifact_or_an_input_is_refused(tmp_path: Path) -> None:
+    run = _checkpoint(tmp_path, "round1", _losses(20))
+    other = _checkpoint(tmp_path, "round2", _losses(20))
+
+    into_artifact = _invoke(run, "--out", other)
+    into_input = _invoke(run, "--out", run / "report")
+
+    assert into_artifact.exit_code == 2 and "holds a duda.checkpoint artifact" in (
+        _said(into_artifact))
+    assert into_input.exit_code == 2 and "lies inside the input" in _said(into_input)
+    assert (other / "metrics.jsonl").is_file() and not (run / "report").exists()
+
+
+def test_without_matplotlib_the_fix_is_the_install_command(tmp_path: Path,
+                                                           monkeypatch) -> None:
+    run = _checkpoint(tmp_path, "round1", _losses(20))
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` fails
+
+    result = _invoke(run, "--out", tmp_path / "report")
+
+    assert result.exit_code == 2
+    assert "fix: pip install -e '.[report]'" in result.stderr
+    with pytest.raises(Exception, match="matplotlib"):
+        plots.require_matplotlib()
+
+
+def test_curves_figure_with_bands(tmp_path: Path) -> None:
+    steps = range(0, 100, 10)
+    path = plots.curves_figure({"DUDA": [(i, 0.3 + i / 500) for i in steps],
+                                "source only": [(i, 0.2) for i in steps]},
+                               tmp_path / "curves.png", title="mIoU over seeds",
+                               ylabel="mIoU", std={"DUDA": [0.02] * 10})
+    _check_png(path)
+
+
+def test_short_names_add_parents_only_where_names_repeat() -> None:
+    names = report.short_names([Path("/x/seed0/round1"), Path("/x/seed1/round1"),
+                                Path("/x/evaluate")])
+    assert names == ["seed0/round1", "seed1/round1", "evaluate"]
+
+
+def test_metrics_keys_fall_into_groups() -> None:
+    assert report.curve_group("loss/online_kld") == "losses"
+    assert report.curve_group("offline/accuracy") == "labels"
+    assert report.curve_group("offline/dropped") == "offline"
+    assert report.curve_group("val/miou") == "evaluation"
+    assert report.curve_group("lr") == "schedules"
+    assert report.curve_group("grad/norm") == "other"
