@@ -18,7 +18,7 @@ over coordinate grids (no per-pixel Python loops).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -40,29 +40,37 @@ PERSON, RIDER, CAR, TRUCK, BUS = 11, 12, 13, 14, 15
 FAR = 1.0e6  # depth of the sky
 
 
+Colour = tuple[int, int, int]
+
+
 @dataclass(frozen=True)
 class Style:
-    """Appearance and object statistics of one domain."""
+    """Appearance, geometry and object statistics of one domain.
 
-    sky_top: tuple[int, int, int]
-    sky_bottom: tuple[int, int, int]
-    road: tuple[int, int, int]
-    marking: tuple[int, int, int]
-    sidewalk: tuple[int, int, int]
-    buildings: tuple[tuple[int, int, int], ...]
-    window: tuple[int, int, int]
-    wall: tuple[int, int, int]
-    fence: tuple[int, int, int]
-    vegetation: tuple[int, int, int]
-    terrain: tuple[int, int, int]
-    pole: tuple[int, int, int]
-    sign: tuple[tuple[int, int, int], ...]
-    light: tuple[int, int, int]
-    cars: tuple[tuple[int, int, int], ...]
-    clothes: tuple[tuple[int, int, int], ...]
-    skin: tuple[int, int, int]
-    bus: tuple[int, int, int]
-    fog: tuple[int, int, int]
+    A choice with one option (one vegetation colour) and a feature at 0 (paving, foliage, ragged
+    crowns, railings, persons crossing) draws no random numbers, so adding a feature to a style
+    leaves the images of the styles without it unchanged.
+    """
+
+    sky_top: Colour
+    sky_bottom: Colour
+    road: Colour
+    marking: Colour
+    sidewalk: tuple[Colour, ...]  # one per scene
+    buildings: tuple[Colour, ...]
+    window: Colour
+    wall: Colour
+    fence: Colour
+    vegetation: tuple[Colour, ...]  # one per tree
+    terrain: Colour
+    pole: Colour
+    sign: tuple[Colour, ...]
+    light: Colour
+    cars: tuple[Colour, ...]
+    clothes: tuple[Colour, ...]
+    skin: Colour
+    bus: Colour
+    fog: Colour
     fog_distance: float  # metres at which 63 % of the colour is haze
     shade: float  # brightness of the façades facing away from the light
     texture: float  # amplitude of surface texture (0: flat shading)
@@ -74,15 +82,31 @@ class Style:
     person_height: tuple[float, float]
     bus_probability: float
     camera_height: tuple[float, float]
-    window_period: tuple[float, float] = field(default=(3.0, 3.2))  # (along the street, vertical)
+    window_period: tuple[float, float] = (3.0, 3.2)  # (along the street, vertical)
+    # Camera and street geometry.
+    focal: tuple[float, float] = (0.5, 0.6)  # focal length / image width: smaller sees wider
+    horizon: tuple[float, float] = (0.36, 0.46)  # horizon row / image height: the pitch
+    road_half_width: tuple[float, float] = (3.5, 6.0)
+    sidewalk_width: tuple[float, float] = (2.0, 4.0)
+    car_width: tuple[float, float] = (1.7, 2.0)
+    persons_crossing: float = 0.0  # probability that a person walks on the road
+    # Thin structures.
+    poles_per_scene: tuple[int, int] = (2, 5)
+    pole_radius: float = 0.08  # metres, and never under `pole_pixels` pixels wide
+    pole_pixels: float = 1.2
+    railing: float = 0.0  # spacing of a fence's bars in metres (0: solid panels)
+    # Surface structure that marks a class whatever its colour.
+    paving: float = 0.0  # darkening of the joints between sidewalk slabs
+    foliage: float = 0.0  # amplitude of leaf texture on vegetation
+    ragged: float = 0.0  # irregularity of tree crown outlines, relative to the radius
 
 
 SOURCE_STYLE = Style(
     sky_top=(40, 120, 235), sky_bottom=(150, 205, 255),
-    road=(95, 85, 110), marking=(250, 250, 250), sidewalk=(205, 180, 150),
+    road=(95, 85, 110), marking=(250, 250, 250), sidewalk=((205, 180, 150),),
     buildings=((225, 180, 120), (190, 90, 70), (235, 215, 170), (160, 120, 90)),
     window=(60, 90, 140), wall=(200, 200, 120), fence=(170, 110, 60),
-    vegetation=(40, 170, 40), terrain=(150, 210, 70), pole=(110, 110, 120),
+    vegetation=((40, 170, 40),), terrain=(150, 210, 70), pole=(110, 110, 120),
     sign=((30, 80, 220), (230, 30, 30)), light=(30, 30, 30),
     cars=((220, 30, 30), (30, 60, 220), (240, 240, 240), (250, 200, 20), (30, 30, 30)),
     clothes=((240, 100, 20), (20, 160, 200), (200, 30, 150), (250, 230, 60)),
@@ -92,27 +116,29 @@ SOURCE_STYLE = Style(
     bus_probability=0.15, camera_height=(1.5, 1.8),
 )
 
-def _overcast(colour: tuple[int, int, int], desaturate: float = 0.4, brightness: float = 0.82,
-              tint: tuple[int, int, int] = (6, 2, -6)) -> tuple[int, int, int]:
+
+def _overcast(colour: Colour, desaturate: float = 0.4, brightness: float = 0.82,
+              tint: Colour = (6, 2, -6)) -> Colour:
     """A source colour as seen under an overcast sky by a real camera: paler, darker, warmer."""
     grey = 0.299 * colour[0] + 0.587 * colour[1] + 0.114 * colour[2]
     return tuple(int(np.clip((c * (1 - desaturate) + grey * desaturate) * brightness + t, 0, 255))
                  for c, t in zip(colour, tint))  # type: ignore[return-value]
 
 
-def _overcast_all(colours: tuple[tuple[int, int, int], ...]) -> tuple[tuple[int, int, int], ...]:
+def _overcast_all(colours: tuple[Colour, ...]) -> tuple[Colour, ...]:
     return tuple(_overcast(colour) for colour in colours)
 
 
-# The target keeps the source's hue relations (a road is still darker and bluer than a façade)
-# but not its colours: paler, darker, warmer light, haze, texture, blur, noise and gamma, with
-# more and smaller objects. A source-only model transfers partly; self-training must do the rest.
+# The easy target keeps the source's hue relations (a road is still darker and bluer than a
+# façade) but not its colours: paler, darker, warmer light, haze, texture, blur, noise and gamma,
+# with more and smaller objects. Recomputing batch-norm statistics on the target closes most of
+# this gap.
 _S = SOURCE_STYLE
 TARGET_STYLE = Style(
     sky_top=(150, 170, 195), sky_bottom=(200, 208, 215),
-    road=_overcast(_S.road), marking=_overcast(_S.marking), sidewalk=_overcast(_S.sidewalk),
+    road=_overcast(_S.road), marking=_overcast(_S.marking), sidewalk=_overcast_all(_S.sidewalk),
     buildings=_overcast_all(_S.buildings + ((170, 150, 140),)), window=_overcast(_S.window),
-    wall=_overcast(_S.wall), fence=_overcast(_S.fence), vegetation=_overcast(_S.vegetation),
+    wall=_overcast(_S.wall), fence=_overcast(_S.fence), vegetation=_overcast_all(_S.vegetation),
     terrain=_overcast(_S.terrain), pole=_overcast(_S.pole), sign=_overcast_all(_S.sign),
     light=_overcast(_S.light),
     cars=_overcast_all(_S.cars + ((120, 120, 130), (40, 60, 110))),
@@ -123,12 +149,56 @@ TARGET_STYLE = Style(
     bus_probability=0.1, camera_height=(1.3, 1.6), window_period=(2.2, 2.6),
 )
 
-STYLES: dict[str, Style] = {"source": SOURCE_STYLE, "target": TARGET_STYLE}
+# The hard source is the easy source with surface structure that marks a class whatever its
+# colour (paved sidewalks, leafy and ragged tree crowns): cues a model can carry to a target
+# where the colours mislead.
+HARD_SOURCE_STYLE = replace(SOURCE_STYLE, paving=0.3, foliage=0.35, ragged=0.12)
+
+# The hard target changes what a class looks like, class by class, so that no global
+# correction of the colours undoes it: autumn trees in the browns and oranges of the source's
+# façades, sidewalks paved in the source's asphalt, grey and white façades, dry terrain,
+# vehicles in new finishes. The camera sits higher, looks further down and sees wider; persons
+# outnumber cars; fences are railings of thin bars and poles are thinner.
+HARD_TARGET_STYLE = Style(
+    sky_top=(120, 160, 210), sky_bottom=(200, 215, 230),
+    road=(85, 82, 88), marking=(235, 235, 225),
+    sidewalk=(_S.road, _S.road, (170, 165, 160)),
+    buildings=((200, 200, 195), (150, 155, 160), (230, 230, 222), (120, 125, 135),
+               (235, 215, 170)),
+    window=(45, 55, 65), wall=(175, 170, 150), fence=(50, 70, 60),
+    vegetation=((95, 145, 55), (120, 150, 60), (190, 90, 70), (215, 140, 60), (160, 120, 90)),
+    terrain=(190, 175, 110), pole=(90, 95, 100),
+    sign=((30, 80, 220), (230, 30, 30)), light=(30, 30, 30),
+    cars=((40, 110, 90), (150, 150, 155), (100, 30, 40), (200, 190, 160), (30, 40, 60)),
+    clothes=((60, 60, 70), (110, 100, 90), (150, 40, 40), (40, 70, 120), (200, 200, 190)),
+    skin=(200, 160, 130), bus=(200, 40, 40),
+    fog=(205, 210, 215), fog_distance=250.0, shade=0.8, texture=0.08, blur=0.5, noise=3.0,
+    gamma=1.05, cars_per_scene=(0, 2), persons_per_scene=(3, 8), person_height=(1.6, 1.9),
+    bus_probability=0.2, camera_height=(2.2, 2.8), window_period=(2.4, 2.8),
+    focal=(0.38, 0.46), horizon=(0.22, 0.32), road_half_width=(3.0, 4.5),
+    sidewalk_width=(3.0, 5.0), car_width=(1.8, 2.1), persons_crossing=0.3,
+    poles_per_scene=(4, 8), pole_radius=0.05, pole_pixels=1.0, railing=0.9,
+    paving=0.3, foliage=0.35, ragged=0.12,
+)
+
+PAIRS: dict[str, dict[str, Style]] = {
+    "easy": {"source": SOURCE_STYLE, "target": TARGET_STYLE},
+    "hard": {"source": HARD_SOURCE_STYLE, "target": HARD_TARGET_STYLE},
+}
+Pair = Literal["easy", "hard"]
+PAIR_CODES = {"easy": 0, "hard": 1}
 
 
-def sample_seed(seed: int, domain: str, split: str, index: int) -> np.random.SeedSequence:
-    """The seed of one image: a function of (benchmark seed, domain, split, image index)."""
-    return np.random.SeedSequence([seed, DOMAIN_CODES[domain], SPLIT_CODES.get(split, 9), index])
+def sample_seed(seed: int, domain: str, split: str, index: int,
+                pair: str = "easy") -> np.random.SeedSequence:
+    """The seed of one image: a function of (benchmark seed, domain, split, image index, pair).
+
+    The easy pair keeps the four-number seeds it has always had.
+    """
+    entropy = [seed, DOMAIN_CODES[domain], SPLIT_CODES.get(split, 9), index]
+    if pair != "easy":
+        entropy.append(PAIR_CODES[pair])
+    return np.random.SeedSequence(entropy)
 
 
 class _Canvas:
@@ -218,6 +288,11 @@ def _pick(rng: np.random.Generator, options: tuple) -> tuple:
     return options[int(rng.integers(len(options)))]
 
 
+def _pick_if_several(rng: np.random.Generator, options: tuple) -> tuple:
+    """One of `options`; a single option is taken without drawing a random number."""
+    return options[0] if len(options) == 1 else _pick(rng, options)
+
+
 @dataclass(frozen=True)
 class _Street:
     """The street cross-section, relative to the camera (x to the right, metres)."""
@@ -243,10 +318,10 @@ class _Street:
                 self.right_kerb + self.sidewalk[1] + self.terrain[1])
 
 
-def _draw_street(rng: np.random.Generator) -> _Street:
+def _draw_street(rng: np.random.Generator, style: Style) -> _Street:
     centre = rng.uniform(-1.5, 1.5)
-    road_half = rng.uniform(3.5, 6.0)
-    sidewalk = (rng.uniform(2.0, 4.0), rng.uniform(2.0, 4.0))
+    road_half = rng.uniform(*style.road_half_width)
+    sidewalk = (rng.uniform(*style.sidewalk_width), rng.uniform(*style.sidewalk_width))
     terrain = tuple(rng.uniform(1.0, 3.0) if rng.random() < 0.35 else 0.0 for _ in range(2))
     return _Street(centre, road_half, sidewalk, terrain, rng.uniform(90.0, 160.0))
 
@@ -258,13 +333,13 @@ def render_scene(rng: np.random.Generator, style: Style, height: int,
     The painters run back to front in a fixed order, each drawing its own random numbers, so a
     scene is a function of the generator's state alone.
     """
-    focal = width * rng.uniform(0.5, 0.6)
+    focal = width * rng.uniform(*style.focal)
     cx = width * rng.uniform(0.42, 0.58)
-    cy = height * rng.uniform(0.36, 0.46)
+    cy = height * rng.uniform(*style.horizon)
     canvas = _Canvas(height, width, focal, cx, cy, rng.uniform(*style.camera_height))
-    street = _draw_street(rng)
+    street = _draw_street(rng, style)
     _paint_sky(canvas, style)
-    _paint_ground(canvas, style, street)
+    _paint_ground(rng, canvas, style, street)
     for side, plane_x in ((-1, street.facade[0]), (1, street.facade[1])):
         _paint_facades(rng, canvas, style, street, side, plane_x)
     _paint_backdrop(rng, canvas, style, street)
@@ -281,7 +356,8 @@ def _paint_sky(canvas: _Canvas, style: Style) -> None:
     canvas.colour[:] = np.asarray(style.sky_top) * (1 - t) + np.asarray(style.sky_bottom) * t
 
 
-def _paint_ground(canvas: _Canvas, style: Style, street: _Street) -> None:
+def _paint_ground(rng: np.random.Generator, canvas: _Canvas, style: Style,
+                  street: _Street) -> None:
     """The ground plane: road, sidewalks and terrain strips (trainIds 0, 1, 9)."""
     u, v = canvas.u, canvas.v
     left_kerb, right_kerb, sidewalk = street.left_kerb, street.right_kerb, street.sidewalk
@@ -295,10 +371,27 @@ def _paint_ground(canvas: _Canvas, style: Style, street: _Street) -> None:
     walk = ground & (((x_ground <= left_kerb) & (x_ground > left_kerb - sidewalk[0]))
                      | ((x_ground >= right_kerb) & (x_ground < right_kerb + sidewalk[1])))
     kerb = (np.abs(x_ground - left_kerb) < 0.15) | (np.abs(x_ground - right_kerb) < 0.15)
-    canvas.paint(walk, z_ground, SIDEWALK, style.sidewalk, np.where(kerb, 0.8, 1.0))
+    light = np.where(kerb, 0.8, 1.0)
+    if style.paving > 0:
+        light = light * (1.0 - style.paving * _slab_joints(canvas, x_ground, z_ground))
+    canvas.paint(walk, z_ground, SIDEWALK, _pick_if_several(rng, style.sidewalk), light)
     grass = ground & ((x_ground <= left_kerb - sidewalk[0])
                       | (x_ground >= right_kerb + sidewalk[1]))
     canvas.paint(grass, z_ground, TERRAIN, style.terrain)
+
+
+def _slab_joints(canvas: _Canvas, x_ground: np.ndarray, z_ground: np.ndarray,
+                 slab: float = 1.2) -> np.ndarray:
+    """Where the joints between square paving slabs lie on the ground (H, W) bool.
+
+    A joint is at least one pixel wide, and drawn only where a slab still spans three pixels
+    (further away the pattern would alias into noise).
+    """
+    across = z_ground / canvas.focal  # metres per pixel, across the street
+    along = z_ground * across / canvas.camera_height  # metres per pixel, along the street
+    joints_x = (np.mod(x_ground, slab) < np.maximum(0.1, across)) & (across < slab / 3)
+    joints_z = (np.mod(z_ground, slab) < np.maximum(0.1, along)) & (along < slab / 3)
+    return joints_x | joints_z
 
 
 def _paint_facades(rng: np.random.Generator, canvas: _Canvas, style: Style, street: _Street,
@@ -320,6 +413,10 @@ def _paint_facades(rng: np.random.Generator, canvas: _Canvas, style: Style, stre
                                                                    size=count)]
     crown_y, crown_r = rng.uniform(3.5, 6.0, count), rng.uniform(2.0, 3.5, count)
     fenced = rng.random(count) < 0.5
+    tree_colours = (np.asarray(style.vegetation, np.float32)[rng.integers(len(style.vegetation),
+                                                                          size=count)]
+                    if len(style.vegetation) > 1 else None)
+    crown_phases = rng.uniform(0, 2 * np.pi, (count, 2)) if style.ragged > 0 else None
 
     split_column = int(np.clip(round(canvas.cx), 0, canvas.label.shape[1]))
     where = (slice(None), slice(0, split_column) if side < 0 else slice(split_column, None))
@@ -346,13 +443,43 @@ def _paint_facades(rng: np.random.Generator, canvas: _Canvas, style: Style, stre
     tree = inside & (seg_kind == 2)
     half = length[segment] / 2
     centre_z = seg_start + half
-    crown = (((z_plane - centre_z) / half) ** 2
-             + ((y_plane - crown_y[segment]) / crown_r[segment]) ** 2) < 1.0
+    dz, dy = (z_plane - centre_z) / half, (y_plane - crown_y[segment]) / crown_r[segment]
+    if crown_phases is None:
+        crown = dz ** 2 + dy ** 2 < 1.0
+    else:
+        crown = dz ** 2 + dy ** 2 < _ragged_radius(dz, dy, crown_phases[segment], style.ragged) ** 2
     trunk = (np.abs(z_plane - centre_z) < 0.4) & (y_plane < crown_y[segment])
-    canvas.paint(tree & (crown | trunk), z_plane, VEGETATION, style.vegetation, light,
-                 where=where)
-    canvas.paint(tree & fenced[segment] & (y_plane < 1.2), z_plane - 0.5, FENCE, style.fence,
-                 light, where=where)
+    foliage = style.vegetation[0] if tree_colours is None else tree_colours[segment]
+    canvas.paint(tree & (crown | trunk), z_plane, VEGETATION, foliage, light, where=where)
+    fence = tree & fenced[segment] & (y_plane < 1.2)
+    if style.railing > 0:
+        fence &= _railing(canvas, z_plane, y_plane, plane_x, style.railing)
+    canvas.paint(fence, z_plane - 0.5, FENCE, style.fence, light, where=where)
+
+
+def _ragged_radius(dz: np.ndarray, dy: np.ndarray, phases: np.ndarray,
+                   amplitude: float) -> np.ndarray:
+    """The radius of a lobed crown outline in the direction of each pixel (unit: the ellipse).
+
+    dz, dy: (H, W) offsets from the crown centre in ellipse units; phases: (H, W, 2) per tree.
+    """
+    angle = np.arctan2(dy, dz)
+    lobes = np.sin(7 * angle + phases[..., 0]) + np.sin(11 * angle + phases[..., 1])
+    return 1.0 + 0.5 * amplitude * lobes
+
+
+def _railing(canvas: _Canvas, z_plane: np.ndarray, y_plane: np.ndarray, plane_x: float,
+             spacing: float) -> np.ndarray:
+    """The bars and rails of a railing on a façade plane (H, W) bool; the gaps show through.
+
+    Bars and rails are at least one pixel wide, so a distant railing closes into a solid band.
+    """
+    along = z_plane ** 2 / (abs(plane_x) * canvas.focal)  # metres per pixel along the plane
+    up = z_plane / canvas.focal  # metres per pixel vertically
+    bars = np.mod(z_plane, spacing) < np.maximum(0.08, along)
+    rails = (np.abs(y_plane - 1.1) < np.maximum(0.05, up / 2)) | (
+        np.abs(y_plane - 0.15) < np.maximum(0.05, up / 2))
+    return bars | rails
 
 
 def _paint_backdrop(rng: np.random.Generator, canvas: _Canvas, style: Style,
@@ -370,21 +497,21 @@ def _paint_backdrop(rng: np.random.Generator, canvas: _Canvas, style: Style,
                          where=where)
         else:
             crown = ((bx - x0 - span / 2) / (span / 2)) ** 2 + ((by - top / 2) / (top / 2)) ** 2
-            canvas.paint((crown < 1) & (by >= 0), street.end, VEGETATION, style.vegetation,
-                         where=where)
+            canvas.paint((crown < 1) & (by >= 0), street.end, VEGETATION,
+                         _pick_if_several(rng, style.vegetation), where=where)
         x0 += span
 
 
 def _paint_poles(rng: np.random.Generator, canvas: _Canvas, style: Style,
                  street: _Street) -> None:
     """Poles at the kerbs, some carrying a sign or a traffic light, on camera-facing planes."""
-    for _ in range(int(rng.integers(2, 6))):
+    for _ in range(int(rng.integers(style.poles_per_scene[0], style.poles_per_scene[1] + 1))):
         side = -1 if rng.random() < 0.5 else 1
         px = (street.left_kerb - 0.4) if side < 0 else (street.right_kerb + 0.4)
         pz = rng.uniform(6.0, 60.0)
         pole_top = rng.uniform(4.0, 7.0)
         where, x, y = canvas.billboard(pz, (px - 1.0, px + 1.0), (0.0, pole_top + 0.5))
-        half = max(0.08, canvas.min_width(pz) / 2)
+        half = max(style.pole_radius, canvas.min_width(pz, style.pole_pixels) / 2)
         canvas.paint((np.abs(x - px) < half) & (y >= 0) & (y < pole_top), pz, POLE, style.pole,
                      where=where)
         attachment = rng.random()
@@ -403,12 +530,15 @@ def _paint_poles(rng: np.random.Generator, canvas: _Canvas, style: Style,
 
 def _paint_persons(rng: np.random.Generator, canvas: _Canvas, style: Style,
                    street: _Street) -> None:
-    """Pedestrians on the sidewalks: head, torso and legs."""
+    """Pedestrians on the sidewalks (or crossing the road): head, torso and legs."""
     sidewalk = street.sidewalk
     for _ in range(int(rng.integers(style.persons_per_scene[0], style.persons_per_scene[1] + 1))):
-        side = -1 if rng.random() < 0.5 else 1
-        px = (street.left_kerb - rng.uniform(0.5, sidewalk[0] - 0.3) if side < 0
-              else street.right_kerb + rng.uniform(0.5, sidewalk[1] - 0.3))
+        if style.persons_crossing > 0 and rng.random() < style.persons_crossing:
+            px = rng.uniform(street.left_kerb + 0.5, street.right_kerb - 0.5)
+        else:
+            side = -1 if rng.random() < 0.5 else 1
+            px = (street.left_kerb - rng.uniform(0.5, sidewalk[0] - 0.3) if side < 0
+                  else street.right_kerb + rng.uniform(0.5, sidewalk[1] - 0.3))
         pz = rng.uniform(4.0, 35.0)
         ph = rng.uniform(*style.person_height)
         where, x, y = canvas.billboard(pz, (px - 0.3 * ph, px + 0.3 * ph), (0.0, ph))
@@ -427,7 +557,7 @@ def _paint_vehicles(rng: np.random.Generator, canvas: _Canvas, style: Style,
     for _ in range(int(rng.integers(style.cars_per_scene[0], style.cars_per_scene[1] + 1))):
         lane = rng.uniform(left_kerb + 1.0, right_kerb - 1.0)
         vz = rng.uniform(5.0, 70.0)
-        w = rng.uniform(1.7, 2.0)
+        w = rng.uniform(*style.car_width)
         where, x, y = canvas.billboard(vz, (lane - w, lane + w), (0.0, 1.6))
         dx = x - lane
         body = (np.abs(dx) < w / 2) & (y >= 0.25) & (y < 1.0)
@@ -461,6 +591,11 @@ def _shade(rng: np.random.Generator, canvas: _Canvas, style: Style) -> np.ndarra
         solid = canvas.label != SKY
         factor = 1.0 + np.where(solid, amplitude * noise, 0.0)
         image = image * factor.astype(np.float32)[..., None]
+    if style.foliage > 0:
+        # Leaves: fine clumps and per-pixel speckle on vegetation, in any season's colours.
+        leaves = 0.6 * _value_noise(rng, shape, 40) + 0.4 * rng.uniform(-1, 1, shape)
+        factor = 1.0 + np.where(canvas.label == VEGETATION, style.foliage * leaves, 0.0)
+        image = image * factor.astype(np.float32)[..., None]
     haze = 1.0 - np.exp(-np.minimum(canvas.depth, 1e4) / np.float32(style.fog_distance))
     haze = np.where(canvas.label == SKY, np.float32(0.0), haze)[..., None]
     image = image * (1 - haze) + np.asarray(style.fog, np.float32) * haze
@@ -472,11 +607,11 @@ def _shade(rng: np.random.Generator, canvas: _Canvas, style: Style) -> np.ndarra
     return np.clip(image + 0.5, 0, 255).astype(np.uint8)
 
 
-def generate_sample(seed: int, domain: str, split: str, index: int, height: int,
-                    width: int) -> tuple[np.ndarray, np.ndarray]:
+def generate_sample(seed: int, domain: str, split: str, index: int, height: int, width: int,
+                    pair: str = "easy") -> tuple[np.ndarray, np.ndarray]:
     """Image (H, W, 3) uint8 and label (H, W) uint8 trainIds of one benchmark image."""
-    rng = np.random.default_rng(sample_seed(seed, domain, split, index))
-    return render_scene(rng, STYLES[domain], height, width)
+    rng = np.random.default_rng(sample_seed(seed, domain, split, index, pair))
+    return render_scene(rng, PAIRS[pair][domain], height, width)
 
 
 def colourise(label: np.ndarray) -> np.ndarray:
@@ -487,15 +622,15 @@ def colourise(label: np.ndarray) -> np.ndarray:
     return palette[label]
 
 
-def sample_sheet(seed: int = 0, count: int = 3, height: int = 128,
-                 width: int = 256) -> np.ndarray:
+def sample_sheet(seed: int = 0, count: int = 3, height: int = 128, width: int = 256,
+                 pair: str = "easy") -> np.ndarray:
     """A picture of the benchmark: per row one domain, `count` (image | label) pairs."""
     gap = 4
     rows = []
     for domain in ("source", "target"):
         tiles = []
         for index in range(count):
-            image, label = generate_sample(seed, domain, "train", index, height, width)
+            image, label = generate_sample(seed, domain, "train", index, height, width, pair)
             tiles += [image, colourise(label), np.full((height, gap, 3), 255, np.uint8)]
         rows += [np.concatenate(tiles[:-1], axis=1),
                  np.full((gap, tiles[0].shape[1] * 2 * count + gap * (count - 1), 3), 255,
@@ -504,9 +639,9 @@ def sample_sheet(seed: int = 0, count: int = 3, height: int = 128,
 
 
 def write_sample(seed: int, domain: str, split: str, index: int, height: int, width: int,
-                 image_path: Path, label_path: Path) -> list[int]:
+                 image_path: Path, label_path: Path, pair: str = "easy") -> list[int]:
     """Generate one benchmark image, write image and label PNGs; returns per-class pixel counts."""
-    image, label = generate_sample(seed, domain, split, index, height, width)
+    image, label = generate_sample(seed, domain, split, index, height, width, pair)
     Image.fromarray(image, mode="RGB").save(image_path, compress_level=3)
     write_label(label_path, label)
     counts = np.bincount(label.ravel(), minlength=256)[:len(CITYSCAPES_PALETTE)]
