@@ -12,7 +12,8 @@ import torch
 from PIL import Image
 from torch import nn
 
-from stages.artifacts import CHECKPOINT, DATASET_INDEX, ArtifactWriter
+from stages.artifact_writer import ArtifactWriter
+from stages.artifacts import CHECKPOINT, DATASET_INDEX
 from stages.checkpoint import MODEL_FILE, write_model_file
 from stages.classes import cityscapes_table
 from stages.config import ModelConfig

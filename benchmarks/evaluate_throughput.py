@@ -39,8 +39,8 @@ def main() -> None:
         "experiment": "bench",
         "data": {"source": {"layout": "synthetic"}, "target": {"layout": "synthetic"}},
         "input": {"target_size": [height, width], "crop_size": [height, width]},
-        "evaluate": {"batch_size": args.batch_size, "num_workers": args.workers,
-                     "model": "student"},
+        "evaluate": {"inference": {"batch_size": args.batch_size, "num_workers": args.workers,
+                                   "model": "student"}},
     })
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)

@@ -54,8 +54,8 @@ def main() -> None:
             "data": {"source": {"layout": "synthetic"}, "target": {"layout": "synthetic"}},
             "input": {"target_size": [height, width], "crop_size": [height, width]},
             "model": model_config.model_dump(mode="json"),
-            "generate_pseudo": {"batch_size": args.batch_size, "num_workers": args.workers,
-                                "model": "student"},
+            "generate_pseudo": {"inference": {"batch_size": args.batch_size,
+                                              "num_workers": args.workers, "model": "student"}},
         }))
         command = ["-m", "duda_cli", "generate-pseudo", "-c", str(config), "--data", str(index),
                    "--checkpoint", str(root / "ckpt"), "--out", str(root / "pseudo"),

@@ -41,8 +41,9 @@ def main() -> None:
         "experiment": "bench",
         "data": {"source": {"layout": "synthetic"}, "target": {"layout": "synthetic"}},
         "input": {"target_size": [height, width], "crop_size": [height, width]},
-        "generate_pseudo": {"batch_size": args.batch_size, "num_workers": args.workers,
-                            "model": "student", "selector": args.selector},
+        "generate_pseudo": {"inference": {"batch_size": args.batch_size,
+                                          "num_workers": args.workers, "model": "student"},
+                            "selector": {"name": args.selector}},
     })
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)

@@ -63,9 +63,9 @@ def main() -> None:
             results[name] = self_train.run(variant, data, checkpoint, pseudo, root / name,
                                            device=args.device).path
         row = {"seed": seed}
-        plain = load_config(args.config, base + ["evaluate.recalibrate_bn=false"])
-        adabn = load_config(args.config, base + ["evaluate.recalibrate_bn=true",
-                                                 "evaluate.recalibrate_batches=0"])
+        plain = load_config(args.config, base + ["evaluate.recalibration.enabled=false"])
+        adabn = load_config(args.config, base + ["evaluate.recalibration.enabled=true",
+                                                 "evaluate.recalibration.batches=0"])
         evaluations = [(name, path, config) for name, path in results.items()]
         evaluations[0] = ("source-only", checkpoint, plain)
         evaluations.insert(1, ("source-only + AdaBN", checkpoint, adabn))

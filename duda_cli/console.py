@@ -18,6 +18,7 @@ from typing import Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -28,7 +29,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from stages.artifacts import StageResult
+from stages.artifacts import StageResult, default_name
 from stages.config import Config, load_config
 from stages.errors import DudaError
 from stages.reporting import Reporter, Task
@@ -57,11 +58,9 @@ def single_process(command: str) -> None:
 
 @contextlib.contextmanager
 def distributed_exit() -> Iterator[None]:
-    """Under torchrun, end every worker with destroy_process_group() then os._exit.
-
-    A plain interpreter exit after gloo sometimes aborts with SIGABRT (PITFALLS.md), which
-    makes torchrun report a failure. Single-process runs are left alone.
-    """
+    """Under torchrun, end every worker with os._exit once the stage has ended its process
+    group: a plain interpreter exit after gloo sometimes aborts with SIGABRT, which makes
+    torchrun report a failure. Single-process runs are left alone."""
     if world_size() <= 1:
         yield
         return
@@ -73,10 +72,6 @@ def distributed_exit() -> Iterator[None]:
     except BaseException:  # noqa: BLE001 - a bug: print the traceback, exit 1
         traceback.print_exc()
         code = 1
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        dist.destroy_process_group()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
@@ -89,10 +84,10 @@ def user_errors() -> Iterator[None]:
         yield
     except DudaError as error:
         where = f"[rank {rank()}] " if rank() else ""  # torchrun: every rank reports
-        stderr.print(f"{where}[bold red]error:[/] {error.message}", highlight=False,
+        stderr.print(f"{where}[bold red]error:[/] {escape(error.message)}", highlight=False,
                      markup=True, soft_wrap=True)
         if error.fix:
-            stderr.print(f"[bold]fix:[/] {error.fix}", highlight=False, soft_wrap=True)
+            stderr.print(f"[bold]fix:[/] {escape(error.fix)}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
     except KeyboardInterrupt:
         if rank():  # Ctrl-C reaches every rank; rank 0 says it once
@@ -120,9 +115,9 @@ def load(config: Path, overrides: list[str] | None, seed: int | None,
     return load_config(config, overrides, data_root)
 
 
-def default_path(config: Config, given: Path | None, name: str) -> Path:
-    """`given`, or runs/<experiment>/<name>."""
-    return given if given is not None else Path("runs") / config.experiment / name
+def default_path(config: Config, given: Path | None, stage: str) -> Path:
+    """`given`, or runs/<experiment>/<the stage's artifact name> (as `duda run` names it)."""
+    return given if given is not None else Path("runs") / config.experiment / default_name(stage)
 
 
 class _RichTask(Task):

@@ -13,7 +13,7 @@ Set = Annotated[list[str] | None, typer.Option(
     "--set", help="Override a config value: section.key=value (repeatable).",
     show_default=False)]
 Out = Annotated[Path | None, typer.Option(
-    "--out", "-o", help="Artifact directory to write (default: runs/<experiment>/<stage>).",
+    "--out", "-o", help="Artifact directory to write (default: under runs/<experiment>/, named as `duda run` names it).",
     show_default=False)]
 Data = Annotated[Path | None, typer.Option(
     "--data", help="Dataset index artifact (from prepare-data) (default: runs/<experiment>/data).",

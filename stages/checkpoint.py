@@ -203,15 +203,23 @@ def check_compatible(loaded: LoadedModel, class_names: list[str] | tuple[str, ..
         raise DudaError(f"checkpoint {loaded.path} was trained for {detail}",
                         "use a checkpoint trained on the same class table as the dataset "
                         "index, or rebuild the index with the checkpoint's classes")
-    if model_config is not None:
-        ours = (model_config.backbone, model_config.width_multiplier)
-        theirs = (loaded.model_config.backbone, loaded.model_config.width_multiplier)
-        if ours != theirs:
-            raise DudaError(f"checkpoint {loaded.path} holds a {_describe(*theirs)} model but "
-                            f"the config asks for {_describe(*ours)}",
-                            "set model.backbone (and model.width_multiplier) to the "
-                            "checkpoint's, or use a checkpoint of this backbone")
+    if model_config is None:
+        return
+    theirs, ours = loaded.model_config, model_config
+    if (theirs.backbone, theirs.width_multiplier) != (ours.backbone, ours.width_multiplier):
+        raise DudaError(f"checkpoint {loaded.path} holds a {_describe(theirs)} model but the "
+                        f"config asks for {_describe(ours)}",
+                        "set model.backbone (and model.width_multiplier) to the checkpoint's, "
+                        "or use a checkpoint of this backbone")
+    differ = [f"model.{key} {getattr(theirs, key)!r} (checkpoint) vs {getattr(ours, key)!r} "
+              "(config)" for key in ("style", "normalization", "aspp_rates")
+              if getattr(theirs, key) != getattr(ours, key)]
+    if differ:
+        raise DudaError(f"checkpoint {loaded.path} computes another function than the config "
+                        f"describes: {'; '.join(differ)}",
+                        "set these model keys to the checkpoint's values")
 
 
-def _describe(backbone: str, width: float) -> str:
-    return backbone if width == 1.0 else f"{backbone} (width × {width:g})"
+def _describe(config: ModelConfig) -> str:
+    width = config.width_multiplier
+    return config.backbone if width == 1.0 else f"{config.backbone} (width × {width:g})"

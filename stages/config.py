@@ -1,10 +1,10 @@
-"""The experiment configuration: pydantic models for every section, loading, overrides, hashing.
+"""The experiment configuration: the whole config, loading, `--set` overrides, hashing.
 
-One YAML per experiment (`configs/`), no inheritance. Every model forbids unknown keys and is
-strict about types, because PyYAML reads `1e-3` as a string and `on`/`no` as booleans
-(PITFALLS.md): a lax float field would hide the first. Errors name the file, the key and the fix.
-Each stage hashes only the sections it depends on (`STAGE_SECTIONS`), so changing the evaluate
-section does not invalidate a trained checkpoint.
+One YAML per experiment (`configs/`), no inheritance; the section models live in
+`stages.config_models` (and are importable from here). Errors name the file or the `--set`
+override, the key and the fix; a key that moved when the config was regrouped is refused with its
+new path. Each stage hashes only the sections it depends on (`STAGE_SECTIONS`), so changing the
+evaluate section does not invalidate a trained checkpoint.
 """
 
 from __future__ import annotations
@@ -12,315 +12,80 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError
 
+from stages.config_models import (
+    AdversarialConfig,
+    AlphaSchedule,
+    BetaSchedule,
+    CbstSelector,
+    DataConfig,
+    DomainConfig,
+    EmaTeacherConfig,
+    EvaluateConfig,
+    FixedSelector,
+    GeneratePseudoConfig,
+    IastSelector,
+    InferenceConfig,
+    InputConfig,
+    LossWeights,
+    MeanTeacherConfig,
+    ModelConfig,
+    OptimizerConfig,
+    Precision,
+    Recalibration,
+    Schedule,
+    Section,
+    SelfTrainConfig,
+    Size,
+    SyntheticConfig,
+    TrainingRuntime,
+    UpdateOfflineConfig,
+    WarmupConfig,
+)
 from stages.errors import DudaError
 
-Size = list[int]  # [height, width]
-
-
-class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
-
-
-def _check_size(value: Size | None, name: str) -> None:
-    if value is not None and (len(value) != 2 or min(value) <= 0):
-        raise ValueError(f"{name} must be [height, width] with two positive integers, got {value}")
-
-
-# --------------------------------------------------------------------------------------- data
-
-
-class DomainConfig(Section):
-    """Where one domain's images come from and in which layout (ALGORITHM.md A.3)."""
-
-    layout: Literal["cityscapes", "gta5", "synthia", "folder", "synthetic"]
-    root: str | None = Field(
-        default=None,
-        description="dataset root; a relative path is resolved against --data-root / DUDA_DATA_ROOT",
-    )
-    splits: list[str] = Field(default_factory=lambda: ["train"])
-    classes: list[str] | None = Field(
-        default=None, description="class names, for the folder layout only (label value = index)")
-    exclude_iast_dropped: bool = Field(
-        default=False, description="GTA5: drop the 25 ids missing from IAST's gtav_train.json")
-
-    @model_validator(mode="after")
-    def _check(self) -> DomainConfig:
-        if self.layout != "synthetic" and not self.root:
-            raise ValueError(f"layout '{self.layout}' needs a root: set data.<domain>.root")
-        if self.layout == "folder" and not self.classes:
-            raise ValueError("layout 'folder' needs the class names: set data.<domain>.classes")
-        if self.layout != "folder" and self.classes is not None:
-            raise ValueError("classes are only given for layout 'folder'")
-        return self
-
-
-class SyntheticConfig(Section):
-    """Sizes of the built-in synthetic street-scene benchmark, and which domain pair it draws."""
-
-    pair: Literal["easy", "hard"] = Field(
-        default="easy",
-        description="easy: a mostly global change of appearance; hard: class-by-class "
-                    "appearance, camera geometry and class frequencies change")
-    seed: int = 0
-    height: int = 128
-    width: int = 256
-    num_source_train: int = 600
-    num_source_val: int = 100
-    num_target_train: int = 300
-    num_target_val: int = 100
-
-
-class DataConfig(Section):
-    source: DomainConfig
-    target: DomainConfig
-    synthetic: SyntheticConfig = SyntheticConfig()
-    protocols: list[int] = Field(default_factory=lambda: [19],
-                                 description="class protocols to report: 19, 16, 13")
-    workers: int = Field(default=2, ge=1, description="processes that decode labels")
-
-    @model_validator(mode="after")
-    def _check(self) -> DataConfig:
-        bad = [p for p in self.protocols if p not in (19, 16, 13)]
-        if bad and self.source.layout != "folder":
-            raise ValueError(f"protocols must be among 19, 16, 13, got {bad}")
-        return self
-
-
-# -------------------------------------------------------------------------------------- input
-
-
-class InputConfig(Section):
-    """Image sizes and the geometric augmentation of ALGORITHM.md A.4."""
-
-    source_size: Size = Field(default_factory=lambda: [1052, 1914],
-                              description="[H, W] every source image is resized to")
-    target_size: Size = Field(default_factory=lambda: [1024, 2048],
-                              description="[H, W] every target image is resized to (teacher view)")
-    crop_size: Size = Field(default_factory=lambda: [512, 896], description="[H, W] student crop")
-    scale_range: list[float] = Field(default_factory=lambda: [0.51, 1.6])
-    flip_probability: float = Field(default=0.5, ge=0.0, le=1.0)
-
-    @model_validator(mode="after")
-    def _check(self) -> InputConfig:
-        for name in ("source_size", "target_size", "crop_size"):
-            _check_size(getattr(self, name), f"input.{name}")
-        if len(self.scale_range) != 2 or not 0 < self.scale_range[0] <= self.scale_range[1]:
-            raise ValueError(f"input.scale_range must be [low, high] with 0 < low <= high, "
-                             f"got {self.scale_range}")
-        return self
-
-
-# -------------------------------------------------------------------------------------- model
-
-
-class ModelConfig(Section):
-    """DeepLabV2 and its initial weights (docs/method.md, the network).
-
-    `style` picks the ResNet layout: `torchvision` (IAST's: stride on a block's 3×3 conv, the
-    first block of a dilated layer keeps the previous dilation, max-pool rounding down) or
-    `caffe`, the DUDA / FDA / AdaptSegNet reference DeepLabV2 (stride on the first 1×1 conv,
-    every block of layer3 dilated 2 and of layer4 dilated 4, max-pool rounding up). The two
-    compute different functions of the same weights, so weights are only loaded into the layout
-    they were trained in. `init` names the initial weights: `none`, `imagenet` (torchvision's
-    ImageNet weights), or the path of a weights file or checkpoint artifact.
-    """
-
-    backbone: Literal["resnet101", "resnet50", "resnet18"] = "resnet101"
-    style: Literal["torchvision", "caffe"] = Field(
-        default="torchvision",
-        description="ResNet layout: torchvision, or caffe (the reference DeepLabV2; resnet50/101)")
-    width_multiplier: float = Field(default=1.0, gt=0,
-                                    description="channel multiplier (resnet18 only)")
-    dropout: float = Field(default=0.5, ge=0.0, lt=1.0,
-                           description="Dropout2d before the ASPP classifier (DUDA: 0.5)")
-    aspp_rates: list[int] = Field(default_factory=lambda: [6, 12, 18, 24])
-    freeze_bn_affine: bool = True
-    normalization: Literal["caffe_bgr", "imagenet_rgb"] = "caffe_bgr"
-    init: str = Field(default="none",
-                      description="initial weights: none, imagenet, or a weights file or "
-                                  "checkpoint artifact path")
-
-    @model_validator(mode="after")
-    def _check(self) -> ModelConfig:
-        if self.width_multiplier != 1.0 and self.backbone != "resnet18":
-            raise ValueError("model.width_multiplier is only supported for backbone resnet18")
-        if self.style == "caffe" and self.backbone == "resnet18":
-            raise ValueError("model.style: caffe is the Bottleneck ResNet of the reference "
-                             "DeepLabV2: set model.backbone to resnet50 or resnet101, or use "
-                             "model.style: torchvision with resnet18")
-        if not self.init.strip():
-            raise ValueError("model.init is empty: set it to none, imagenet, or the path of a "
-                             "weights file or checkpoint artifact")
-        if self.init == "imagenet" and (self.backbone == "resnet18" or self.style != "torchvision"
-                                        or self.normalization != "imagenet_rgb"):
-            raise ValueError("model.init: imagenet loads torchvision's ImageNet ResNet-50/101 "
-                             "weights: set model.backbone to resnet50 or resnet101, "
-                             "model.style: torchvision and model.normalization: imagenet_rgb")
-        return self
-
-
-class OptimizerConfig(Section):
-    """SGD with Nesterov momentum, linear warm-up then poly decay (ALGORITHM.md B.2)."""
-
-    lr: float = Field(default=2.0e-3, gt=0)
-    backbone_lr_multiplier: float = Field(default=0.1, ge=0)
-    momentum: float = 0.9
-    nesterov: bool = True
-    weight_decay: float = Field(default=2.0e-4, ge=0)
-    warmup_iterations: int = Field(default=2000, ge=0)
-    warmup_start: float = Field(default=0.2, ge=0, le=1)
-    poly_power: float = 0.9
-
-
-Precision = Literal["fp32", "bf16", "fp16"]
-PRECISION_HELP = ("autocast on GPUs (fp16 adds a gradient scaler); the CPU always runs fp32")
-SYNC_BN_HELP = ("under torchrun, batch-norm statistics over every process's batch "
-                "(the reference's SyncBatchNorm); no effect in one process")
-
-
-class AdversarialConfig(Section):
-    """Output-space adversarial warm-up (ALGORITHM.md C.1)."""
-
-    enabled: bool = False
-    weight: float = Field(default=0.05, ge=0, description="λ_adv: 0.05 GTA5, 0.001 SYNTHIA")
-    lr: float = Field(default=1.0e-4, gt=0, description="discriminator Adam learning rate")
-
-
-class WarmupConfig(Section):
-    train_domain: Literal["source", "target"] = Field(
-        default="source", description="target: train on target-train labels (the oracle, the "
-        "upper bound of an adaptation table)")
-    iterations: int = Field(default=40000, ge=1)
-    batch_size: int = Field(default=2, ge=1, description="source crops per process (under "
-                            "torchrun the step sees processes × batch_size)")
-    optimizer: OptimizerConfig = OptimizerConfig(lr=2.5e-4)
-    adversarial: AdversarialConfig = AdversarialConfig()
-    checkpoint_every: int = Field(default=1000, ge=1)
-    eval_every: int = Field(default=0, ge=0, description="evaluate on target-val every N (0: off)")
-    log_every: int = Field(default=50, ge=1)
-    precision: Precision = Field(default="fp32", description=PRECISION_HELP)
-    sync_batchnorm: bool = Field(default=True, description=SYNC_BN_HELP)
-    num_workers: int = Field(default=2, ge=0)
-
-
-# ----------------------------------------------------------------------------- pseudo labels
-
-
-class GeneratePseudoConfig(Section):
-    """Offline pseudo-label generation (ALGORITHM.md D)."""
-
-    selector: Literal["iast", "cbst", "fixed"] = "cbst"
-    alpha: float = Field(default=0.2, gt=0, le=1, description="IAST proportion α")
-    beta: float = Field(default=0.9, ge=0, lt=1, description="IAST threshold momentum β")
-    gamma: float = Field(default=8.0, ge=0, description="IAST hard-class decay γ")
-    theta0: float = Field(default=0.9, gt=0, lt=1, description="IAST initial threshold")
-    group_size: int = Field(default=2, ge=1, description="IAST: images per threshold update")
-    portion: float = Field(default=0.45, gt=0, le=1, description="CBST portion p")
-    threshold: float = Field(default=0.9, ge=0, le=1, description="fixed confidence threshold")
-    histogram_bins: int = Field(default=2000, ge=10, description="CBST confidence bins")
-    size: Size | None = Field(default=None, description="inference [H, W] (default target_size)")
-    flip: bool = False
-    model: Literal["teacher", "student"] = "teacher"
-    recalibrate_bn: bool = Field(
-        default=False, description="recompute BN statistics on target-train before labelling "
-        "(AdaBN; off in the paper's runs)")
-    recalibrate_batches: int = Field(default=0, ge=0, description="0: the whole split")
-    batch_size: int = Field(default=2, ge=1)
-    num_workers: int = Field(default=2, ge=0)
-
-
-# ------------------------------------------------------------------------------ self-training
-
-
-class LossWeights(Section):
-    """Weights of every loss term (ALGORITHM.md E.3; E.9 #12 exposes them all)."""
-
-    source: float = 1.0
-    offline: float = 1.0
-    offline_sce_a: float = 0.2
-    offline_sce_b: float = 1.0
-    consistency: float = 1.0
-    online: float = 0.5
-    online_entropy: float = 1.0
-    online_kld: float = 0.05
-    offline_entropy: float = Field(default=0.0, description="dual-RGR ablation (E.9 #3)")
-    offline_kld: float = Field(default=0.0, description="dual-RGR ablation (E.9 #3)")
-
-
-class SelfTrainConfig(Section):
-    iterations: int = Field(default=80000, ge=1)
-    source_batch_size: int = Field(default=2, ge=1, description="per process")
-    target_batch_size: int = Field(default=2, ge=1, description="per process")
-    optimizer: OptimizerConfig = OptimizerConfig()
-    loss: LossWeights = LossWeights()
-    alpha_start: float = 0.2
-    alpha_end: float = 0.7
-    alpha_ramp_start: int = 2000
-    alpha_power: float = 1.1
-    beta_start: float = 0.25
-    beta_end: float = 0.75
-    beta_offset: int = 5000
-    beta_power: float = 1.1
-    offline_start: int = Field(default=10000, ge=0, description="first iteration of the "
-                               "in-loop offline update")
-    offline_cap: float = Field(default=0.99, gt=0, le=1)
-    agree_requires_confidence: bool = False
-    teacher: Literal["mean", "ema"] = "mean"
-    ema_decay: float = Field(default=0.999, gt=0, lt=1)
-    consistency_teacher_mode: Literal["train", "eval"] = Field(
-        default="train", description="train: stochastic teacher as in the reference (E.9 #5)")
-    reproduce_teacher_bn_quirk: bool = Field(
-        default=False, description="add the reference's wasted crop teacher pass (E.9 #4)")
-    checkpoint_every: int = Field(default=5000, ge=1)
-    eval_every: int = Field(default=5000, ge=0)
-    log_every: int = Field(default=50, ge=1)
-    recalibrate_batches: int = Field(default=0, ge=0,
-                                     description="teacher BN recalibration batches before "
-                                     "evaluation/saving (0: the whole target-train split)")
-    precision: Precision = Field(default="fp32", description=PRECISION_HELP)
-    sync_batchnorm: bool = Field(default=True, description=SYNC_BN_HELP)
-    num_workers: int = Field(default=2, ge=0)
-
-
-class UpdateOfflineConfig(Section):
-    """Whole-set offline update (ALGORITHM.md E.6 in batch mode)."""
-
-    beta: float = Field(default=0.75, gt=0, le=1)
-    cap: float = Field(default=0.99, gt=0, le=1)
-    agree_requires_confidence: bool = False
-    model: Literal["teacher", "student"] = "teacher"
-    flip: bool = False
-    batch_size: int = Field(default=2, ge=1)
-    num_workers: int = Field(default=2, ge=0)
-
-
-# --------------------------------------------------------------------------------- evaluate
-
-
-class EvaluateConfig(Section):
-    """Evaluation protocol (ALGORITHM.md F)."""
-
-    split: Literal["val", "train"] = "val"
-    domain: Literal["target", "source"] = "target"
-    size: Size | None = Field(default=None, description="inference [H, W] (default target_size)")
-    sliding_window: bool = False
-    window: Size | None = Field(default=None, description="sliding window [H, W] (default crop)")
-    window_overlap: float = Field(default=1 / 3, ge=0, lt=1)
-    flip: bool = False
-    model: Literal["teacher", "student"] = "teacher"
-    recalibrate_bn: bool = Field(
-        default=False, description="recompute BN statistics on target-train before evaluating "
-        "(E.7; for a source-only model this is AdaBN)")
-    recalibrate_batches: int = Field(default=0, ge=0, description="0: the whole split")
-    save_predictions: bool = False
-    batch_size: int = Field(default=2, ge=1)
-    num_workers: int = Field(default=2, ge=0)
+__all__ = [
+    "STAGE_SECTIONS",
+    "AdversarialConfig",
+    "AlphaSchedule",
+    "BetaSchedule",
+    "CbstSelector",
+    "Config",
+    "DataConfig",
+    "DomainConfig",
+    "EmaTeacherConfig",
+    "EvaluateConfig",
+    "FixedSelector",
+    "GeneratePseudoConfig",
+    "IastSelector",
+    "InferenceConfig",
+    "InputConfig",
+    "LossWeights",
+    "MeanTeacherConfig",
+    "ModelConfig",
+    "OptimizerConfig",
+    "PipelineConfig",
+    "Precision",
+    "Recalibration",
+    "Schedule",
+    "Section",
+    "SelfTrainConfig",
+    "Size",
+    "SyntheticConfig",
+    "TrainingRuntime",
+    "UpdateOfflineConfig",
+    "WarmupConfig",
+    "config_hash",
+    "config_schema",
+    "load_config",
+    "stage_config",
+]
 
 
 class PipelineConfig(Section):
@@ -404,15 +169,90 @@ def _describe_error(item: Any, key: str) -> str:
 
 
 def _allowed_keys(location: tuple[Any, ...]) -> str:
+    """'; allowed keys: …' for the model holding the last key of `location` (a discriminated
+    union's variant named in the location included)."""
     model: type[BaseModel] = Config
-    for part in location[:-1]:
-        field = model.model_fields.get(str(part))
-        annotation = getattr(field, "annotation", None) if field else None
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            model = annotation
+    parts = [str(part) for part in location[:-1]]
+    while parts:
+        part = parts.pop(0)
+        field = model.model_fields.get(part)
+        variants = _models_of(field.annotation) if field else []
+        if len(variants) == 1:
+            model = variants[0]
+        elif variants and parts:  # a union: the next part is the variant's name
+            name = parts.pop(0)
+            chosen = [v for v in variants if _variant_name(v) == name]
+            if not chosen:
+                return ""
+            model = chosen[0]
         else:
             return ""
-    return "; allowed keys: " + ", ".join(model.model_fields)
+    variant = _variant_name(model)
+    owner = f" of {location[-2]} '{variant}'" if variant and len(location) > 1 else ""
+    return f"; allowed keys{owner}: " + ", ".join(model.model_fields)
+
+
+def _models_of(annotation: Any) -> list[type[BaseModel]]:
+    """The BaseModel classes an annotation names (one, or a union's members)."""
+    candidates = [annotation, *typing.get_args(annotation)]
+    for candidate in list(candidates):
+        candidates.extend(typing.get_args(candidate))
+    return [c for c in dict.fromkeys(candidates)
+            if isinstance(c, type) and issubclass(c, BaseModel)]
+
+
+def _variant_name(model: type[BaseModel]) -> str | None:
+    field = model.model_fields.get("name")
+    args = typing.get_args(field.annotation) if field else ()
+    return str(args[0]) if len(args) == 1 else None
+
+
+# Keys that moved when the config was regrouped: old dotted path -> new one.
+MOVED_KEYS: dict[str, str] = {
+    **{f"{section}.{key}": f"{section}.runtime.{key}"
+       for section in ("warmup", "self_train")
+       for key in ("precision", "sync_batchnorm", "num_workers")},
+    **{f"self_train.alpha_{key}": f"self_train.alpha.{new}"
+       for key, new in (("start", "start"), ("end", "end"), ("ramp_start", "offset"),
+                        ("power", "power"))},
+    **{f"self_train.beta_{key}": f"self_train.beta.{key}"
+       for key in ("start", "end", "offset", "power")},
+    "self_train.ema_decay": "self_train.teacher.decay (with teacher: {name: ema})",
+    **{f"generate_pseudo.{key}": f"generate_pseudo.selector.{key} (with selector: "
+                                 "{name: iast})"
+       for key in ("alpha", "beta", "gamma", "theta0", "group_size")},
+    **{f"generate_pseudo.{key}": f"generate_pseudo.selector.{key} (with selector: "
+                                 "{name: cbst})" for key in ("portion", "histogram_bins")},
+    "generate_pseudo.threshold": "generate_pseudo.selector.threshold (with selector: "
+                                 "{name: fixed})",
+    **{f"{section}.{key}": f"{section}.inference.{key}"
+       for section, keys in (
+           ("generate_pseudo", ("size", "flip", "model", "batch_size", "num_workers")),
+           ("update_offline", ("model", "flip", "batch_size", "num_workers")),
+           ("evaluate", ("size", "sliding_window", "window", "window_overlap", "flip", "model",
+                         "batch_size", "num_workers")))
+       for key in keys},
+    **{f"{section}.recalibrate_bn": f"{section}.recalibration.enabled"
+       for section in ("generate_pseudo", "evaluate")},
+    **{f"{section}.recalibrate_batches": f"{section}.recalibration.batches"
+       for section in ("generate_pseudo", "evaluate")},
+}
+
+
+def _moved_keys(raw: dict[str, Any], source: str, overrides: list[str]) -> None:
+    """Refuse keys of the flat config layout, naming each one's new path."""
+    lines = []
+    for old, new in MOVED_KEYS.items():
+        section, key = old.split(".", 1)
+        node = raw.get(section)
+        if isinstance(node, dict) and key in node:
+            setting = _overridden(tuple(old.split(".")), overrides)
+            where = f" (from --set {setting!r})" if setting else ""
+            lines.append(f"'{old}'{where} is now '{new}'")
+    if lines:
+        raise DudaError(f"config {source} uses keys that have moved:\n  " + "\n  ".join(lines),
+                        "write them at their new paths (`duda config show -c "
+                        "configs/synthetic.yaml` shows the layout)")
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -488,6 +328,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None,
         raise DudaError(f"config file {path} must hold a mapping of sections",
                         "start from one of the files in configs/")
     raw = apply_overrides(raw, overrides or [])
+    _moved_keys(raw, str(path), overrides or [])
     try:
         config = Config.model_validate(raw)
     except ValidationError as error:

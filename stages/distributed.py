@@ -15,10 +15,11 @@ differentiable all-reduces that gloo supports.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import numpy as np
@@ -27,6 +28,7 @@ import torch.distributed as dist
 import torch.distributed.nn.functional as dist_functional
 from torch import nn
 
+from stages.devices import resolve_device
 from stages.errors import DudaError
 from stages.reporting import Reporter, Task
 from stages.training import seed_everything
@@ -40,25 +42,52 @@ warnings.filterwarnings("ignore", message=r"torch\.distributed\.nn\.functional\.
                         category=FutureWarning)
 
 
+@contextlib.contextmanager
+def process_group(device: str = "auto") -> Iterator[Ranks]:
+    """The ranks of one stage: the device resolved, and under torchrun the process group started
+    (NCCL on GPUs, gloo on the CPU) for the stage and ended after it."""
+    ranks = Ranks(resolve_device(device))
+    try:
+        yield ranks
+    finally:
+        ranks.close()
+
+
 class Ranks:
-    """This process's rank and the world size; a no-op for a single process."""
+    """This process's rank and the world size; a no-op for a single process.
+
+    `compute_device` is where the stage runs its models; `device` is where collectives reduce
+    (the GPU for NCCL, the CPU for gloo)."""
 
     def __init__(self, device: torch.device) -> None:
+        self.compute_device = device
         self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        self._owns_group = False
         if self.world_size > 1 and not dist.is_initialized():
             if device.type == "cuda":
                 torch.cuda.set_device(device)
             # Ranks wait while rank 0 alone evaluates or recalibrates during training.
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                     timeout=datetime.timedelta(minutes=COLLECTIVE_TIMEOUT_MINUTES))
+            self._owns_group = True
         self.rank = dist.get_rank() if self.world_size > 1 else 0
         # nccl reduces tensors on the GPU, gloo on the CPU.
         self.device = device if (self.world_size > 1 and device.type == "cuda") else (
             torch.device("cpu"))
 
+    def close(self) -> None:
+        """End the process group this object started."""
+        if self._owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+        self._owns_group = False
+
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    def reporter(self, reporter: Reporter | None) -> Reporter:
+        """`reporter` (or the logging default) on rank 0; the others report nothing."""
+        return (reporter or Reporter()) if self.is_main else Silent()
 
     def barrier(self) -> None:
         if self.world_size > 1:

@@ -1,10 +1,10 @@
 """The `evaluate` stage: mIoU of a checkpoint's teacher or student on a labelled split.
 
-ALGORITHM.md F: whole-image (or sliding-window) inference at the configured size, optional
-flip TTA, predictions upsampled to the ground truth's size, one confusion matrix summed over
-the split, IoU per class and mIoU for every protocol of the dataset's class table (19, and
-16/13 for SYNTHIA-trained models). For the mean teacher, its BatchNorm statistics can first be
-recomputed on target-train (E.7, E.8). Writes an evaluation artifact (`duda.evaluation`) with
+Whole-image (or sliding-window) inference at the configured size, optional flip TTA,
+predictions upsampled to the ground truth's size, one confusion matrix summed over the split,
+IoU per class and mIoU for every protocol of the dataset's class table (19, and 16/13 for
+SYNTHIA-trained models) (docs/method.md, evaluation). For the mean teacher, its BatchNorm
+statistics can first be recomputed on target-train. Writes an evaluation artifact (`duda.evaluation`) with
 `report.json` and, on request, colourised predictions and image | prediction | ground-truth
 panels under `predictions/`.
 
@@ -15,8 +15,6 @@ rank 0's statistics, and rank 0 writes the report and the manifest.
 
 from __future__ import annotations
 
-import dataclasses
-import itertools
 import logging
 from pathlib import Path
 from typing import Any
@@ -24,22 +22,27 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader
 
-from stages.artifacts import EVALUATION, ArtifactWriter, StageResult, atomic_write_json
+from stages.artifact_writer import ArtifactWriter
+from stages.artifacts import EVALUATION, StageResult, atomic_write_json
 from stages.checkpoint import LoadedModel, check_compatible, load_checkpoint_manifest, load_model
 from stages.classes import IGNORE_INDEX, ClassTable
 from stages.config import Config, config_hash, stage_config
 from stages.data.crops import resize_image
-from stages.data.full_images import FullImageDataset, collate_full_images
+from stages.data.full_images import FullImageDataset
 from stages.data.index import DatasetIndex, Sample, load_dataset_index
 from stages.data.io import read_image
-from stages.devices import resolve_device
-from stages.distributed import Ranks, Silent
+from stages.distributed import Ranks, process_group
 from stages.errors import DudaError
-from stages.inference import SlidingWindow, predict_classes
+from stages.inference import (
+    SlidingWindow,
+    full_image_loader,
+    predict_classes,
+    recalibrate_on_target,
+    sliding_window,
+)
 from stages.metrics import ConfusionMatrix
-from stages.nn.teacher import batchnorm_statistics, recalibrate_batchnorm
+from stages.nn.teacher import batchnorm_statistics
 from stages.reporting import Reporter
 
 REPORT_FILE = "report.json"
@@ -52,9 +55,14 @@ def run(config: Config, data: str | Path, checkpoint: str | Path, out: str | Pat
         force: bool = False, device: str = "auto", reporter: Reporter | None = None,
         ) -> StageResult:
     """Evaluate `checkpoint` on config.evaluate.domain / split of the dataset index `data`."""
-    torch_device = resolve_device(device)
-    ranks = Ranks(torch_device)
-    reporter = (reporter or Reporter()) if ranks.is_main else Silent()
+    with process_group(device) as ranks:
+        return _run(config, data, checkpoint, out, force=force, ranks=ranks,
+                    reporter=ranks.reporter(reporter))
+
+
+def _run(config: Config, data: str | Path, checkpoint: str | Path, out: str | Path, *,
+         force: bool, ranks: Ranks, reporter: Reporter) -> StageResult:
+    torch_device = ranks.compute_device
     settings = config.evaluate
     index = load_dataset_index(data)
     checkpoint = Path(checkpoint)
@@ -69,23 +77,20 @@ def run(config: Config, data: str | Path, checkpoint: str | Path, out: str | Pat
                         device=str(torch_device), ranks=ranks) as writer:
         if writer.up_to_date:
             return writer.result()
-        loaded = load_model(checkpoint, settings.model, torch_device)
+        loaded = load_model(checkpoint, settings.inference.model, torch_device)
         check_compatible(loaded, index.classes.names, what=f"dataset index {index.path}")
         recalibration = _recalibrate(config, index, loaded, torch_device, reporter)
         if recalibration is not None:
             ranks.broadcast_tensors(batchnorm_statistics(loaded.model))
         size = _inference_size(config)
-        window = None
-        if settings.sliding_window:
-            window = SlidingWindow(tuple(settings.window or config.input.crop_size),
-                                   settings.window_overlap)
-        mine = ranks.mine(len(samples), settings.batch_size)
+        window = sliding_window(settings.inference, config.input.crop_size)
+        mine = ranks.mine(len(samples), settings.inference.batch_size)
         matrix = _evaluate(loaded, [samples[i] for i in mine], size, window, config,
                            writer.work, index.classes, torch_device, reporter)
         matrix.matrix = torch.from_numpy(ranks.sum(matrix.matrix.cpu().numpy()))
         report = _report(matrix, index.classes, {
             "domain": settings.domain, "split": settings.split, "images": len(samples),
-            "size": list(size), "flip": settings.flip,
+            "size": list(size), "flip": settings.inference.flip,
             "sliding_window": window.describe() if window else None,
             "model": loaded.which, "iteration": loaded.iteration,
             "bn_recalibration": recalibration,
@@ -115,52 +120,22 @@ def _check_labelled(index: DatasetIndex, samples: list[Sample], domain: str, spl
 
 def _inference_size(config: Config) -> tuple[int, int]:
     settings = config.evaluate
-    if settings.size is not None:
-        return (settings.size[0], settings.size[1])
+    if settings.inference.size is not None:
+        return (settings.inference.size[0], settings.inference.size[1])
     base = config.input.target_size if settings.domain == "target" else config.input.source_size
     return (base[0], base[1])
 
 
-def _loader(dataset: FullImageDataset, batch_size: int, num_workers: int) -> DataLoader:
-    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                      collate_fn=collate_full_images, pin_memory=False)
-
-
 def _recalibrate(config: Config, index: DatasetIndex, loaded: LoadedModel,
                  device: torch.device, reporter: Reporter) -> dict[str, Any] | None:
-    """ALGORITHM.md E.7: recompute the model's BN statistics on target-train before
-    evaluating. Returns what was done, for the report."""
+    """Recompute the model's BN statistics on target-train before evaluating, if asked.
+    Returns what was done, for the report."""
     settings = config.evaluate
-    if not settings.recalibrate_bn:
+    if not settings.recalibration.enabled:
         return None
     return recalibrate_on_target(loaded.model, loaded.model_config.normalization, config, index,
-                                 settings.recalibrate_batches, settings.batch_size,
-                                 settings.num_workers, device, reporter)
-
-
-def recalibrate_on_target(model: torch.nn.Module, normalization: str, config: Config,
-                          index: DatasetIndex, batches: int, batch_size: int, num_workers: int,
-                          device: torch.device, reporter: Reporter) -> dict[str, Any]:
-    """Recompute `model`'s BN running statistics (cumulative average) on target-train full
-    images at input.target_size: `batches` batches, 0 = the whole split (E.7). The model is
-    left in eval mode. The mean teacher's recalibration of DUDA; applied to a source-only
-    model it is AdaBN."""
-    samples = [dataclasses.replace(sample, label=None)
-               for sample in index.samples("target", "train")]
-    dataset = FullImageDataset(samples, config.input.target_size, normalization)
-    loader = _loader(dataset, batch_size, num_workers)
-    total = len(loader) if batches == 0 else min(batches, len(loader))
-    with reporter.task("recalibrating BN", total=total) as task:
-        def images():
-            for batch in itertools.islice(loader, total):
-                yield batch["image"]
-                task.advance(1)
-
-        seen = recalibrate_batchnorm(model, images(), device)
-    model.eval()
-    return {"applied": True, "domain": "target", "split": "train", "batches": seen,
-            "images": min(len(samples), seen * batch_size),
-            "size": list(config.input.target_size)}
+                                 settings.recalibration.batches, settings.inference.batch_size,
+                                 settings.inference.num_workers, device, reporter)
 
 
 def _evaluate(loaded: LoadedModel, samples: list[Sample], size: tuple[int, int],
@@ -170,7 +145,8 @@ def _evaluate(loaded: LoadedModel, samples: list[Sample], size: tuple[int, int],
     model = loaded.model.eval()
     dataset = FullImageDataset(samples, size, loaded.model_config.normalization,
                                with_labels=True)
-    loader = _loader(dataset, settings.batch_size, settings.num_workers)
+    loader = full_image_loader(dataset, settings.inference.batch_size,
+                               settings.inference.num_workers)
     matrix = ConfusionMatrix(len(classes.names))
     if settings.save_predictions:
         (out / PREDICTIONS_DIR).mkdir(exist_ok=True)
@@ -180,8 +156,8 @@ def _evaluate(loaded: LoadedModel, samples: list[Sample], size: tuple[int, int],
             images = batch["image"].to(device, non_blocking=True)
             labels = [label.to(device, non_blocking=True) for label in batch["label"]]
             for rows, out_size in _groups_by_size(labels):
-                prediction = predict_classes(model, images[rows], out_size, flip=settings.flip,
-                                             sliding_window=window)
+                prediction = predict_classes(model, images[rows], out_size,
+                                             flip=settings.inference.flip, sliding_window=window)
                 target = torch.stack([labels[i] for i in rows])
                 matrix.update(prediction, target)
                 if settings.save_predictions:
@@ -240,25 +216,3 @@ def _report(matrix: ConfusionMatrix, classes: ClassTable,
         "confusion_matrix_axes": "rows: ground truth, columns: prediction",
         "protocol": protocol,
     }
-
-
-@torch.no_grad()
-def target_val_miou(model: torch.nn.Module, config: Config, index: DatasetIndex,
-                    device: torch.device, *, num_workers: int, precision: str) -> float:
-    """Target-val mIoU of the table's primary protocol, at input.target_size, whole image, no
-    flip (ALGORITHM.md F): the in-training evaluation of warmup and self-train."""
-    model.eval()
-    dataset = FullImageDataset(index.samples("target", "val"), config.input.target_size,
-                               config.model.normalization, with_labels=True)
-    # A private generator: building the loader must not draw from the global RNG (resume).
-    generator = torch.Generator()
-    generator.manual_seed(0)
-    # Batch 1: labels keep their native sizes, which may differ between images.
-    loader = DataLoader(dataset, batch_size=1, num_workers=num_workers, generator=generator)
-    matrix = ConfusionMatrix(index.num_classes)
-    for batch in loader:
-        label = batch["label"]  # (1, H, W) int64
-        prediction = predict_classes(model, batch["image"].to(device), tuple(label.shape[-2:]),
-                                     precision=precision)
-        matrix.update(prediction.cpu(), label)
-    return float(matrix.miou(index.classes.primary_protocol[1]))

@@ -30,28 +30,28 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader
 
-from stages.artifacts import PSEUDO_LABELS, ArtifactRef, ArtifactWriter, StageResult
+from stages.artifact_writer import ArtifactWriter
+from stages.artifacts import PSEUDO_LABELS, ArtifactRef, StageResult
 from stages.checkpoint import LoadedModel, check_compatible, load_checkpoint_manifest, load_model
+from stages.config import CbstSelector as CbstConfig
 from stages.config import Config, config_hash, stage_config
-from stages.data.full_images import FullImageDataset, collate_full_images
+from stages.config import FixedSelector as FixedConfig
+from stages.config import IastSelector as IastConfig
+from stages.data.full_images import FullImageDataset
 from stages.data.index import DatasetIndex, Sample, load_dataset_index
 from stages.data.io import read_label
-from stages.devices import resolve_device
-from stages.distributed import Ranks, Silent
+from stages.distributed import Ranks, process_group
 from stages.errors import DudaError
-from stages.evaluate import recalibrate_on_target
-from stages.inference import predict
-from stages.pseudo_store import (
-    STORE_METADATA,
-    PseudoLabelStore,
-    confusion_counts,
-    create_store,
-    diagnostics,
-    open_unfinished,
-    statistics_from_counts,
+from stages.inference import (
+    SlidingWindow,
+    full_image_loader,
+    predict,
+    recalibrate_on_target,
+    sliding_window,
 )
+from stages.metrics import confusion_counts, diagnostics, statistics_from_counts
+from stages.pseudo_store import STORE_METADATA, PseudoLabelStore, create_store, open_unfinished
 from stages.reporting import Reporter
 from stages.selectors import ConfidenceHistogram, IastSelector, apply_thresholds, fixed_thresholds
 
@@ -67,9 +67,14 @@ def run(config: Config, data: str | Path, checkpoint: str | Path | Sequence[str 
 
     `checkpoint` is one checkpoint artifact or several (an ensemble: probabilities averaged).
     """
-    torch_device = resolve_device(device)
-    ranks = Ranks(torch_device)
-    reporter = (reporter or Reporter()) if ranks.is_main else Silent()
+    with process_group(device) as ranks:
+        return _run(config, data, checkpoint, out, force=force, ranks=ranks,
+                    reporter=ranks.reporter(reporter))
+
+
+def _run(config: Config, data: str | Path, checkpoint: str | Path | Sequence[str | Path],
+         out: str | Path, *, force: bool, ranks: Ranks, reporter: Reporter) -> StageResult:
+    torch_device = ranks.compute_device
     cfg = config.generate_pseudo
     index = load_dataset_index(data)
     checkpoints = [Path(checkpoint)] if isinstance(checkpoint, (str, Path)) else [
@@ -90,27 +95,29 @@ def run(config: Config, data: str | Path, checkpoint: str | Path | Sequence[str 
         if writer.up_to_date:
             return writer.result()
         height, width = native_size(samples)
-        models = _load_models(checkpoints, cfg.model, torch_device, index)
-        if cfg.recalibrate_bn:
+        models = _load_models(checkpoints, cfg.inference.model, torch_device, index)
+        if cfg.recalibration.enabled:
             for loaded in models:
                 recalibrate_on_target(loaded.model, loaded.model_config.normalization, config,
-                                      index, cfg.recalibrate_batches, cfg.batch_size,
-                                      cfg.num_workers, torch_device, reporter)
+                                      index, cfg.recalibration.batches,
+                                      cfg.inference.batch_size, cfg.inference.num_workers,
+                                      torch_device, reporter)
         ranks.on_main(lambda: create_store(
             writer.work, ids=[sample.id for sample in samples], height=height, width=width,
             class_names=index.classes.names, index_id=index.manifest.id,
             palette=index.classes.palette).path)
         store = open_unfinished(writer.work)  # rank 0 created it; every rank writes its images
-        mine = ranks.mine(len(samples), cfg.batch_size)
-        size = tuple(cfg.size or config.input.target_size)
+        mine = ranks.mine(len(samples), cfg.inference.batch_size)
+        size = tuple(cfg.inference.size or config.input.target_size)
 
         histogram, predicted = _infer(config, models, samples, mine, size, store,
                                       torch_device, reporter)
         ranks.barrier()
         predicted = ranks.sum(predicted)
         thresholds, group_thresholds = _select(config, store, ranks, histogram, reporter)
+        group_size = cfg.selector.group_size if isinstance(cfg.selector, IastConfig) else 1
         kept, confusion = _threshold(store, samples, mine, thresholds, group_thresholds,
-                                     cfg.group_size, reporter)
+                                     group_size, reporter)
         kept = ranks.sum(kept)
         confusion = ranks.sum(confusion)
         ranks.barrier()
@@ -168,11 +175,13 @@ def _load_models(checkpoints: list[Path], which: str, device: torch.device,
 
 
 def ensemble_probabilities(models: Sequence[LoadedModel], images: torch.Tensor,
-                           out_size: tuple[int, int], flip: bool) -> torch.Tensor:
+                           out_size: tuple[int, int], flip: bool,
+                           window: SlidingWindow | None = None) -> torch.Tensor:
     """Mean softmax of every model (each flip-averaged if asked): (B, C, *out_size) float32."""
     total: torch.Tensor | None = None
     for loaded in models:
-        probabilities = predict(loaded.model, images, out_size, flip=flip)
+        probabilities = predict(loaded.model, images, out_size, flip=flip,
+                                sliding_window=window)
         total = probabilities if total is None else total + probabilities
     assert total is not None
     return total / len(models)
@@ -180,26 +189,31 @@ def ensemble_probabilities(models: Sequence[LoadedModel], images: torch.Tensor,
 
 def _infer(config: Config, models: list[LoadedModel], samples: list[Sample], mine: list[int],
            size: tuple[int, ...], store: PseudoLabelStore, device: torch.device,
-           reporter: Reporter) -> tuple[ConfidenceHistogram, np.ndarray]:
-    """Pass 1: store argmax and confidence of this rank's images; histogram the confidences."""
+           reporter: Reporter) -> tuple[ConfidenceHistogram | None, np.ndarray]:
+    """Pass 1: store argmax and confidence of this rank's images; for CBST, histogram the
+    confidences."""
     cfg = config.generate_pseudo
     num_classes = store.num_classes
-    histogram = ConfidenceHistogram(num_classes, cfg.histogram_bins)
+    histogram = None
+    if isinstance(cfg.selector, CbstConfig):
+        histogram = ConfidenceHistogram(num_classes, cfg.selector.histogram_bins)
     predicted = np.zeros(num_classes, np.int64)
     dataset = FullImageDataset([samples[i] for i in mine], size,
                                models[0].model_config.normalization)
-    loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=False,
-                        num_workers=cfg.num_workers, collate_fn=collate_full_images)
+    loader = full_image_loader(dataset, cfg.inference.batch_size, cfg.inference.num_workers)
+    window = sliding_window(cfg.inference, config.input.crop_size)
     out_size = (store.height, store.width)
     with reporter.task("pseudo labels: inference", total=len(mine)) as task:
         for batch in loader:
             images = batch["image"].to(device, non_blocking=True)
-            probabilities = ensemble_probabilities(models, images, out_size, cfg.flip)
+            probabilities = ensemble_probabilities(models, images, out_size, cfg.inference.flip,
+                                                   window)
             confidence, prediction = probabilities.max(dim=1)
             # The stored (float16) confidence is what every later step sees.
             confidence = confidence.half().float().cpu()
             prediction = prediction.to(torch.uint8).cpu()
-            histogram.add(confidence, prediction)
+            if histogram is not None:
+                histogram.add(confidence, prediction)
             predicted += np.bincount(prediction.numpy().ravel(), minlength=num_classes)
             for position, label, conf in zip(batch["index"].tolist(), prediction, confidence,
                                              strict=True):
@@ -209,29 +223,31 @@ def _infer(config: Config, models: list[LoadedModel], samples: list[Sample], min
 
 
 def _select(config: Config, store: PseudoLabelStore, ranks: Ranks,
-            histogram: ConfidenceHistogram, reporter: Reporter,
+            histogram: ConfidenceHistogram | None, reporter: Reporter,
             ) -> tuple[np.ndarray, np.ndarray | None]:
     """The class thresholds (C,), and for IAST the thresholds of every group (G, C)."""
-    cfg = config.generate_pseudo
+    selector = config.generate_pseudo.selector
     num_classes = store.num_classes
-    if cfg.selector == "fixed":
-        return fixed_thresholds(num_classes, cfg.threshold), None
-    if cfg.selector == "cbst":
+    if isinstance(selector, FixedConfig):
+        return fixed_thresholds(num_classes, selector.threshold), None
+    if isinstance(selector, CbstConfig):
+        assert histogram is not None
         histogram.counts = ranks.sum(histogram.counts)
-        return histogram.thresholds(cfg.portion), None
-    # IAST (ALGORITHM.md D.1): order-dependent, so one process walks the whole set in index
-    # order (the reference walks a sampler's order; index order makes it reproducible).
+        return histogram.thresholds(selector.portion), None
+    # IAST: order-dependent, so one process walks the whole set in index order (the reference
+    # walks a sampler's order; index order makes it reproducible).
     groups = None
     if ranks.is_main:
-        selector = IastSelector(num_classes, cfg.alpha, cfg.beta, cfg.gamma, cfg.theta0)
+        iast = IastSelector(num_classes, selector.alpha, selector.beta, selector.gamma,
+                            selector.theta0)
         count = len(store)
         history = []
         with reporter.task("pseudo labels: IAST thresholds", total=count) as task:
-            for start in range(0, count, cfg.group_size):
-                members = range(start, min(start + cfg.group_size, count))
+            for start in range(0, count, selector.group_size):
+                members = range(start, min(start + selector.group_size, count))
                 prediction = np.stack([store.read_labels(i) for i in members])
                 confidence = np.stack([store.read_confidence(i) for i in members])
-                history.append(selector.update(confidence, prediction))
+                history.append(iast.update(confidence, prediction))
                 task.advance(len(members))
         groups = np.stack(history)
     groups = ranks.broadcast(groups)
@@ -264,13 +280,11 @@ def _threshold(store: PseudoLabelStore, samples: list[Sample], mine: list[int],
 
 
 def _selector_description(config: Config) -> dict[str, Any]:
-    cfg = config.generate_pseudo
-    if cfg.selector == "iast":
-        return {"name": "iast", "alpha": cfg.alpha, "beta": cfg.beta, "gamma": cfg.gamma,
-                "theta0": cfg.theta0, "group_size": cfg.group_size, "order": "index"}
-    if cfg.selector == "cbst":
-        return {"name": "cbst", "portion": cfg.portion, "histogram_bins": cfg.histogram_bins}
-    return {"name": "fixed", "threshold": cfg.threshold}
+    selector = config.generate_pseudo.selector
+    description = selector.model_dump(mode="json")
+    if isinstance(selector, IastConfig):
+        description["order"] = "index"
+    return description
 
 
 def _summary(config: Config, index: DatasetIndex, store: PseudoLabelStore,
@@ -284,7 +298,7 @@ def _summary(config: Config, index: DatasetIndex, store: PseudoLabelStore,
         "selector": _selector_description(config),
         "models": [{"checkpoint": str(loaded.path), "weights": loaded.which,
                     "iteration": loaded.iteration} for loaded in models],
-        "flip": config.generate_pseudo.flip,
+        "flip": config.generate_pseudo.inference.flip,
         "labelled_fraction": float(kept.sum() / pixels) if pixels else 0.0,
         "per_class": {name: {"threshold": float(thresholds[c]),
                              "predicted_pixels": int(predicted[c]),

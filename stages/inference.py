@@ -1,21 +1,33 @@
-"""Whole-image inference shared by evaluate, generate-pseudo and update-offline.
+"""Whole-image inference shared by evaluate, generate-pseudo, update-offline and predict, the
+in-training evaluation, and BatchNorm recalibration on target-train.
 
 The model sees the image at the configured inference size, either whole or as overlapping
 sliding windows whose logits are averaged where they overlap; optional horizontal-flip
 test-time augmentation averages the softmax of the plain and the flipped (and flipped back)
-passes (ALGORITHM.md F.3–F.4). The result is resized bilinearly (align_corners=True, as the
-model's own upsampling) to the requested output size, e.g. the ground truth's.
+passes (docs/method.md, evaluation). The result is resized bilinearly (align_corners=True, as
+the model's own upsampling) to the requested output size, e.g. the ground truth's.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import DataLoader, Dataset
 
+from stages.config import Config, InferenceConfig, Size
+from stages.data.full_images import FullImageDataset, collate_full_images
+from stages.data.index import DatasetIndex
 from stages.devices import autocast
+from stages.metrics import ConfusionMatrix
+from stages.nn.teacher import recalibrate_batchnorm
+from stages.reporting import Reporter
 
 
 @dataclass(frozen=True)
@@ -27,6 +39,20 @@ class SlidingWindow:
 
     def describe(self) -> dict[str, object]:
         return {"window": list(self.size), "overlap": self.overlap}
+
+
+def sliding_window(settings: InferenceConfig, crop_size: Size) -> SlidingWindow | None:
+    """The sliding window an inference setting asks for (default window: the training crop)."""
+    if not settings.sliding_window:
+        return None
+    window = settings.window or crop_size
+    return SlidingWindow((window[0], window[1]), settings.window_overlap)
+
+
+def full_image_loader(dataset: Dataset, batch_size: int, num_workers: int) -> DataLoader:
+    """Batches of whole images in index order (`FullImageDataset` items)."""
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                      collate_fn=collate_full_images)
 
 
 def window_starts(length: int, window: int, overlap: float) -> list[int]:
@@ -108,3 +134,50 @@ def predict_classes(model: nn.Module, images: torch.Tensor, out_size: tuple[int,
     """The predicted class map (B, *out_size) int64: argmax of `predict`'s probabilities."""
     scores, _ = predict_scores(model, images, out_size, flip, sliding_window, precision)
     return scores.argmax(1)
+
+
+def recalibrate_on_target(model: torch.nn.Module, normalization: str, config: Config,
+                          index: DatasetIndex, batches: int, batch_size: int, num_workers: int,
+                          device: torch.device, reporter: Reporter) -> dict[str, Any]:
+    """Recompute `model`'s BN running statistics (cumulative average) on target-train full
+    images at input.target_size: `batches` batches, 0 = the whole split. The model is left in
+    eval mode. The mean teacher's recalibration (docs/method.md, the mean teacher); applied to
+    a source-only model it is AdaBN."""
+    samples = [dataclasses.replace(sample, label=None)
+               for sample in index.samples("target", "train")]
+    dataset = FullImageDataset(samples, config.input.target_size, normalization)
+    loader = full_image_loader(dataset, batch_size, num_workers)
+    total = len(loader) if batches == 0 else min(batches, len(loader))
+    with reporter.task("recalibrating BN", total=total) as task:
+        def images() -> Iterator[torch.Tensor]:
+            for batch in itertools.islice(loader, total):
+                yield batch["image"]
+                task.advance(1)
+
+        seen = recalibrate_batchnorm(model, images(), device)
+    model.eval()
+    return {"applied": True, "domain": "target", "split": "train", "batches": seen,
+            "images": min(len(samples), seen * batch_size),
+            "size": list(config.input.target_size)}
+
+
+@torch.no_grad()
+def target_val_miou(model: torch.nn.Module, config: Config, index: DatasetIndex,
+                    device: torch.device, *, num_workers: int, precision: str) -> float:
+    """Target-val mIoU of the table's primary protocol, at input.target_size, whole image, no
+    flip: the in-training evaluation of warmup and self-train."""
+    model.eval()
+    dataset = FullImageDataset(index.samples("target", "val"), config.input.target_size,
+                               config.model.normalization, with_labels=True)
+    # A private generator: building the loader must not draw from the global RNG (resume).
+    generator = torch.Generator()
+    generator.manual_seed(0)
+    # Batch 1: labels keep their native sizes, which may differ between images.
+    loader = DataLoader(dataset, batch_size=1, num_workers=num_workers, generator=generator)
+    matrix = ConfusionMatrix(index.num_classes)
+    for batch in loader:
+        label = batch["label"]  # (1, H, W) int64
+        prediction = predict_classes(model, batch["image"].to(device), tuple(label.shape[-2:]),
+                                     precision=precision)
+        matrix.update(prediction.cpu(), label)
+    return float(matrix.miou(index.classes.primary_protocol[1]))

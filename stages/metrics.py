@@ -1,4 +1,5 @@
-"""Segmentation metrics: the dataset-level confusion matrix, IoU per class, mIoU per protocol.
+"""Segmentation metrics: the dataset-level confusion matrix, IoU per class, mIoU per protocol, and
+the diagnostics of pseudo labels against ground truth (precision, recall, coverage per class).
 
 ALGORITHM.md F.1: intersections and unions are summed over the whole split (not averaged per
 image); pixels whose ground truth is 255 are ignored; IoU_c = I_c / (U_c + 1e-10); a protocol's
@@ -13,10 +14,19 @@ so reports can flag them.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
+from PIL import Image
 
 from stages.classes import IGNORE_INDEX
+from stages.data.io import read_label
+from stages.reporting import Reporter
+
+if TYPE_CHECKING:
+    from stages.data.index import DatasetIndex
+    from stages.pseudo_store import PseudoLabelStore
 
 EPSILON = 1e-10
 
@@ -79,3 +89,89 @@ class ConfusionMatrix:
     def pixel_accuracy(self) -> float:
         total = int(self.matrix.sum())
         return float(self.matrix.diagonal().sum()) / total if total else 0.0
+
+
+def statistics_from_counts(kept: Sequence[int] | np.ndarray, pixels: int) -> dict[str, Any]:
+    """The per-class statistics dict from kept-pixel counts per class and the pixel total."""
+    kept = [int(value) for value in kept]
+    labelled = sum(kept)
+    return {
+        "pixels": int(pixels),
+        "labelled_pixels": labelled,
+        "labelled_fraction": labelled / pixels if pixels else 0.0,
+        "kept_pixels": kept,
+        "coverage": [value / pixels if pixels else 0.0 for value in kept],
+    }
+
+
+# ------------------------------------------------ pseudo labels against ground truth (diagnostics)
+
+DIAGNOSTICS_NOTE = ("computed against the target-train ground truth for inspection only; the "
+                    "ground truth is never used for training")
+
+
+def confusion_counts(labels: np.ndarray, truth: np.ndarray, num_classes: int) -> np.ndarray:
+    """(C, C + 1) int64 counts of ground truth × pseudo label; the last column: ignored.
+
+    labels: (H, W) pseudo labels (255 = ignore); truth: ground truth (any size: resized by
+    nearest neighbour to the labels'), pixels with ground truth 255 are left out.
+    """
+    if truth.shape != labels.shape:
+        truth = np.asarray(Image.fromarray(truth).resize((labels.shape[1], labels.shape[0]),
+                                                         Image.Resampling.NEAREST))
+    valid = truth < num_classes
+    pseudo = np.minimum(labels[valid].astype(np.int64), num_classes)
+    counts = np.bincount(truth[valid].astype(np.int64) * (num_classes + 1) + pseudo,
+                         minlength=num_classes * (num_classes + 1))
+    return counts.reshape(num_classes, num_classes + 1)
+
+
+def diagnostics(confusion: np.ndarray, class_names: Sequence[str], images: int,
+                ) -> dict[str, Any]:
+    """Per-class precision, recall and coverage of pseudo labels against ground truth.
+
+    confusion: (C, C + 1) from `confusion_counts`, summed over images.
+    precision_c: of the pixels labelled c (where ground truth exists), the share that are c;
+    recall_c: of the ground-truth-c pixels, the share labelled c; coverage_c: of the
+    ground-truth-c pixels, the share that received any label. None where undefined.
+    """
+    num_classes = len(class_names)
+    labelled = confusion[:, :num_classes]
+    correct = np.diag(labelled)
+    per_class = {}
+    for c, name in enumerate(class_names):
+        labelled_as_c = int(labelled[:, c].sum())
+        truth_c = int(confusion[c].sum())
+        per_class[name] = {
+            "precision": float(correct[c] / labelled_as_c) if labelled_as_c else None,
+            "recall": float(correct[c] / truth_c) if truth_c else None,
+            "coverage": float(1.0 - confusion[c, num_classes] / truth_c) if truth_c else None,
+        }
+    total_labelled = int(labelled.sum())
+    total = int(confusion.sum())
+    return {
+        "note": DIAGNOSTICS_NOTE,
+        "images": images,
+        "accuracy": float(correct.sum() / total_labelled) if total_labelled else None,
+        "coverage": float(total_labelled / total) if total else None,
+        "per_class": per_class,
+    }
+
+
+def quality(store: PseudoLabelStore, index: DatasetIndex, reporter: Reporter | None = None,
+            ) -> dict[str, Any] | None:
+    """`diagnostics` of the store against the ground truth of the index's target-train
+    images that have one (matched by id); None if none has."""
+    samples = {sample.id: sample for sample in index.samples("target", "train")}
+    confusion = np.zeros((store.num_classes, store.num_classes + 1), np.int64)
+    images = 0
+    reporter = reporter or Reporter()
+    with reporter.task("pseudo labels: quality", total=len(store)) as task:
+        for i, sample_id in enumerate(store.ids):
+            sample = samples.get(sample_id)
+            if sample is not None and sample.label is not None:
+                confusion += confusion_counts(store.read_labels(i), read_label(sample.label),
+                                              store.num_classes)
+                images += 1
+            task.advance(1)
+    return diagnostics(confusion, store.class_names, images) if images else None

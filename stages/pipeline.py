@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from stages import evaluate, generate_pseudo, prepare_data, self_train, update_offline, warmup
-from stages.artifacts import StageResult, unfinished
+from stages.artifact_writer import unfinished
+from stages.artifacts import StageResult, default_name
 from stages.config import Config
 from stages.reporting import Reporter
 
@@ -40,30 +41,32 @@ def run(config: Config, root: Path, *, init: Path | None = None, force: bool = F
         reporter.info(f"[{name}] {state}: {result.path}")
         return result
 
-    data = note("data", prepare_data.run(config, root / "data", force=force, reporter=reporter))
-    out = root / "warmup"
+    data = note("data", prepare_data.run(config, root / default_name("prepare_data"),
+                                         force=force, reporter=reporter))
+    out = root / default_name("warmup")
     checkpoint = note("warmup", warmup.run(
         config, data.path, out, init=init, resume=unfinished(out), force=force, device=device,
         reporter=reporter)).path
     # The source-only baseline as trained: no BN recalibration on the target (that is part of
     # the adaptation being measured).
     baseline = config.model_copy(update={"evaluate": config.evaluate.model_copy(
-        update={"recalibrate_bn": False})})
+        update={"recalibration": config.evaluate.recalibration.model_copy(
+            update={"enabled": False})})})
     note("evaluate_warmup", evaluate.run(baseline, data.path, checkpoint,
-                                         root / "evaluate_warmup", force=force, device=device,
-                                         reporter=reporter))
-    pseudo = note("pseudo", generate_pseudo.run(config, data.path, checkpoint, root / "pseudo",
-                                                force=force, device=device,
-                                                reporter=reporter)).path
+                                         root / default_name("evaluate_warmup"), force=force,
+                                         device=device, reporter=reporter))
+    pseudo = note("pseudo", generate_pseudo.run(
+        config, data.path, checkpoint, root / default_name("generate_pseudo"), force=force,
+        device=device, reporter=reporter)).path
     for round_index in range(1, config.pipeline.rounds + 1):
-        out = root / f"round{round_index}"
-        checkpoint = note(f"round{round_index}", self_train.run(
+        out = root / default_name("self_train", round_index)
+        checkpoint = note(out.name, self_train.run(
             config, data.path, checkpoint, pseudo, out, resume=unfinished(out), force=force,
             device=device, reporter=reporter, round=round_index)).path
-        pseudo = note(f"round{round_index}_offline", update_offline.run(
-            config, data.path, checkpoint, checkpoint / "pseudo",
-            root / f"round{round_index}_offline", force=force, device=device,
-            reporter=reporter)).path
-    note("evaluate", evaluate.run(config, data.path, checkpoint, root / "evaluate", force=force,
-                                  device=device, reporter=reporter))
+        updated = root / default_name("update_offline", round_index)
+        pseudo = note(updated.name, update_offline.run(
+            config, data.path, checkpoint, checkpoint / self_train.STORE_DIR, updated,
+            force=force, device=device, reporter=reporter)).path
+    note("evaluate", evaluate.run(config, data.path, checkpoint, root / default_name("evaluate"),
+                                  force=force, device=device, reporter=reporter))
     return PipelineResult(results)

@@ -21,7 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from stages.artifacts import DATASET_INDEX, ArtifactWriter, StageResult
+from stages.artifact_writer import ArtifactWriter
+from stages.artifacts import DATASET_INDEX, StageResult
 from stages.classes import (
     CITYSCAPES_CLASSES,
     ClassTable,

@@ -34,7 +34,6 @@ lazily in each process and are not pickled.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -45,25 +44,20 @@ from typing import Any
 import numpy as np
 import torch
 import zarr
-from PIL import Image
 from zarr.codecs import ZstdCodec
 
+from stages.artifact_writer import write_marker
 from stages.artifacts import (
     MANIFEST,
     PSEUDO_LABELS,
     ArtifactRef,
-    ArtifactWriter,
     Manifest,
-    StageResult,
-    atomic_open,
-    check_not_input,
-    is_ours,
+    link_or_copy,
     load_artifact,
-    write_marker,
 )
 from stages.classes import IGNORE_INDEX
-from stages.data.io import open_image, open_label_image, read_label
 from stages.errors import DudaError
+from stages.metrics import statistics_from_counts
 from stages.reporting import Reporter
 
 FORMAT = 1
@@ -357,19 +351,6 @@ class PseudoLabelStore:
         return statistics_from_counts(counts[:-1], len(self.ids) * self.height * self.width)
 
 
-def statistics_from_counts(kept: Sequence[int] | np.ndarray, pixels: int) -> dict[str, Any]:
-    """The per-class statistics dict from kept-pixel counts per class and the pixel total."""
-    kept = [int(value) for value in kept]
-    labelled = sum(kept)
-    return {
-        "pixels": int(pixels),
-        "labelled_pixels": labelled,
-        "labelled_fraction": labelled / pixels if pixels else 0.0,
-        "kept_pixels": kept,
-        "coverage": [value / pixels if pixels else 0.0 for value in kept],
-    }
-
-
 def _check_destination(path: Path) -> None:
     if (path / MANIFEST).exists():
         raise DudaError(f"{path} is a finished artifact; stores are write-once",
@@ -501,262 +482,3 @@ def copy_store(src: str | Path | PseudoLabelStore, dst: str | Path) -> PseudoLab
     store = PseudoLabelStore(dst, writable=True)
     store._set_attr("parent", manifest.ref(source.path).model_dump())
     return store
-
-
-def link_or_copy(src: str, dst: str) -> None:
-    """`shutil.copytree` copy function: hard-link chunk files, copy zarr.json metadata."""
-    # Metadata files are small and rewritten in place by attribute updates: copy them.
-    if os.path.basename(src) == "zarr.json":
-        shutil.copy2(src, dst)
-        return
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
-
-
-# --------------------------------------------------------------------- quality (diagnostics)
-
-DIAGNOSTICS_NOTE = ("computed against the target-train ground truth for inspection only; the "
-                    "ground truth is never used for training")
-
-
-def confusion_counts(labels: np.ndarray, truth: np.ndarray, num_classes: int) -> np.ndarray:
-    """(C, C + 1) int64 counts of ground truth × pseudo label; the last column: ignored.
-
-    labels: (H, W) pseudo labels (255 = ignore); truth: ground truth (any size: resized by
-    nearest neighbour to the labels'), pixels with ground truth 255 are left out.
-    """
-    if truth.shape != labels.shape:
-        truth = np.asarray(Image.fromarray(truth).resize((labels.shape[1], labels.shape[0]),
-                                                         Image.Resampling.NEAREST))
-    valid = truth < num_classes
-    pseudo = np.minimum(labels[valid].astype(np.int64), num_classes)
-    counts = np.bincount(truth[valid].astype(np.int64) * (num_classes + 1) + pseudo,
-                         minlength=num_classes * (num_classes + 1))
-    return counts.reshape(num_classes, num_classes + 1)
-
-
-def diagnostics(confusion: np.ndarray, class_names: Sequence[str], images: int,
-                ) -> dict[str, Any]:
-    """Per-class precision, recall and coverage of pseudo labels against ground truth.
-
-    confusion: (C, C + 1) from `confusion_counts`, summed over images.
-    precision_c: of the pixels labelled c (where ground truth exists), the share that are c;
-    recall_c: of the ground-truth-c pixels, the share labelled c; coverage_c: of the
-    ground-truth-c pixels, the share that received any label. None where undefined.
-    """
-    num_classes = len(class_names)
-    labelled = confusion[:, :num_classes]
-    correct = np.diag(labelled)
-    per_class = {}
-    for c, name in enumerate(class_names):
-        labelled_as_c = int(labelled[:, c].sum())
-        truth_c = int(confusion[c].sum())
-        per_class[name] = {
-            "precision": float(correct[c] / labelled_as_c) if labelled_as_c else None,
-            "recall": float(correct[c] / truth_c) if truth_c else None,
-            "coverage": float(1.0 - confusion[c, num_classes] / truth_c) if truth_c else None,
-        }
-    total_labelled = int(labelled.sum())
-    total = int(confusion.sum())
-    return {
-        "note": DIAGNOSTICS_NOTE,
-        "images": images,
-        "accuracy": float(correct.sum() / total_labelled) if total_labelled else None,
-        "coverage": float(total_labelled / total) if total else None,
-        "per_class": per_class,
-    }
-
-
-def quality(store: PseudoLabelStore, index: Any, reporter: Reporter | None = None,
-            ) -> dict[str, Any] | None:
-    """`diagnostics` of the store against the ground truth of the index's target-train
-    images that have one (matched by id); None if none has."""
-    samples = {sample.id: sample for sample in index.samples("target", "train")}
-    confusion = np.zeros((store.num_classes, store.num_classes + 1), np.int64)
-    images = 0
-    reporter = reporter or Reporter()
-    with reporter.task("pseudo labels: quality", total=len(store)) as task:
-        for i, sample_id in enumerate(store.ids):
-            sample = samples.get(sample_id)
-            if sample is not None and sample.label is not None:
-                confusion += confusion_counts(store.read_labels(i), read_label(sample.label),
-                                              store.num_classes)
-                images += 1
-            task.advance(1)
-    return diagnostics(confusion, store.class_names, images) if images else None
-
-
-# ----------------------------------------------------------------------- export and import
-
-
-LABEL_EXPORT = "duda.label_export"
-
-
-def export_labels(store: PseudoLabelStore, directory: str | Path, colour: bool = False,
-                  reporter: Reporter | None = None) -> int:
-    """Write one PNG per image, `<id>.png`: single-channel trainIds (255 = ignore), or with
-    `colour` a palette PNG whose pixel values are still the trainIds. Returns the count.
-
-    `directory` must be new, empty, or an earlier export (it carries the project's marker);
-    every chunk is checked before the first PNG is written."""
-    directory = Path(directory)
-    check_not_input(directory, [store.path])
-    if directory.exists() and not (directory.is_dir() and (
-            not any(directory.iterdir()) or is_ours(directory))):
-        raise DudaError(f"{directory} exists and is not an earlier label export; its files are "
-                        "left untouched", "export into a new or empty folder")
-    store.validate(reporter)
-    write_marker(directory, LABEL_EXPORT, "pseudo_export")
-    palette = None
-    if colour:
-        colours = store.palette or _default_palette(store.num_classes)
-        palette = [0] * 768
-        for c, rgb in enumerate(colours):
-            palette[3 * c:3 * c + 3] = [int(v) for v in rgb]
-    reporter = reporter or Reporter()
-    with reporter.task("export", total=len(store)) as task:
-        for i, sample_id in enumerate(store.ids):
-            labels = store.read_labels(i)
-            if palette is None:
-                image = Image.fromarray(labels, mode="L")
-            else:
-                image = Image.fromarray(labels, mode="P")
-                image.putpalette(palette)
-            with atomic_open(directory / f"{sample_id}.png") as handle:
-                image.save(handle, format="PNG")
-            task.advance(1)
-    return len(store)
-
-
-def _default_palette(count: int) -> list[tuple[int, int, int]]:
-    rng = np.random.default_rng(0)
-    return [tuple(int(v) for v in rng.integers(0, 256, 3)) for _ in range(count)]
-
-
-def _first(items: list[str], count: int = 5) -> str:
-    more = f", … ({len(items)} in all)" if len(items) > count else ""
-    return ", ".join(items[:count]) + more
-
-
-def import_labels(directory: str | Path, data: str | Path, out: str | Path, *,
-                  force: bool = False, reporter: Reporter | None = None) -> StageResult:
-    """Build a finished store from a folder of label PNGs named like the target-train images.
-
-    A PNG matches a sample by its id (`<id>.png`) or its image's stem (`<stem>.png`), searched
-    recursively. Every image needs one; every PNG must have the images' size and hold values
-    in 0..C−1 or 255. Confidence is 1 where labelled and 0 elsewhere. Errors list the first
-    offenders.
-    """
-    from stages.data.index import load_dataset_index
-
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise DudaError(f"label folder {directory} does not exist",
-                        "pass the folder holding one label PNG per target-train image")
-    index = load_dataset_index(data)
-    samples = index.samples("target", "train")
-    files: dict[str, list[Path]] = {}
-    for path in sorted(directory.rglob("*.png")):
-        files.setdefault(path.stem, []).append(path)
-    duplicates = [f"{stem} ({len(paths)} files)" for stem, paths in files.items()
-                  if len(paths) > 1]
-    if duplicates:
-        raise DudaError(f"label folder {directory} holds several PNGs with the same name: "
-                        f"{_first(duplicates)}", "keep one label PNG per image")
-    matched: list[Path] = []
-    missing: list[str] = []
-    for sample in samples:
-        path = files.get(sample.id) or files.get(sample.image.stem)
-        if path is None:
-            missing.append(sample.id)
-        else:
-            matched.append(path[0])
-    if missing:
-        raise DudaError(f"label folder {directory} has no PNG for {len(missing)} of "
-                        f"{len(samples)} target-train images: {_first(missing)}",
-                        "name each PNG like its image (<image stem>.png or <sample id>.png)")
-    width, height = open_image(samples[0].image).size
-    num_classes = index.num_classes
-    wrong_size, out_of_range = [], []
-    for path in matched:
-        image = open_label_image(path)  # a corrupt or lossy (non-PNG) file is a DudaError
-        if image.size != (width, height):
-            wrong_size.append(f"{path.name} ({image.size[1]}×{image.size[0]})")
-            continue
-        labels = np.asarray(image)
-        if labels.ndim != 2:
-            raise DudaError(f"{path} has {labels.shape[2]} channels; a label PNG has one",
-                            "write single-channel (or palette) PNGs of trainIds, 255 = ignore")
-        bad = np.unique(labels[(labels >= num_classes) & (labels != IGNORE_INDEX)])
-        if bad.size:
-            out_of_range.append(f"{path.name} ({', '.join(str(v) for v in bad[:4])})")
-    if wrong_size:
-        raise DudaError(f"{len(wrong_size)} label PNGs are not {height}×{width} like the "
-                        f"target-train images: {_first(wrong_size)}",
-                        "resize the labels (nearest neighbour) to the images' size")
-    if out_of_range:
-        raise DudaError(f"{len(out_of_range)} label PNGs hold values outside 0..{num_classes - 1}"
-                        f" and {IGNORE_INDEX}: {_first(out_of_range)}",
-                        "write trainIds (not label ids or colours), 255 = ignore")
-    listing = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in matched]
-    config = {"directory": str(directory.resolve())}
-    identity = hashlib.sha256(json.dumps([config, listing]).encode()).hexdigest()[:16]
-    reporter = reporter or Reporter()
-    with ArtifactWriter(out, kind=PSEUDO_LABELS, stage="pseudo_import", config=config,
-                        config_hash=identity, inputs={"data": index.ref},
-                        protect=[directory], force=force) as writer:
-        if writer.up_to_date:
-            return writer.result()
-        store = create_store(writer.work, ids=[sample.id for sample in samples], height=height,
-                             width=width, class_names=index.classes.names,
-                             index_id=index.manifest.id, palette=index.classes.palette)
-        with reporter.task("import", total=len(matched)) as task:
-            for i, path in enumerate(matched):
-                labels = np.asarray(open_label_image(path))
-                store.write(i, labels, (labels != IGNORE_INDEX).astype(np.float32))
-                task.advance(1)
-        store.set_selector({"name": "imported", "directory": str(directory.resolve())})
-        statistics = store.class_statistics()
-        store.set_statistics(statistics)
-        store.check_complete()
-        summary = {"images": len(store), "label_size": [height, width],
-                   "selector": store.selector,
-                   "labelled_fraction": statistics["labelled_fraction"],
-                   "per_class": {name: {"kept_pixels": statistics["kept_pixels"][c],
-                                        "coverage": statistics["coverage"][c]}
-                                 for c, name in enumerate(store.class_names)}}
-        writer.finish(summary, content=[STORE_METADATA])
-    return writer.result()
-
-
-def lineage(path: str | Path, limit: int = 50) -> list[dict[str, Any]]:
-    """The chain of store versions from `path` back through its parents (newest first).
-
-    Each entry: path, id, stage, round, created, the checkpoints it was made from, and whether
-    the parent could still be found.
-    """
-    chain: list[dict[str, Any]] = []
-    current: Path | None = Path(path)
-    seen: set[str] = set()
-    while current is not None and len(chain) < limit:
-        try:
-            manifest = load_artifact(current, PSEUDO_LABELS)
-        except DudaError:
-            chain.append({"path": str(current), "id": None, "found": False})
-            break
-        if manifest.id in seen:
-            break
-        seen.add(manifest.id)
-        parent = manifest.inputs.get("parent")
-        if parent is None:
-            attrs_parent = PseudoLabelStore(current, writable=False).attrs.get("parent")
-            parent = ArtifactRef(**attrs_parent) if attrs_parent else None
-        chain.append({"path": str(current), "id": manifest.id, "stage": manifest.stage,
-                      "round": manifest.round, "created": manifest.created, "found": True,
-                      "checkpoints": [ref.path for key, ref in manifest.inputs.items()
-                                      if key.startswith("checkpoint")],
-                      "parent": parent.id if parent else None})
-        current = Path(parent.path) if parent is not None else None
-    return chain

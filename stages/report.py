@@ -36,6 +36,7 @@ import numpy as np
 from PIL import Image
 
 from stages import plots
+from stages.artifact_writer import ArtifactWriter, partial_path
 from stages.artifacts import (
     CHECKPOINT,
     EVALUATION,
@@ -44,11 +45,9 @@ from stages.artifacts import (
     REPORT,
     VERSIONS,
     ArtifactRef,
-    ArtifactWriter,
     Manifest,
     StageResult,
     atomic_write_text,
-    partial_path,
     read_manifest,
 )
 from stages.checkpoint import BEST_FILE, METRICS_FILE, MODEL_FILE, TRAIN_STATE_FILE

@@ -1,9 +1,12 @@
-"""Small pieces every training loop shares: optimizer, learning rate, RNG state, metrics, resume.
+"""Small pieces every training loop shares: optimizer, learning rate, RNG state, metrics, the
+training state and progress, resume.
 
 The training stages (`warmup`, `self_train`) each own one readable loop; this module holds the
-few helpers they have in common, never the loop itself. Everything a resumed run needs is
-returned as plain tensors, numbers, strings, lists and dicts, so that the training state
-loads with `torch.load(weights_only=True)` (PITFALLS.md "Checkpoints").
+few pieces they have in common, never the loop itself. `TrainState` is one plain dict of named
+objects with `state_dict`/`load_state_dict` (models, optimizers, scalers, loaders, RNGs,
+progress, the metrics log, the store snapshot) that saving and resuming both iterate, so the
+list of what a run saves is written once. Everything is saved as plain tensors, numbers,
+strings, lists and dicts, so the training state loads with `torch.load(weights_only=True)`.
 """
 
 from __future__ import annotations
@@ -11,8 +14,9 @@ from __future__ import annotations
 import json
 import math
 import random
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
@@ -21,8 +25,8 @@ from stages.config import OptimizerConfig
 from stages.errors import DudaError
 from stages.schedules import lr_factor
 
-TRAIN_STATE = "train_state.pt"
-METRICS = "metrics.jsonl"
+if TYPE_CHECKING:
+    from stages.distributed import Ranks
 
 
 # ------------------------------------------------------------------------------ optimisation
@@ -123,6 +127,32 @@ def truncate_metrics(path: Path, iteration: int) -> None:
     path.write_text("".join(line + "\n" for line in kept))
 
 
+class LogWindow:
+    """The values of each logged quantity since the last log step."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, list[float | torch.Tensor]] = {}
+
+    def add(self, name: str, value: float | torch.Tensor) -> None:
+        self.values.setdefault(name, []).append(value)
+
+    def add_all(self, values: dict[str, float | torch.Tensor]) -> None:
+        for name, value in values.items():
+            self.add(name, value)
+
+    def means(self) -> dict[str, float]:
+        """The mean of each quantity, NaN values left out (tensors are read from the device
+        here, once per log interval, not every step)."""
+        means = {}
+        for name, values in self.values.items():
+            finite = [v for v in (float(value) for value in values) if not math.isnan(v)]
+            means[name] = sum(finite) / len(finite) if finite else float("nan")
+        return means
+
+    def clear(self) -> None:
+        self.values = {}
+
+
 def check_finite(values: dict[str, float], iteration: int, stage: str, section: str) -> None:
     """Stop a run whose logged loss terms (keys "loss/…") are NaN or infinite."""
     bad = [name for name, value in values.items()
@@ -134,21 +164,124 @@ def check_finite(values: dict[str, float], iteration: int, stage: str, section: 
                         "over with --force")
 
 
-# ------------------------------------------------------------------------------------- resume
+# ------------------------------------------------------------------------- state and progress
 
 
-def save_train_state(path: Path, state: dict[str, Any]) -> None:
-    """Write the full training state atomically (temp file + rename)."""
-    from stages.checkpoint import save_torch
+class Stateful(Protocol):
+    def state_dict(self) -> Any: ...
 
-    save_torch(state, path)
+    def load_state_dict(self, state: Any) -> Any: ...
 
 
-def load_train_state(path: Path) -> dict[str, Any]:
-    """Read a training state written by `save_train_state` (weights_only)."""
-    from stages.checkpoint import load_torch
+class RandomState:
+    """Every rank's python, numpy, torch and CUDA generator states (a collective: every rank
+    calls `state_dict`)."""
 
-    return load_torch(path)
+    def __init__(self, ranks: Ranks) -> None:
+        self.ranks = ranks
+
+    def state_dict(self) -> list[dict[str, Any]]:
+        return self.ranks.gather(capture_rng_state())
+
+    def load_state_dict(self, state: list[dict[str, Any]] | dict[str, Any]) -> None:
+        restore_rng_state(state[self.ranks.rank] if isinstance(state, list) else state)
+
+
+@dataclass
+class Progress:
+    """Where a run is and what its periodic evaluations found (model selection on the
+    evaluation split: the best is reported beside the last)."""
+
+    iteration: int = 0
+    miou_last: float | None = None
+    miou_best: float | None = None
+    best_iteration: int | None = None
+
+    def record_evaluation(self, miou: float) -> bool:
+        """Record an evaluation at the current iteration; True if it is a new best."""
+        self.miou_last = miou
+        if self.miou_best is not None and miou <= self.miou_best:
+            return False
+        self.miou_best, self.best_iteration = miou, self.iteration
+        return True
+
+    def summary(self, protocol: str) -> dict[str, Any]:
+        if self.miou_last is None:
+            return {}
+        return {"miou_last": self.miou_last, "miou_best": self.miou_best,
+                "best_iteration": self.best_iteration, "best_protocol": protocol}
+
+    def state_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for field in fields(self):
+            setattr(self, field.name, state[field.name])
+
+
+class MetricsLog:
+    """`metrics.jsonl`: one JSON line per log step, written by rank 0. Its state is the
+    iteration of the run's progress when saved; restoring drops the lines logged after it,
+    which a resumed run logs again."""
+
+    def __init__(self, path: Path, progress: Progress, writer: bool) -> None:
+        self.path = path
+        self.progress = progress
+        self.writer = writer
+
+    def start(self) -> None:
+        """A new run: an old file (of an earlier, replaced run) is removed."""
+        if self.writer:
+            self.path.unlink(missing_ok=True)
+
+    def append(self, record: dict[str, Any]) -> None:
+        if self.writer:
+            append_metrics(self.path, record)
+
+    def state_dict(self) -> dict[str, int]:
+        return {"iteration": self.progress.iteration}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if self.writer:
+            truncate_metrics(self.path, int(state["iteration"]))
+
+
+class TrainState:
+    """Everything a resumed run needs: named objects with `state_dict`/`load_state_dict`, saved
+    together into one file with the run's identity (its config and inputs) and world size.
+
+    `save` is called on every rank (the RNG entry gathers every rank's state); rank 0 writes.
+    `load` refuses a run started with another config or number of processes, then restores the
+    entries in order (put the RNG last, after anything that draws from it)."""
+
+    def __init__(self, path: Path, identity: dict[str, Any], ranks: Ranks,
+                 entries: dict[str, Stateful]) -> None:
+        self.path = path
+        self.identity = identity
+        self.ranks = ranks
+        self.entries = entries
+
+    def save(self) -> None:
+        from stages.checkpoint import save_torch
+
+        state = {name: entry.state_dict() for name, entry in self.entries.items()}
+        if self.ranks.is_main:
+            save_torch({"identity": self.identity, "world_size": self.ranks.world_size,
+                        **state}, self.path)
+
+    def load(self, where: Path) -> None:
+        from stages.checkpoint import load_torch
+
+        state = load_torch(self.path)
+        check_resume_config(state["identity"], self.identity, where)
+        self.ranks.check_resume(state, where)
+        missing = [name for name in self.entries if name not in state]
+        if missing:
+            raise DudaError(f"cannot resume {where}: its {self.path.name} lacks "
+                            f"{', '.join(missing)} (written by another version of duda)",
+                            "start over with --force")
+        for name, entry in self.entries.items():
+            entry.load_state_dict(state[name])
 
 
 def flatten_config(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -1,9 +1,11 @@
-"""The `update-offline` stage: a whole-set pass of the DUDA offline update (ALGORITHM.md E.6).
+"""The `update-offline` stage: a whole-set pass of the DUDA offline update, and the update itself.
 
-The teacher of a checkpoint predicts every target-train image; the E.6 four-case merge (the
-same `merge_offline` the self-train loop uses) combines each prediction with the stored labels,
-with τ^β computed jointly over each batch of `update_offline.batch_size` images as in the loop;
-the result is a new store version whose manifest names its parent. The input store is never
+`offline_update` is the method's offline rule on a batch of store images (docs/method.md, the
+offline update), shared with the self-train loop. The stage runs it over every target-train
+image: the teacher of a checkpoint predicts each one, and the four-case merge combines the
+prediction with the stored labels, with τ^β computed jointly over each batch of
+`update_offline.inference.batch_size` images as in the loop; the result is a new store version
+whose manifest names its parent. The input store is never
 modified. Change statistics per class (kept, added, dropped) go into the summary and, where
 target-train has ground truth, the store's quality before and after (diagnostics only).
 
@@ -19,16 +21,17 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+import torch.nn.functional as F
 
-from stages.artifacts import PSEUDO_LABELS, ArtifactWriter, StageResult
+from stages.artifact_writer import ArtifactWriter
+from stages.artifacts import PSEUDO_LABELS, StageResult
 from stages.checkpoint import check_compatible, load_checkpoint_manifest, load_model
 from stages.config import Config, config_hash, stage_config
-from stages.data.full_images import FullImageDataset, collate_full_images
-from stages.data.index import load_dataset_index
-from stages.devices import resolve_device
-from stages.distributed import Ranks, Silent
-from stages.inference import predict
+from stages.data.full_images import FullImageDataset
+from stages.data.index import Sample, load_dataset_index
+from stages.distributed import Ranks, process_group
+from stages.inference import full_image_loader, predict, sliding_window
+from stages.metrics import quality
 from stages.nn.pseudo_labels import confidence_and_prediction, merge_offline, offline_thresholds
 from stages.pseudo_store import (
     STORE_METADATA,
@@ -36,7 +39,6 @@ from stages.pseudo_store import (
     copy_store,
     open_store,
     open_unfinished,
-    quality,
 )
 from stages.reporting import Reporter
 
@@ -48,9 +50,14 @@ def run(config: Config, data: str | Path, checkpoint: str | Path, pseudo: str | 
         reporter: Reporter | None = None) -> StageResult:
     """Merge `checkpoint`'s predictions into the store `pseudo`; write the new version at
     `out`."""
-    torch_device = resolve_device(device)
-    ranks = Ranks(torch_device)
-    reporter = (reporter or Reporter()) if ranks.is_main else Silent()
+    with process_group(device) as ranks:
+        return _run(config, data, checkpoint, pseudo, out, force=force, ranks=ranks,
+                    reporter=ranks.reporter(reporter))
+
+
+def _run(config: Config, data: str | Path, checkpoint: str | Path, pseudo: str | Path,
+         out: str | Path, *, force: bool, ranks: Ranks, reporter: Reporter) -> StageResult:
+    torch_device = ranks.compute_device
     cfg = config.update_offline
     out = Path(out)
     index = load_dataset_index(data)
@@ -67,14 +74,14 @@ def run(config: Config, data: str | Path, checkpoint: str | Path, pseudo: str | 
                         ranks=ranks) as writer:
         if writer.up_to_date:
             return writer.result()
-        loaded = load_model(checkpoint, cfg.model, torch_device)
+        loaded = load_model(checkpoint, cfg.inference.model, torch_device)
         check_compatible(loaded, index.classes.names, what=f"dataset index {index.path}")
         ranks.on_main(lambda: copy_store(parent, writer.work).path)
         store = open_unfinished(writer.work)  # rank 0 copied it; every rank writes its images
 
         samples = [dataclasses.replace(sample, label=None)  # ground truth is never read here
                    for sample in index.samples("target", "train")]
-        mine = ranks.mine(len(samples), cfg.batch_size)
+        mine = ranks.mine(len(samples), cfg.inference.batch_size)
         changes = _merge_pass(config, loaded.model, loaded.model_config.normalization,
                               [samples[i] for i in mine], mine, store, torch_device, reporter)
         changes = {key: ranks.sum(value) for key, value in changes.items()}
@@ -96,30 +103,54 @@ def run(config: Config, data: str | Path, checkpoint: str | Path, pseudo: str | 
 
 
 @torch.no_grad()
+def offline_update(store: PseudoLabelStore, indices: list[int], probabilities: torch.Tensor,
+                   beta: float, cap: float, agree_requires_confidence: bool,
+                   ) -> dict[str, np.ndarray]:
+    """The offline update of a batch of store images (docs/method.md, the offline update): the
+    thresholds τ^β over the batch's images jointly (capped), the four-case merge of the new
+    prediction with the stored labels, written back to `store`. Both the self-train loop and
+    the update-offline stage call this.
+
+    probabilities: (B, C, H, W) float softmax of images `indices` (resized to the store's size
+    if they differ). Returns the kept/added/dropped pixel counts per class, (C,) int64 each.
+    """
+    size = (store.height, store.width)
+    if tuple(probabilities.shape[-2:]) != size:
+        probabilities = F.interpolate(probabilities, size=size, mode="bilinear",
+                                      align_corners=True)
+    thresholds = offline_thresholds(probabilities, beta, cap)
+    confidence, prediction = confidence_and_prediction(probabilities)
+    stored = torch.stack([torch.from_numpy(store.read_labels(i)) for i in indices])
+    merged, changes = merge_offline(stored.to(prediction.device), prediction, confidence,
+                                    thresholds, agree_requires_confidence)
+    merged, confidence = merged.cpu().numpy(), confidence.clamp(0, 1).cpu().numpy()
+    for b, i in enumerate(indices):
+        store.write(i, merged[b], confidence[b])
+    return {key: changes[key].cpu().numpy() for key in CHANGES}
+
+
+@torch.no_grad()
 def _merge_pass(config: Config, model: torch.nn.Module, normalization: str,
-                samples: list, positions: list[int], store: PseudoLabelStore,
+                samples: list[Sample], positions: list[int], store: PseudoLabelStore,
                 device: torch.device, reporter: Reporter) -> dict[str, np.ndarray]:
-    """Predict, threshold per batch at β with the cap, merge, write; per-class change counts."""
+    """Predict every image of this rank and apply the offline update batch by batch; the
+    per-class change counts."""
     cfg = config.update_offline
-    dataset = FullImageDataset(samples, config.input.target_size, normalization)
-    loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=False,
-                        num_workers=cfg.num_workers, collate_fn=collate_full_images)
+    dataset = FullImageDataset(samples, cfg.inference.size or config.input.target_size,
+                               normalization)
+    loader = full_image_loader(dataset, cfg.inference.batch_size, cfg.inference.num_workers)
+    window = sliding_window(cfg.inference, config.input.crop_size)
     totals = {key: np.zeros(store.num_classes, np.int64) for key in CHANGES}
     with reporter.task("update-offline", total=len(samples)) as task:
         for batch in loader:
             probabilities = predict(model, batch["image"].to(device),
-                                    (store.height, store.width), flip=cfg.flip)
-            thresholds = offline_thresholds(probabilities, cfg.beta, cfg.cap)
-            confidence, prediction = confidence_and_prediction(probabilities)
+                                    (store.height, store.width), flip=cfg.inference.flip,
+                                    sliding_window=window)
             indices = [positions[p] for p in batch["index"].tolist()]
-            stored = torch.stack([torch.from_numpy(store.read_labels(i)) for i in indices])
-            merged, changes = merge_offline(stored.to(device), prediction, confidence,
-                                            thresholds, cfg.agree_requires_confidence)
-            merged, confidence = merged.cpu().numpy(), confidence.clamp(0, 1).cpu().numpy()
-            for b, i in enumerate(indices):
-                store.write(i, merged[b], confidence[b])
+            changes = offline_update(store, indices, probabilities, cfg.beta, cfg.cap,
+                                     cfg.agree_requires_confidence)
             for key in CHANGES:
-                totals[key] += changes[key].cpu().numpy()
+                totals[key] += changes[key]
             task.advance(len(indices))
     return totals
 

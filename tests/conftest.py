@@ -9,7 +9,8 @@ import pytest
 import yaml
 from PIL import Image
 
-from stages.artifacts import DATASET_INDEX, ArtifactWriter
+from stages.artifact_writer import ArtifactWriter
+from stages.artifacts import DATASET_INDEX
 from stages.classes import cityscapes_table
 from stages.config import Config
 from stages.data.index import INDEX_FILE, DomainEntry, IndexFile, SampleEntry, SplitEntry
@@ -26,13 +27,14 @@ TINY_CONFIG = {
     "model": {"backbone": "resnet18", "width_multiplier": 0.25, "dropout": 0.1,
               "normalization": "imagenet_rgb"},
     "warmup": {"iterations": 4, "batch_size": 2, "checkpoint_every": 2, "log_every": 1,
-               "num_workers": 0, "optimizer": {"lr": 0.01, "warmup_iterations": 1}},
-    "generate_pseudo": {"batch_size": 2, "num_workers": 0},
+               "runtime": {"num_workers": 0}, "optimizer": {"lr": 0.01, "warmup_iterations": 1}},
+    "generate_pseudo": {"inference": {"batch_size": 2, "num_workers": 0}},
     "self_train": {"iterations": 4, "checkpoint_every": 2, "eval_every": 0, "log_every": 1,
-                   "offline_start": 2, "alpha_ramp_start": 1, "beta_offset": 1,
-                   "num_workers": 0, "optimizer": {"lr": 0.01, "warmup_iterations": 1}},
-    "update_offline": {"batch_size": 2, "num_workers": 0},
-    "evaluate": {"batch_size": 2, "num_workers": 0},
+                   "offline_start": 2, "alpha": {"offset": 1}, "beta": {"offset": 1},
+                   "runtime": {"num_workers": 0},
+                   "optimizer": {"lr": 0.01, "warmup_iterations": 1}},
+    "update_offline": {"inference": {"batch_size": 2, "num_workers": 0}},
+    "evaluate": {"inference": {"batch_size": 2, "num_workers": 0}},
 }
 
 

@@ -6,14 +6,8 @@ import json
 
 import pytest
 
-from stages.artifacts import (
-    CHECKPOINT,
-    DATASET_INDEX,
-    MANIFEST,
-    ArtifactWriter,
-    load_artifact,
-    read_manifest,
-)
+from stages.artifact_writer import ArtifactWriter
+from stages.artifacts import CHECKPOINT, DATASET_INDEX, MANIFEST, load_artifact, read_manifest
 from stages.errors import DudaError
 
 

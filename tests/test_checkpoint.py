@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from stages.artifacts import CHECKPOINT, DATASET_INDEX, ArtifactWriter
+from stages.artifact_writer import ArtifactWriter
+from stages.artifacts import CHECKPOINT, DATASET_INDEX
 from stages.checkpoint import (
     MODEL_FILE,
     check_compatible,

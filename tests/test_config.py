@@ -75,7 +75,7 @@ def test_missing_config_file(tmp_path) -> None:
 
 def test_stage_hash_depends_only_on_its_sections(tiny_config_file) -> None:
     base = load_config(tiny_config_file)
-    other = load_config(tiny_config_file, ["evaluate.flip=true"])
+    other = load_config(tiny_config_file, ["evaluate.inference.flip=true"])
     assert config_hash(stage_config(base, "warmup")) == config_hash(stage_config(other, "warmup"))
     assert config_hash(stage_config(base, "evaluate")) != config_hash(
         stage_config(other, "evaluate"))

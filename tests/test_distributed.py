@@ -255,9 +255,9 @@ def test_single_process_commands_refuse_torchrun(tiny_config_file: Path, tmp_pat
 def test_evaluate_two_ranks_report_what_one_does(trained) -> None:
     root = trained["root"]
     common = ["evaluate", "-c", str(trained["config"]), "--data", str(trained["index"]),
-              "--checkpoint", str(trained["warmup"]), "--set", "evaluate.recalibrate_bn=true",
-              "--set", "evaluate.recalibrate_batches=2", "--set", "evaluate.save_predictions=true",
-              "--set", "evaluate.batch_size=1", "--json"]
+              "--checkpoint", str(trained["warmup"]), "--set", "evaluate.recalibration.enabled=true",
+              "--set", "evaluate.recalibration.batches=2", "--set", "evaluate.save_predictions=true",
+              "--set", "evaluate.inference.batch_size=1", "--json"]
     one = json.loads(duda(*common, "--out", str(root / "e_one")).stdout)
     two = json.loads(duda(*common, "--out", str(root / "e_two"), ranks=2).stdout)
     assert two["summary"] == one["summary"]
@@ -270,7 +270,7 @@ def test_evaluate_two_ranks_report_what_one_does(trained) -> None:
 
 @pytest.mark.slow
 def test_every_rank_of_a_job_refused_by_the_lock_exits_2_at_once(trained) -> None:
-    from stages.artifacts import ArtifactLock
+    from stages.artifact_writer import ArtifactLock
 
     out = trained["root"] / "locked"
     lock = ArtifactLock(out)

@@ -14,7 +14,8 @@ from typer.testing import CliRunner
 
 from duda_cli.app import app
 from stages import evaluate
-from stages.artifacts import CHECKPOINT, MANIFEST, ArtifactWriter
+from stages.artifact_writer import ArtifactWriter
+from stages.artifacts import CHECKPOINT, MANIFEST
 from stages.checkpoint import MODEL_FILE, write_model_file
 from stages.classes import CITYSCAPES_CLASSES
 from stages.config import Config, ModelConfig
@@ -47,8 +48,10 @@ def make_checkpoint(path: Path, classes=CITYSCAPES_CLASSES, teacher: bool = Fals
     return path
 
 
-def with_evaluate(config: Config, **values) -> Config:
-    return config.model_copy(update={"evaluate": config.evaluate.model_copy(update=values)})
+def with_evaluate(config: Config, section: dict) -> Config:
+    raw = config.model_dump(mode="json")
+    raw["evaluate"] = section
+    return Config.model_validate(raw)
 
 
 def direct_confusion(checkpoint: Path, index_path: Path) -> np.ndarray:
@@ -99,8 +102,10 @@ def test_report_equals_a_direct_computation(tiny_index: Path, tiny_config: Confi
 def test_teacher_with_bn_recalibration_flip_window_and_predictions(
         tiny_index: Path, tiny_config: Config, tmp_path: Path) -> None:
     checkpoint = make_checkpoint(tmp_path / "ckpt", teacher=True)
-    config = with_evaluate(tiny_config, recalibrate_bn=True, recalibrate_batches=2, flip=True,
-                           sliding_window=True, window=[32, 48], save_predictions=True)
+    config = with_evaluate(tiny_config, {
+        "recalibration": {"enabled": True, "batches": 2}, "save_predictions": True,
+        "inference": {"flip": True, "sliding_window": True, "window": [32, 48],
+                      "batch_size": 2, "num_workers": 0}})
     result = evaluate.run(config, tiny_index, checkpoint, tmp_path / "eval", device="cpu")
     protocol = json.loads((result.path / "report.json").read_text())["protocol"]
     assert protocol["model"] == "teacher" and protocol["flip"] is True
@@ -173,7 +178,7 @@ def test_cli_json_and_table(tiny_index: Path, tiny_config_file: Path, tmp_path: 
     assert payload["summary"]["miou_by_protocol"] == report["miou_by_protocol"]
 
     shown = cli(tiny_config_file, tiny_index, checkpoint, tmp_path / "eval2",
-                "--set", "evaluate.flip=true")
+                "--set", "evaluate.inference.flip=true")
     assert shown.exit_code == 0, shown.stderr
     assert "mIoU-19" in shown.stderr and "sidewalk" in shown.stderr
     assert "wrote evaluation" in shown.stderr and shown.stdout == ""

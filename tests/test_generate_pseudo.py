@@ -18,7 +18,8 @@ from typer.testing import CliRunner
 
 from duda_cli.app import app
 from stages import generate_pseudo
-from stages.artifacts import CHECKPOINT, ArtifactWriter
+from stages.artifact_writer import ArtifactWriter
+from stages.artifacts import CHECKPOINT
 from stages.checkpoint import MODEL_FILE, write_model_file
 from stages.classes import CITYSCAPES_CLASSES
 from stages.config import Config, ModelConfig
@@ -52,9 +53,11 @@ def make_checkpoint(path: Path, seed: int = 0, classes=CITYSCAPES_CLASSES) -> Pa
     return path
 
 
-def with_pseudo(config: Config, **values) -> Config:
-    section = config.generate_pseudo.model_copy(update=values)
-    return config.model_copy(update={"generate_pseudo": section})
+def with_pseudo(config: Config, selector: dict, flip: bool = False) -> Config:
+    raw = config.model_dump(mode="json")
+    raw["generate_pseudo"]["selector"] = selector
+    raw["generate_pseudo"]["inference"]["flip"] = flip
+    return Config.model_validate(raw)
 
 
 def direct_probabilities(index_path: Path, checkpoints: list[Path], flip: bool) -> torch.Tensor:
@@ -78,7 +81,8 @@ def direct_probabilities(index_path: Path, checkpoints: list[Path], flip: bool) 
 def test_labels_are_the_thresholded_prediction_with_diagnostics(
         tiny_index: Path, tiny_config: Config, tmp_path: Path, selector: str) -> None:
     checkpoint = make_checkpoint(tmp_path / "ckpt")
-    config = with_pseudo(tiny_config, selector=selector, threshold=0.6, portion=0.5)
+    config = with_pseudo(tiny_config, {"name": selector, **(
+        {"threshold": 0.6} if selector == "fixed" else {"portion": 0.5})})
     result = generate_pseudo.run(config, tiny_index, checkpoint, tmp_path / "pseudo",
                                  device="cpu")
     store = open_store(result.path, load_dataset_index(tiny_index))
@@ -125,7 +129,7 @@ def test_labels_are_the_thresholded_prediction_with_diagnostics(
 def test_iast_follows_d1_in_index_order(tiny_index: Path, tiny_config: Config,
                                         tmp_path: Path) -> None:
     checkpoint = make_checkpoint(tmp_path / "ckpt")
-    config = with_pseudo(tiny_config, selector="iast", alpha=0.3, group_size=4)
+    config = with_pseudo(tiny_config, {"name": "iast", "alpha": 0.3, "group_size": 4})
     result = generate_pseudo.run(config, tiny_index, checkpoint, tmp_path / "pseudo",
                                  device="cpu")
     store = open_store(result.path)
@@ -147,7 +151,7 @@ def test_ensemble_with_flip_averages_probabilities(tiny_index: Path, tiny_config
                                                    tmp_path: Path) -> None:
     checkpoints = [make_checkpoint(tmp_path / "a", seed=0), make_checkpoint(tmp_path / "b",
                                                                             seed=1)]
-    config = with_pseudo(tiny_config, selector="fixed", threshold=0.0, flip=True)
+    config = with_pseudo(tiny_config, {"name": "fixed", "threshold": 0.0}, flip=True)
     result = generate_pseudo.run(config, tiny_index, checkpoints, tmp_path / "pseudo",
                                  device="cpu")
     assert set(result.manifest.inputs) == {"data", "checkpoint", "checkpoint_2"}
@@ -180,8 +184,8 @@ def generate(config_file: Path, data: Path, checkpoint: Path, out: Path, *extra:
 @pytest.fixture
 def store_path(tiny_index: Path, tiny_config_file: Path, tmp_path: Path) -> Path:
     result = generate(tiny_config_file, tiny_index, make_checkpoint(tmp_path / "ckpt"),
-                      tmp_path / "pseudo", "--set", "generate_pseudo.selector=fixed",
-                      "--set", "generate_pseudo.threshold=0.5")
+                      tmp_path / "pseudo", "--set",
+                      "generate_pseudo.selector={name: fixed, threshold: 0.5}")
     assert result.exit_code == 0, result.stderr
     return tmp_path / "pseudo"
 
@@ -330,8 +334,7 @@ def test_two_processes_equal_one(tiny_index: Path, tiny_config_file: Path,
     checkpoint = make_checkpoint(tmp_path / "ckpt")
     common = ["generate-pseudo", "-c", str(tiny_config_file), "--data", str(tiny_index),
               "--checkpoint", str(checkpoint), "--device", "cpu", "--json",
-              "--set", "generate_pseudo.selector=iast", "--set", "generate_pseudo.alpha=0.3",
-              "--set", "generate_pseudo.group_size=2"]
+              "--set", "generate_pseudo.selector={name: iast, alpha: 0.3, group_size: 2}"]
     # Both runs in subprocesses with one thread each: the CPU kernels' results depend on the
     # thread count, not on the number of processes.
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

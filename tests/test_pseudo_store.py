@@ -10,7 +10,8 @@ import pytest
 import torch
 import zarr
 
-from stages.artifacts import PSEUDO_LABELS, ArtifactWriter
+from stages.artifact_writer import ArtifactWriter
+from stages.artifacts import PSEUDO_LABELS
 from stages.classes import CITYSCAPES_CLASSES
 from stages.data.index import load_dataset_index
 from stages.errors import DudaError

@@ -18,14 +18,8 @@ from typer.testing import CliRunner
 
 from duda_cli.app import app
 from stages import plots, report
-from stages.artifacts import (
-    CHECKPOINT,
-    DATASET_INDEX,
-    EVALUATION,
-    PSEUDO_LABELS,
-    ArtifactRef,
-    ArtifactWriter,
-)
+from stages.artifact_writer import ArtifactWriter
+from stages.artifacts import CHECKPOINT, DATASET_INDEX, EVALUATION, PSEUDO_LABELS, ArtifactRef
 
 runner = CliRunner()
 CLASSES = ["road", "sky", "car"]

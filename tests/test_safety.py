@@ -25,7 +25,7 @@ from typer.testing import CliRunner
 
 from duda_cli.app import app
 from stages import generate_pseudo, warmup
-from stages.artifacts import ArtifactLock
+from stages.artifact_writer import ArtifactLock
 from stages.config import Config, load_config
 from stages.errors import DudaError
 
@@ -213,12 +213,12 @@ def test_force_rebuilds_beside_and_swaps(prepared, tmp_path) -> None:
     out = tmp_path / "eval"
     first = json.loads(invoke(*stage_command("evaluate", prepared, out), "--json").stdout)
     result = invoke(*stage_command("evaluate", prepared, out), "--force", "--json",
-                    "--set", "evaluate.flip=true")
+                    "--set", "evaluate.inference.flip=true")
     assert result.exit_code == 0, result.output
     second = json.loads(result.stdout)
     assert second["artifact"] == str(out) and second["up_to_date"] is False
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["config"]["evaluate"]["flip"] is True
+    assert manifest["config"]["evaluate"]["inference"]["flip"] is True
     assert ".partial" not in json.dumps(manifest) and ".partial" not in (out / "report.json"
                                                                          ).read_text()
     assert sorted(p.name for p in tmp_path.iterdir()) == [".eval.lock", "eval"]

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from stages.artifacts import CHECKPOINT, ArtifactWriter
+from stages.artifact_writer import ArtifactWriter
+from stages.artifacts import CHECKPOINT
 from stages.checkpoint import MODEL_FILE, write_model_file
 from stages.config import ModelConfig
 from stages.errors import DudaError

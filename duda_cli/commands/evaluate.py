@@ -28,7 +28,7 @@ def evaluate(config: options.Config, checkpoint: options.Checkpoint, data: optio
 
     def run(reporter: Reporter) -> StageResult:
         cfg = load(config, set_, seed, data_root)
-        return stage.run(cfg, default_path(cfg, data, "data"), checkpoint,
+        return stage.run(cfg, default_path(cfg, data, "prepare_data"), checkpoint,
                          default_path(cfg, out, "evaluate"), force=force, device=device,
                          reporter=reporter)
 

@@ -35,8 +35,8 @@ def generate_pseudo(config: options.Config, checkpoint: Checkpoints, data: optio
 
     def run(reporter: Reporter) -> StageResult:
         cfg = load(config, set_, seed, data_root)
-        return stage.run(cfg, default_path(cfg, data, "data"), checkpoint,
-                         default_path(cfg, out, "pseudo"), force=force, device=device,
+        return stage.run(cfg, default_path(cfg, data, "prepare_data"), checkpoint,
+                         default_path(cfg, out, "generate_pseudo"), force=force, device=device,
                          reporter=reporter)
 
     run_stage(run, what="pseudo-label store",

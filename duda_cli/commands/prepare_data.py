@@ -26,7 +26,8 @@ def prepare_data(config: options.Config, set_: options.Set = None, out: options.
     def run(reporter: Reporter) -> StageResult:
         single_process("duda prepare-data")
         cfg = load(config, set_, seed, data_root)
-        return stage.run(cfg, default_path(cfg, out, "data"), force=force, reporter=reporter)
+        return stage.run(cfg, default_path(cfg, out, "prepare_data"), force=force,
+                         reporter=reporter)
 
     run_stage(run, what="dataset index", table=lambda result: _table(result.manifest.summary),
               as_json=as_json, quiet=quiet)

@@ -37,11 +37,12 @@ def export(store: Store,
                "--colour", help="Palette PNGs (the pixel values stay trainIds).")] = False,
            quiet: options.Quiet = False) -> None:
     """Write one label PNG per image: trainIds, 255 = ignore."""
-    from stages.pseudo_store import export_labels, open_store
+    from stages.pseudo_files import export
+    from stages.pseudo_store import open_store
 
     setup_logging(quiet)
     with user_errors():
-        count = export_labels(open_store(store), directory, colour, ConsoleReporter(quiet))
+        count = export(open_store(store), directory, colour, ConsoleReporter(quiet))
     if not quiet:
         stderr.print(f"wrote {count} label PNGs to {directory}", highlight=False)
 
@@ -57,8 +58,8 @@ def import_(directory: Annotated[Path, typer.Argument(
             force: options.Force = False, data_root: options.DataRoot = None,
             as_json: options.Json = False, quiet: options.Quiet = False) -> None:
     """Build a pseudo-label store from label PNGs (e.g. published initial labels)."""
+    from stages import pseudo_files
     from stages.errors import DudaError
-    from stages.pseudo_store import import_labels
 
     setup_logging(quiet)
     with user_errors():
@@ -66,9 +67,9 @@ def import_(directory: Annotated[Path, typer.Argument(
         if cfg is None and (data is None or out is None):
             raise DudaError("--data and --out are needed without --config",
                             "pass --data DATA --out STORE, or -c CONFIG for the defaults")
-        data_path = data if cfg is None else default_path(cfg, data, "data")
+        data_path = data if cfg is None else default_path(cfg, data, "prepare_data")
         out_path = out if cfg is None else default_path(cfg, out, "pseudo_import")
-        result = import_labels(directory, data_path, out_path, force=force,
+        result = pseudo_files.run(directory, data_path, out_path, force=force,
                                reporter=ConsoleReporter(quiet))
     finish(result, as_json, quiet, "pseudo-label store")
 
@@ -79,14 +80,18 @@ def show(store: Store, data: Annotated[Path | None, typer.Option(
              "has ground truth, report the labels' quality.", show_default=False)] = None,
          as_json: options.Json = False, quiet: options.Quiet = False) -> None:
     """Print a store's lineage, thresholds, per-class coverage and (with --data) quality."""
+    from dataclasses import asdict
+
+    from stages.artifacts import PSEUDO_LABELS, lineage
     from stages.data.index import load_dataset_index
-    from stages.pseudo_store import lineage, open_store, quality
+    from stages.metrics import quality
+    from stages.pseudo_store import open_store
 
     setup_logging(quiet)
     with user_errors():
         index = load_dataset_index(data) if data is not None else None
         opened = open_store(store, index)
-        chain = lineage(store)
+        chain = [asdict(entry) for entry in lineage(store, PSEUDO_LABELS)]
         report = {
             "store": str(store), "images": len(opened), "label_size": [opened.height,
                                                                        opened.width],

@@ -8,9 +8,8 @@ from typing import Annotated
 import typer
 
 from duda_cli import options
-from duda_cli.console import run_stage, single_process, stderr
+from duda_cli.console import run_stage, single_process
 from stages.artifacts import StageResult
-from stages.errors import DudaError
 from stages.plots import require_matplotlib
 from stages.reporting import Reporter
 
@@ -39,16 +38,7 @@ def report(paths: Paths, out: Out, force: options.Force = False, as_json: option
 
     def run(reporter: Reporter) -> StageResult:
         single_process("duda report")
+        require_matplotlib()
         return stage.run(paths, out, force=force, reporter=reporter)
 
-    _check_matplotlib()
     run_stage(run, what="report", table=lambda result: None, as_json=as_json, quiet=quiet)
-
-
-def _check_matplotlib() -> None:
-    """Print the install command verbatim (console markup would read `[report]` as a style)."""
-    try:
-        require_matplotlib()
-    except DudaError as error:
-        stderr.print(f"error: {error.message}\nfix: {error.fix}", markup=False, highlight=False)
-        raise typer.Exit(2) from None

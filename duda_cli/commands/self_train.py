@@ -32,7 +32,7 @@ def self_train(config: options.Config, checkpoint: options.Checkpoint, pseudo: o
 
     def run(reporter: Reporter) -> StageResult:
         cfg = load(config, set_, seed, data_root)
-        return stage.run(cfg, default_path(cfg, data, "data"), checkpoint, pseudo,
+        return stage.run(cfg, default_path(cfg, data, "prepare_data"), checkpoint, pseudo,
                          default_path(cfg, out, "self_train"), resume=resume, force=force,
                          device=device, reporter=reporter)
 

@@ -29,7 +29,7 @@ def update_offline(config: options.Config, checkpoint: options.Checkpoint,
 
     def run(reporter: Reporter) -> StageResult:
         cfg = load(config, set_, seed, data_root)
-        return stage.run(cfg, default_path(cfg, data, "data"), checkpoint, pseudo,
+        return stage.run(cfg, default_path(cfg, data, "prepare_data"), checkpoint, pseudo,
                          default_path(cfg, out, "update_offline"), force=force, device=device,
                          reporter=reporter)
 

@@ -37,7 +37,8 @@ def warmup(config: options.Config, data: options.Data = None, init: Init = None,
 
     def run(reporter: Reporter) -> StageResult:
         cfg = load(config, set_, seed, data_root)
-        return stage.run(cfg, default_path(cfg, data, "data"), default_path(cfg, out, "warmup"),
+        return stage.run(cfg, default_path(cfg, data, "prepare_data"),
+                         default_path(cfg, out, "warmup"),
                          init=init, resume=resume, force=force, device=device,
                          reporter=reporter)
 

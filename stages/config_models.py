@@ -1,0 +1,420 @@
+"""The pydantic models of every config section (`stages.config` assembles and loads them).
+
+Every model forbids unknown keys and is strict about types, because PyYAML reads `1e-3` as a
+string and `on`/`no` as booleans: a lax float field would hide the first. Variants (the
+pseudo-label selector, the teacher) are discriminated unions on `name`, so a setting of another
+variant is an error that names the variant. Shared sub-models (`InferenceConfig`,
+`Recalibration`, `TrainingRuntime`, the schedules) keep one definition of what several stages
+share.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Size = list[int]  # [height, width]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+def _check_size(value: Size | None, name: str) -> None:
+    if value is not None and (len(value) != 2 or min(value) <= 0):
+        raise ValueError(f"{name} must be [height, width] with two positive integers, got {value}")
+
+
+# --------------------------------------------------------------------------------------- data
+
+
+class DomainConfig(Section):
+    """Where one domain's images come from and in which layout (ALGORITHM.md A.3)."""
+
+    layout: Literal["cityscapes", "gta5", "synthia", "folder", "synthetic"]
+    root: str | None = Field(
+        default=None,
+        description="dataset root; a relative path is resolved against --data-root / DUDA_DATA_ROOT",
+    )
+    splits: list[str] = Field(default_factory=lambda: ["train"])
+    classes: list[str] | None = Field(
+        default=None, description="class names, for the folder layout only (label value = index)")
+    exclude_iast_dropped: bool = Field(
+        default=False, description="GTA5: drop the 25 ids missing from IAST's gtav_train.json")
+
+    @model_validator(mode="after")
+    def _check(self) -> DomainConfig:
+        if self.layout != "synthetic" and not self.root:
+            raise ValueError(f"layout '{self.layout}' needs a root: set data.<domain>.root")
+        if self.layout == "folder" and not self.classes:
+            raise ValueError("layout 'folder' needs the class names: set data.<domain>.classes")
+        if self.layout != "folder" and self.classes is not None:
+            raise ValueError("classes are only given for layout 'folder'")
+        return self
+
+
+class SyntheticConfig(Section):
+    """Sizes of the built-in synthetic street-scene benchmark, and which domain pair it draws."""
+
+    pair: Literal["easy", "hard"] = Field(
+        default="easy",
+        description="easy: a mostly global change of appearance; hard: class-by-class "
+                    "appearance, camera geometry and class frequencies change")
+    seed: int = 0
+    height: int = 128
+    width: int = 256
+    num_source_train: int = 600
+    num_source_val: int = 100
+    num_target_train: int = 300
+    num_target_val: int = 100
+
+
+class DataConfig(Section):
+    source: DomainConfig
+    target: DomainConfig
+    synthetic: SyntheticConfig = SyntheticConfig()
+    protocols: list[int] = Field(default_factory=lambda: [19],
+                                 description="class protocols to report: 19, 16, 13")
+    workers: int = Field(default=2, ge=1, description="processes that decode labels")
+
+    @model_validator(mode="after")
+    def _check(self) -> DataConfig:
+        bad = [p for p in self.protocols if p not in (19, 16, 13)]
+        if bad and self.source.layout != "folder":
+            raise ValueError(f"protocols must be among 19, 16, 13, got {bad}")
+        return self
+
+
+# -------------------------------------------------------------------------------------- input
+
+
+class InputConfig(Section):
+    """Image sizes and the geometric augmentation of ALGORITHM.md A.4."""
+
+    source_size: Size = Field(default_factory=lambda: [1052, 1914],
+                              description="[H, W] every source image is resized to")
+    target_size: Size = Field(default_factory=lambda: [1024, 2048],
+                              description="[H, W] every target image is resized to (teacher view)")
+    crop_size: Size = Field(default_factory=lambda: [512, 896], description="[H, W] student crop")
+    scale_range: list[float] = Field(default_factory=lambda: [0.51, 1.6])
+    flip_probability: float = Field(default=0.5, ge=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _check(self) -> InputConfig:
+        for name in ("source_size", "target_size", "crop_size"):
+            _check_size(getattr(self, name), f"input.{name}")
+        if len(self.scale_range) != 2 or not 0 < self.scale_range[0] <= self.scale_range[1]:
+            raise ValueError(f"input.scale_range must be [low, high] with 0 < low <= high, "
+                             f"got {self.scale_range}")
+        return self
+
+
+# -------------------------------------------------------------------------------------- model
+
+
+class ModelConfig(Section):
+    """DeepLabV2 and its initial weights (docs/method.md, the network).
+
+    `style` picks the ResNet layout: `torchvision` (IAST's: stride on a block's 3×3 conv, the
+    first block of a dilated layer keeps the previous dilation, max-pool rounding down) or
+    `caffe`, the DUDA / FDA / AdaptSegNet reference DeepLabV2 (stride on the first 1×1 conv,
+    every block of layer3 dilated 2 and of layer4 dilated 4, max-pool rounding up). The two
+    compute different functions of the same weights, so weights are only loaded into the layout
+    they were trained in. `init` names the initial weights: `none`, `imagenet` (torchvision's
+    ImageNet weights), or the path of a weights file or checkpoint artifact.
+    """
+
+    backbone: Literal["resnet101", "resnet50", "resnet18"] = "resnet101"
+    style: Literal["torchvision", "caffe"] = Field(
+        default="torchvision",
+        description="ResNet layout: torchvision, or caffe (the reference DeepLabV2; resnet50/101)")
+    width_multiplier: float = Field(default=1.0, gt=0,
+                                    description="channel multiplier (resnet18 only)")
+    dropout: float = Field(default=0.5, ge=0.0, lt=1.0,
+                           description="Dropout2d before the ASPP classifier (DUDA: 0.5)")
+    aspp_rates: list[int] = Field(default_factory=lambda: [6, 12, 18, 24])
+    freeze_bn_affine: bool = True
+    normalization: Literal["caffe_bgr", "imagenet_rgb"] = "caffe_bgr"
+    init: str = Field(default="none",
+                      description="initial weights: none, imagenet, or a weights file or "
+                                  "checkpoint artifact path")
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelConfig:
+        if self.width_multiplier != 1.0 and self.backbone != "resnet18":
+            raise ValueError("model.width_multiplier is only supported for backbone resnet18")
+        if self.style == "caffe" and self.backbone == "resnet18":
+            raise ValueError("model.style: caffe is the Bottleneck ResNet of the reference "
+                             "DeepLabV2: set model.backbone to resnet50 or resnet101, or use "
+                             "model.style: torchvision with resnet18")
+        if not self.init.strip():
+            raise ValueError("model.init is empty: set it to none, imagenet, or the path of a "
+                             "weights file or checkpoint artifact")
+        if self.init == "imagenet" and (self.backbone == "resnet18" or self.style != "torchvision"
+                                        or self.normalization != "imagenet_rgb"):
+            raise ValueError("model.init: imagenet loads torchvision's ImageNet ResNet-50/101 "
+                             "weights: set model.backbone to resnet50 or resnet101, "
+                             "model.style: torchvision and model.normalization: imagenet_rgb")
+        return self
+
+
+class OptimizerConfig(Section):
+    """SGD with Nesterov momentum, linear warm-up then poly decay (docs/method.md,
+    optimisation)."""
+
+    lr: float = Field(default=2.0e-3, gt=0)
+    backbone_lr_multiplier: float = Field(default=0.1, ge=0)
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = Field(default=2.0e-4, ge=0)
+    warmup_iterations: int = Field(default=2000, ge=0)
+    warmup_start: float = Field(default=0.2, ge=0, le=1)
+    poly_power: float = 0.9
+
+
+Precision = Literal["fp32", "bf16", "fp16"]
+
+
+class TrainingRuntime(Section):
+    """How a training stage runs; none of it changes what a one-process CPU run computes."""
+
+    precision: Precision = Field(
+        default="fp32",
+        description="autocast on GPUs (fp16 adds a gradient scaler); the CPU always runs fp32")
+    sync_batchnorm: bool = Field(
+        default=True, description="under torchrun, batch-norm statistics over every process's "
+        "batch (the reference's SyncBatchNorm); no effect in one process")
+    num_workers: int = Field(default=2, ge=0, description="data loader worker processes")
+
+
+class InferenceConfig(Section):
+    """How a model is run on whole images: generate-pseudo, update-offline, evaluate."""
+
+    model: Literal["teacher", "student"] = Field(
+        default="teacher", description="which weights of the checkpoint (a checkpoint without "
+        "a teacher falls back to its student)")
+    size: Size | None = Field(default=None, description="inference [H, W] (default: the "
+                              "domain's base size, input.target_size for target images)")
+    flip: bool = Field(default=False, description="average with the horizontally flipped pass")
+    sliding_window: bool = False
+    window: Size | None = Field(default=None, description="sliding window [H, W] (default "
+                                "input.crop_size)")
+    window_overlap: float = Field(default=1 / 3, ge=0, lt=1)
+    batch_size: int = Field(default=2, ge=1)
+    num_workers: int = Field(default=2, ge=0, description="image decoding worker processes")
+
+    @model_validator(mode="after")
+    def _check(self) -> InferenceConfig:
+        for name in ("size", "window"):
+            _check_size(getattr(self, name), f"inference.{name}")
+        return self
+
+
+class Recalibration(Section):
+    """Recomputing BatchNorm statistics on target-train before inference (for a source-only
+    model this is AdaBN)."""
+
+    enabled: bool = False
+    batches: int = Field(default=0, ge=0, description="batches of target-train images (0: the "
+                         "whole split)")
+
+
+class AdversarialConfig(Section):
+    """Output-space adversarial warm-up (docs/method.md, the warmup)."""
+
+    enabled: bool = False
+    weight: float = Field(default=0.05, ge=0, description="λ_adv: 0.05 GTA5, 0.001 SYNTHIA")
+    lr: float = Field(default=1.0e-4, gt=0, description="discriminator Adam learning rate")
+
+
+class WarmupConfig(Section):
+    train_domain: Literal["source", "target"] = Field(
+        default="source", description="target: train on target-train labels (the oracle, the "
+        "upper bound of an adaptation table)")
+    iterations: int = Field(default=40000, ge=1)
+    batch_size: int = Field(default=2, ge=1, description="source crops per process (under "
+                            "torchrun the step sees processes × batch_size)")
+    optimizer: OptimizerConfig = OptimizerConfig(lr=2.5e-4)
+    adversarial: AdversarialConfig = AdversarialConfig()
+    checkpoint_every: int = Field(default=1000, ge=1)
+    eval_every: int = Field(default=0, ge=0, description="evaluate on target-val every N (0: off)")
+    log_every: int = Field(default=50, ge=1)
+    runtime: TrainingRuntime = TrainingRuntime()
+
+
+# ----------------------------------------------------------------------------- pseudo labels
+
+
+class IastSelector(Section):
+    """IAST's instance-adaptive thresholds, updated per group of images in index order."""
+
+    name: Literal["iast"]
+    alpha: float = Field(default=0.2, gt=0, le=1, description="proportion α")
+    beta: float = Field(default=0.9, ge=0, lt=1, description="threshold momentum β")
+    gamma: float = Field(default=8.0, ge=0, description="hard-class decay γ")
+    theta0: float = Field(default=0.9, gt=0, lt=1, description="initial threshold")
+    group_size: int = Field(default=2, ge=1, description="images per threshold update")
+
+
+class CbstSelector(Section):
+    """Class-balanced thresholds over the whole split: each class keeps its `portion` most
+    confident pixels."""
+
+    name: Literal["cbst"]
+    portion: float = Field(default=0.45, gt=0, le=1, description="CBST portion p")
+    histogram_bins: int = Field(default=2000, ge=10, description="confidence bins")
+
+
+class FixedSelector(Section):
+    """One confidence threshold for every class."""
+
+    name: Literal["fixed"]
+    threshold: float = Field(default=0.9, ge=0, le=1)
+
+
+Selector = Annotated[IastSelector | CbstSelector | FixedSelector, Field(discriminator="name")]
+
+
+class GeneratePseudoConfig(Section):
+    """Offline pseudo-label generation (docs/method.md, the initial pseudo labels)."""
+
+    selector: Selector = CbstSelector(name="cbst")
+    inference: InferenceConfig = InferenceConfig()
+    recalibration: Recalibration = Field(
+        default=Recalibration(), description="AdaBN before labelling (off in the paper's runs)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, data: Any) -> Any:
+        return _named_variant(data, "selector")
+
+
+# ------------------------------------------------------------------------------ self-training
+
+
+class LossWeights(Section):
+    """Weights of every loss term (docs/method.md, the losses); 0 switches a term off."""
+
+    source: float = 1.0
+    offline: float = 1.0
+    offline_sce_a: float = 0.2
+    offline_sce_b: float = 1.0
+    consistency: float = 1.0
+    online: float = 0.5
+    online_entropy: float = 1.0
+    online_kld: float = 0.05
+    offline_entropy: float = Field(default=0.0, description="the regularisers on the offline "
+                                   "labels too (off in the reference)")
+    offline_kld: float = Field(default=0.0, description="the regularisers on the offline "
+                               "labels too (off in the reference)")
+
+
+class Schedule(Section):
+    """A proportion held at `start`, then ramped towards `end` over the rest of the run:
+    start + (end − start)·((it − offset)/(iterations − offset))^power."""
+
+    start: float = Field(ge=0, le=1)
+    end: float = Field(ge=0, le=1)
+    offset: int = Field(ge=0)
+    power: float = Field(default=1.1, gt=0)
+
+
+class AlphaSchedule(Schedule):
+    """The online labels' proportion α; the ramp begins at `offset`."""
+
+    start: float = Field(default=0.2, ge=0, le=1)
+    end: float = Field(default=0.7, ge=0, le=1)
+    offset: int = Field(default=2000, ge=0)
+
+
+class BetaSchedule(Schedule):
+    """The offline update's proportion β; the ramp begins at `offline_start`, measured from
+    `offset` (the reference's 5000 with its update starting at 10000)."""
+
+    start: float = Field(default=0.25, ge=0, le=1)
+    end: float = Field(default=0.75, ge=0, le=1)
+    offset: int = Field(default=5000, ge=0)
+
+
+class MeanTeacherConfig(Section):
+    """The equal-weight running mean of every student since the start (the reference's)."""
+
+    name: Literal["mean"]
+
+
+class EmaTeacherConfig(Section):
+    """An exponential moving average of the student."""
+
+    name: Literal["ema"]
+    decay: float = Field(default=0.999, gt=0, lt=1)
+
+
+Teacher = Annotated[MeanTeacherConfig | EmaTeacherConfig, Field(discriminator="name")]
+
+
+class SelfTrainConfig(Section):
+    iterations: int = Field(default=80000, ge=1)
+    source_batch_size: int = Field(default=2, ge=1, description="per process")
+    target_batch_size: int = Field(default=2, ge=1, description="per process")
+    optimizer: OptimizerConfig = OptimizerConfig()
+    loss: LossWeights = LossWeights()
+    alpha: AlphaSchedule = AlphaSchedule()
+    beta: BetaSchedule = BetaSchedule()
+    offline_start: int = Field(default=10000, ge=0, description="first iteration of the "
+                               "in-loop offline update")
+    offline_cap: float = Field(default=0.99, gt=0, le=1)
+    agree_requires_confidence: bool = Field(
+        default=False, description="a stored label the teacher agrees with is kept only if "
+        "confident (the reference keeps it whatever the confidence)")
+    teacher: Teacher = MeanTeacherConfig(name="mean")
+    consistency_teacher_mode: Literal["train", "eval"] = Field(
+        default="train", description="train: the stochastic train-mode teacher of the "
+        "reference; eval: the eval-mode pass that also makes the online labels")
+    reproduce_teacher_bn_quirk: bool = Field(
+        default=False, description="add the reference's discarded crop teacher pass, whose only "
+        "effect is on the teacher's BN statistics")
+    checkpoint_every: int = Field(default=5000, ge=1)
+    eval_every: int = Field(default=5000, ge=0)
+    log_every: int = Field(default=50, ge=1)
+    recalibrate_batches: int = Field(default=0, ge=0,
+                                     description="teacher BN recalibration batches before "
+                                     "evaluation/saving (0: the whole target-train split)")
+    runtime: TrainingRuntime = TrainingRuntime()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, data: Any) -> Any:
+        return _named_variant(data, "teacher")
+
+
+class UpdateOfflineConfig(Section):
+    """Whole-set offline update (docs/method.md, the offline update), in batches of
+    `inference.batch_size` images whose thresholds are computed jointly."""
+
+    beta: float = Field(default=0.75, gt=0, le=1)
+    cap: float = Field(default=0.99, gt=0, le=1)
+    agree_requires_confidence: bool = False
+    inference: InferenceConfig = InferenceConfig()
+
+
+# --------------------------------------------------------------------------------- evaluate
+
+
+class EvaluateConfig(Section):
+    """Evaluation protocol (docs/method.md, evaluation)."""
+
+    split: Literal["val", "train"] = "val"
+    domain: Literal["target", "source"] = "target"
+    inference: InferenceConfig = InferenceConfig()
+    recalibration: Recalibration = Field(
+        default=Recalibration(), description="recompute BN statistics on target-train first "
+        "(the mean teacher's protocol; for a source-only model this is AdaBN)")
+    save_predictions: bool = False
+
+
+def _named_variant(data: Any, key: str) -> Any:
+    """Accept `key: NAME` as shorthand for `key: {name: NAME}`."""
+    if isinstance(data, dict) and isinstance(data.get(key), str):
+        return {**data, key: {"name": data[key]}}
+    return data
