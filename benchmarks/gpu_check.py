@@ -1,14 +1,14 @@
 """Speed and memory of DUDA self-training on one GPU, per precision, before a long run.
 
-The check builds the paper-size model (DeepLabV2, ResNet-101, Dropout2d 0.5, frozen BN affine,
-Caffe BGR input; 19 classes; ALGORITHM.md B.1) from random weights, feeds it random images and
-random offline labels, and runs `stages.self_train_step.self_train_step` exactly as the
-`self-train` stage does (ALGORITHM.md E.2, default loss weights): 2 source + 2 target student
-crops of 512×896, the teacher on the 2 full 1024×2048 target images, SGD with Nesterov momentum
-over the two parameter groups (B.2), a `GradScaler` (active for fp16 only), then the mean-teacher
-update. cuDNN runs deterministic with autotuning off, as `stages.training.seed_everything` sets it
-for training. Each precision (fp32, bf16, fp16) gets a fresh model, `--warmup-steps` untimed
-iterations, then `--steps` timed ones.
+The check builds the paper-size model (DeepLabV2, ResNet-101, Dropout2d 0.5, frozen BN affine, Caffe
+BGR input; 19 classes; docs/method.md#the-network) from random weights, feeds it random images and
+random offline labels, and runs `stages.self_train_step.self_train_step` exactly as the `self-train`
+stage does (docs/method.md#one-step-in-execution-order, default loss weights): 2 source + 2 target
+student crops of 512×896, the teacher on the 2 full 1024×2048 target images, SGD with Nesterov
+momentum over the two parameter groups (docs/method.md#optimisation), a `GradScaler` (active for
+fp16 only), then the mean-teacher update. cuDNN runs deterministic with autotuning off, as
+`stages.training.seed_everything` sets it for training. Each precision (fp32, bf16, fp16) gets a
+fresh model, `--warmup-steps` untimed iterations, then `--steps` timed ones.
 
 How to read the table, one row per precision:
 - s/iter: median wall time of one iteration = `self_train_step` + `teacher.update`, between two
@@ -66,7 +66,7 @@ from stages.training import build_optimizer, seed_everything
 
 NUM_CLASSES = 19
 PAPER_ITERATIONS = 80_000
-ALPHA = 0.2  # α at the start of self-training (ALGORITHM.md E.1)
+ALPHA = 0.2  # α at the start of self-training (docs/method.md#starting-state)
 PRECISIONS = ("fp32", "bf16", "fp16")
 BARE_PASSES = ("student forward+backward on the source crops; student forward+backward on the "
                "target crops; teacher forward without gradients on the full target images, "

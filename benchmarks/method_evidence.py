@@ -8,11 +8,11 @@ For each seed, on the built-in synthetic benchmark (configs/synthetic.yaml by de
 - offline-only: self-training on the offline pseudo labels alone (source CE + SCE on the
   stored labels, no online labels, no consistency, no in-loop offline update; roughly IAST
   with fixed labels);
-- DUDA: full self-training (ALGORITHM.md E), one round, as `duda run` does.
+- DUDA: full self-training (docs/method.md#self-training), one round, as `duda run` does.
 
-Offline-only and DUDA are evaluated as the config's `evaluate` section says (for the demo: the
-mean teacher, BN recalibrated on 20 batches of target-train images). Artifacts go under --out and are reused when
-up to date, so an interrupted run continues. Prints one row per seed and the mean, as a
+Offline-only and DUDA are evaluated as the config's `evaluate` section says (for the demo: the mean
+teacher, BN recalibrated on 20 batches of target-train images). Artifacts go under --out and are
+reused when up to date, so an interrupted run continues. Prints one row per seed and the mean, as a
 markdown table.
 
     python benchmarks/method_evidence.py --seeds 0 1 2

@@ -1,4 +1,4 @@
-"""Option declarations shared by every command (DESIGN.md "The command-line contract")."""
+"""Option declarations shared by every command (docs/design.md#the-command-line-contract)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ Set = Annotated[list[str] | None, typer.Option(
     "--set", help="Override a config value: section.key=value (repeatable).",
     show_default=False)]
 Out = Annotated[Path | None, typer.Option(
-    "--out", "-o", help="Artifact directory to write (default: under runs/<experiment>/, named as `duda run` names it).",
+    "--out", "-o",
+    help="Artifact directory to write (default: under runs/<experiment>/, as `duda run` names it).",
     show_default=False)]
 Data = Annotated[Path | None, typer.Option(
     "--data", help="Dataset index artifact (from prepare-data) (default: runs/<experiment>/data).",

@@ -155,9 +155,9 @@ def load_model(checkpoint_dir: str | Path, which: Which = "teacher",
                device: torch.device | str = "cpu", file: str = MODEL_FILE) -> LoadedModel:
     """Build the model of a checkpoint artifact and load its teacher or student weights.
 
-    The teacher is asked for by default (the mean teacher is what DUDA evaluates, E.8); a
-    checkpoint without one (a warm-up checkpoint) falls back to its student and says so in
-    `LoadedModel.which`.
+    The teacher is asked for by default (the mean teacher is what DUDA evaluates,
+    docs/method.md#evaluation-during-training); a checkpoint without one (a warm-up checkpoint)
+    falls back to its student and says so in `LoadedModel.which`.
     """
     from stages.nn.model import build_model
 

@@ -1,7 +1,9 @@
-"""The class tables: the 19 Cityscapes training classes, their palette, and the evaluation protocols.
+"""The class tables: the 19 Cityscapes training classes, their palette, and the evaluation
+protocols.
 
-Defined once here and used by every stage (ALGORITHM.md A.1, F.2). A `ClassTable` is what a
-dataset index records and what checkpoints and pseudo-label stores are checked against.
+Defined once here and used by every stage (docs/method.md#datasets-and-classes,
+docs/method.md#evaluation). A `ClassTable` is what a dataset index records and what checkpoints
+and pseudo-label stores are checked against.
 """
 
 from __future__ import annotations
@@ -23,19 +25,21 @@ CITYSCAPES_PALETTE: tuple[tuple[int, int, int], ...] = (
     (0, 80, 100), (0, 0, 230), (119, 11, 32),
 )
 
-# ALGORITHM.md A.1: Cityscapes / GTA5 label id -> trainId. Every id not listed maps to 255.
+# docs/method.md#datasets-and-classes: Cityscapes / GTA5 label id -> trainId. Every id not listed
+# maps to 255.
 CITYSCAPES_ID_TO_TRAINID: dict[int, int] = {
     7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11,
     25: 12, 26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18,
 }
 
-# ALGORITHM.md A.1: SYNTHIA-RAND-CITYSCAPES class id -> trainId (19-way: terrain, truck, train kept).
+# docs/method.md#datasets-and-classes: SYNTHIA-RAND-CITYSCAPES class id -> trainId (19-way:
+# terrain, truck, train kept).
 SYNTHIA_ID_TO_TRAINID: dict[int, int] = {
     3: 0, 4: 1, 2: 2, 21: 3, 5: 4, 7: 5, 15: 6, 9: 7, 6: 8, 16: 9, 1: 10, 10: 11, 17: 12,
     8: 13, 18: 14, 19: 15, 20: 16, 12: 17, 11: 18,
 }
 
-# ALGORITHM.md F.2: the SYNTHIA protocols are subsets of the 19-class IoU vector.
+# docs/method.md#evaluation: the SYNTHIA protocols are subsets of the 19-class IoU vector.
 PROTOCOLS: dict[int, tuple[int, ...]] = {
     19: tuple(range(19)),
     16: (0, 1, 2, 3, 4, 5, 6, 7, 8, 10, 11, 12, 13, 15, 17, 18),
@@ -46,6 +50,18 @@ PROTOCOLS: dict[int, tuple[int, ...]] = {
 # The classes the built-in synthetic benchmark draws (stages/data/synthetic.py): its protocol,
 # so that classes it never draws do not count as zeros in its mean IoU.
 SYNTHETIC_PROTOCOL: tuple[int, ...] = (0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 15)
+
+
+def cityscapes_label_ids(size: int = 256) -> list[int]:
+    """The official trainId -> Cityscapes labelId table (cityscapesscripts' `trainId2label`),
+    dense over `size` entries: what the Cityscapes evaluator and benchmark server read.
+
+    The inverse of CITYSCAPES_ID_TO_TRAINID on the 19 training classes; every other value,
+    255 (ignore) included, maps to 0 ("unlabeled")."""
+    table = [0] * size
+    for label_id, train_id in CITYSCAPES_ID_TO_TRAINID.items():
+        table[train_id] = label_id
+    return table
 
 
 def lookup_table(mapping: dict[int, int], size: int = 256) -> list[int]:

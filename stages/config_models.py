@@ -30,7 +30,8 @@ def _check_size(value: Size | None, name: str) -> None:
 
 
 class DomainConfig(Section):
-    """Where one domain's images come from and in which layout (ALGORITHM.md A.3)."""
+    """Where one domain's images come from and in which layout
+    (docs/method.md#datasets-and-classes)."""
 
     layout: Literal["cityscapes", "gta5", "synthia", "folder", "synthetic"]
     root: str | None = Field(
@@ -90,7 +91,7 @@ class DataConfig(Section):
 
 
 class InputConfig(Section):
-    """Image sizes and the geometric augmentation of ALGORITHM.md A.4."""
+    """Image sizes and the geometric augmentation of docs/method.md#data-and-augmentation."""
 
     source_size: Size = Field(default_factory=lambda: [1052, 1914],
                               description="[H, W] every source image is resized to")

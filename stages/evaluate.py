@@ -1,12 +1,11 @@
 """The `evaluate` stage: mIoU of a checkpoint's teacher or student on a labelled split.
 
-Whole-image (or sliding-window) inference at the configured size, optional flip TTA,
-predictions upsampled to the ground truth's size, one confusion matrix summed over the split,
-IoU per class and mIoU for every protocol of the dataset's class table (19, and 16/13 for
-SYNTHIA-trained models) (docs/method.md, evaluation). For the mean teacher, its BatchNorm
-statistics can first be recomputed on target-train. Writes an evaluation artifact (`duda.evaluation`) with
-`report.json` and, on request, colourised predictions and image | prediction | ground-truth
-panels under `predictions/`.
+Whole-image (or sliding-window) inference at the configured size, optional flip TTA, predictions
+upsampled to the ground truth's size, one confusion matrix summed over the split, IoU per class and
+mIoU for every protocol of the dataset's class table (19, and 16/13 for SYNTHIA-trained models)
+(docs/method.md, evaluation). For the mean teacher, its BatchNorm statistics can first be recomputed
+on target-train. Writes an evaluation artifact (`duda.evaluation`) with `report.json` and, on
+request, colourised predictions and image | prediction | ground-truth panels under `predictions/`.
 
 Under `torchrun` the images are split across ranks in whole batches and the confusion matrices
 summed, so the report equals a single-process one; every rank recalibrates alike and then takes
@@ -210,7 +209,7 @@ def _report(matrix: ConfusionMatrix, classes: ClassTable,
         "per_class": dict(zip(classes.names, iou)),
         "present_in_ground_truth": dict(zip(classes.names, present)),
         "absent_classes_note": "a class absent from both ground truth and prediction has "
-                               "IoU 0 and counts in the mean (the reference formula, F.1)",
+                               "IoU 0 and counts in the mean (the reference formula)",
         "pixel_accuracy": matrix.pixel_accuracy(),
         "confusion_matrix": matrix.matrix.cpu().tolist(),
         "confusion_matrix_axes": "rows: ground truth, columns: prediction",

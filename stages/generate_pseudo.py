@@ -1,13 +1,16 @@
-"""The generate-pseudo stage: offline pseudo labels for every target-train image (ALGORITHM.md D).
+"""The generate-pseudo stage: offline pseudo labels for every target-train image
+(docs/method.md#the-initial-pseudo-labels).
 
 Two passes, one forward pass per image:
 
 1. Inference. The teacher (or student; an ensemble of checkpoints averages probabilities, with
-   optional flip TTA, D.3–D.4) sees each image at the configured size; its probabilities are
-   resized to the images' native size, and argmax + confidence (max probability) of every pixel
-   go into the store. CBST's per-class confidence histograms are accumulated on the way.
-2. Selection. The class thresholds are computed from the stored confidences — IAST (D.1) by
-   walking the images in index order in groups, CBST (D.3) from the histograms, or a fixed
+   optional flip TTA, docs/method.md#the-initial-pseudo-labels) sees each image at the configured
+   size; its probabilities are resized to the images' native size, and argmax + confidence (max
+   probability) of every pixel go into the store. CBST's per-class confidence histograms are
+   accumulated on the way.
+2. Selection. The class thresholds are computed from the stored confidences — IAST
+   (docs/method.md#iast-instance-adaptive-thresholds) by walking the images in index order in
+   groups, CBST (docs/method.md#cbst-class-balanced-thresholds) from the histograms, or a fixed
    threshold — and every image's stored argmax is replaced by its thresholded labels.
 
 Under `torchrun` (RANK / WORLD_SIZE set) the images are split across ranks, each writing its own

@@ -1,10 +1,10 @@
 """Segmentation metrics: the dataset-level confusion matrix, IoU per class, mIoU per protocol, and
 the diagnostics of pseudo labels against ground truth (precision, recall, coverage per class).
 
-ALGORITHM.md F.1: intersections and unions are summed over the whole split (not averaged per
-image); pixels whose ground truth is 255 are ignored; IoU_c = I_c / (U_c + 1e-10); a protocol's
-mIoU is the plain mean of IoU over its classes (F.2: 16 and 13 are subsets of the 19-class
-vector, so predictions of the left-out classes still count as misses).
+docs/method.md#evaluation: intersections and unions are summed over the whole split (not averaged
+per image); pixels whose ground truth is 255 are ignored; IoU_c = I_c / (U_c + 1e-10); a protocol's
+mIoU is the plain mean of IoU over its classes (docs/method.md#evaluation: 16 and 13 are subsets of
+the 19-class vector, so predictions of the left-out classes still count as misses).
 
 A class absent from both the predictions and the ground truth gets IoU 0 and still counts in
 the mean, as in the reference formula; `present()` says which classes occur in the ground truth

@@ -11,7 +11,7 @@ stores them in fewer bytes than PNG files; the rest level 3). Group attributes
 hold the image ids in dataset-index order, the class names (and palette), the dataset index id,
 the class thresholds, the selector, per-class statistics and the parent version.
 
-zarr fails silently in several ways (PITFALLS.md), which this module guards against:
+zarr fails silently in several ways (docs/design.md#zarr), which this module guards against:
 
 - a uint8 array wraps out-of-range values (300 → 44, −1 → 255): every write is validated
   (labels in 0..C−1 ∪ {255}, integral dtypes only, confidence finite in [0, 1]);

@@ -1,9 +1,11 @@
 """Iteration schedules of the training stages, as pure functions of the iteration number.
 
 This module owns the learning-rate factor (linear warmup then poly decay, the clean form of
-ALGORITHM.md B.2), the online pseudo-label proportion α (E.4) and the offline-update proportion
-β (E.6), with every constant that the original code hard-coded exposed as a parameter
-(E.9 #7, #8). Because they depend only on the iteration, a resumed run recomputes them exactly.
+docs/method.md#optimisation), the online pseudo-label proportion α
+(docs/method.md#online-pseudo-labels-and-the-alpha-schedule) and the offline-update proportion β
+(docs/method.md#the-offline-update), with every constant that the original code hard-coded exposed
+as a parameter (docs/method.md#one-alpha-ramp-parameter, docs/method.md#exposed-beta-constants).
+Because they depend only on the iteration, a resumed run recomputes them exactly.
 """
 
 from __future__ import annotations
@@ -27,9 +29,10 @@ def lr_factor(
 ) -> float:
     """Learning-rate multiplier after t scheduler steps.
 
-    ALGORITHM.md B.2 (clean form): t < W → warmup_start + (1 − warmup_start)·t/W, otherwise
-    (1 − t/total)^power, clamped at 0 from t = total on. The original's 2.3 % step at t = 2002
-    (its poly counter restarts late) is not reproduced.
+    docs/method.md#optimisation (clean form): t < W → warmup_start + (1 − warmup_start)·t/W,
+    otherwise (1 − t/total)^power, clamped at 0 from t = total on. The poly curve runs on the
+    global step, so at t = W the factor drops from about 1 to (1 − W/total)^power (2.2 % with the
+    paper's 2000 of 80000), as the reference's does two steps later.
     """
     if total <= 0:
         raise ValueError(f"total iterations = {total} must be positive")
@@ -46,7 +49,9 @@ def alpha_schedule(
     ramp_start: int = 2000,
     power: float = 1.1,
 ) -> float:
-    """Online pseudo-label proportion α at iteration `it` (ALGORITHM.md E.4, E.9 #7).
+    """Online pseudo-label proportion α at iteration `it`
+    (docs/method.md#online-pseudo-labels-and-the-alpha-schedule,
+    docs/method.md#one-alpha-ramp-parameter).
 
     α = start for it < ramp_start, else start + (end − start)·((it − ramp_start)/(total −
     ramp_start))^power. One `ramp_start` serves both the test and the normalisation, so a
@@ -66,7 +71,8 @@ def beta_schedule(
     offline_start: int = 10000,
     power: float = 1.1,
 ) -> float:
-    """Offline-update proportion β at iteration `it` (ALGORITHM.md E.6, E.9 #8).
+    """Offline-update proportion β at iteration `it` (docs/method.md#the-offline-update,
+    docs/method.md#exposed-beta-constants).
 
     β = start for it < offline_start, else start + (end − start)·((it − offset)/(total −
     offset))^power. With the defaults β jumps from 0.25 to 0.275 at 10000, as in the original.

@@ -1,11 +1,14 @@
-"""Offline pseudo-label selectors (ALGORITHM.md D): per-class confidence thresholds.
+"""Offline pseudo-label selectors (docs/method.md#the-initial-pseudo-labels): per-class confidence
+thresholds.
 
 Three ways to choose the thresholds θ_c with which `label = prediction, or 255 where
 confidence < θ_prediction` (`apply_thresholds`):
 
-- `IastSelector`: IAST's instance-adaptive thresholds (D.1), updated group by group in a fixed
+- `IastSelector`: IAST's instance-adaptive thresholds
+  (docs/method.md#iast-instance-adaptive-thresholds), updated group by group in a fixed
   order, the previous threshold always part of the percentile's set;
-- `ConfidenceHistogram`: CBST's class-balanced thresholds over the whole set (D.3) in bounded
+- `ConfidenceHistogram`: CBST's class-balanced thresholds over the whole set
+  (docs/method.md#cbst-class-balanced-thresholds) in bounded
   memory: per-class histograms of the confidences, the threshold read at rank ⌊p·N_c⌋ from the
   top and interpolated within its bin, so it lies within one bin width of the exact value;
 - `fixed_thresholds`: one confidence threshold for every class.
@@ -21,7 +24,7 @@ import torch
 from stages.classes import IGNORE_INDEX
 from stages.nn.pseudo_labels import class_percentile_thresholds
 
-# ALGORITHM.md D.1 step 4: a threshold that reaches 1 is set back to 0.999.
+# docs/method.md#iast-instance-adaptive-thresholds: a threshold that reaches 1 is set back to 0.999.
 IAST_CAP = 0.999
 
 
@@ -30,7 +33,7 @@ def _as_tensor(value: np.ndarray | torch.Tensor) -> torch.Tensor:
 
 
 class IastSelector:
-    """IAST instance-adaptive selector (ALGORITHM.md D.1).
+    """IAST instance-adaptive selector (docs/method.md#iast-instance-adaptive-thresholds).
 
     State: θ ∈ R^C, initialised to θ0, carried across groups. For each group (call `update`
     with the group's confidences and predictions, in a fixed order):
@@ -70,7 +73,8 @@ class IastSelector:
 
 
 class ConfidenceHistogram:
-    """Per-class confidence histograms over [0, 1] for CBST (ALGORITHM.md D.3).
+    """Per-class confidence histograms over [0, 1] for CBST
+    (docs/method.md#cbst-class-balanced-thresholds).
 
     `counts` (C, bins) int64 can be summed across processes (the result does not depend on the
     order images were added in). Memory is C·bins integers, whatever the number of pixels.

@@ -1,10 +1,11 @@
-"""One DUDA self-training step (ALGORITHM.md E.2), as a function of models, batches and weights.
+"""One DUDA self-training step (docs/method.md#one-step-in-execution-order), as a function of
+models, batches and weights.
 
-The step is separate from the stage's loop (`stages/self_train.py`) so that its order and its
-loss terms can be read top to bottom and tested on tiny models. It returns the named loss terms
-and the teacher's eval-mode probabilities on the full target images, which the loop uses for
-the in-loop offline update (E.6). Pixels of the offline labels are given already cropped; the
-offline merge itself is `stages.nn.pseudo_labels.merge_offline`.
+The step is separate from the stage's loop (`stages/self_train.py`) so that its order and its loss
+terms can be read top to bottom and tested on tiny models. It returns the named loss terms and the
+teacher's eval-mode probabilities on the full target images, which the loop uses for the in-loop
+offline update (docs/method.md#the-offline-update). Pixels of the offline labels are given already
+cropped; the offline merge itself is `stages.nn.pseudo_labels.merge_offline`.
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ def self_train_step(
     consistency_teacher_mode: str = "train",
     reproduce_teacher_bn_quirk: bool = False,
 ) -> StepOutputs:
-    """ALGORITHM.md E.2 steps 1–10; the caller then updates the teacher (step 11)."""
+    """docs/method.md#one-step-in-execution-order; the caller then updates the teacher (step 11)."""
     device = batch.source_image.device
     terms: dict[str, torch.Tensor] = {}
 
@@ -78,7 +79,8 @@ def self_train_step(
     teacher.train()
     optimizer.zero_grad(set_to_none=True)
 
-    # 2. Source loss, backward at once to free the source activations (E.2 step 2).
+    # 2. Source loss, backward at once to free the source activations
+    # (docs/method.md#one-step-in-execution-order).
     if weights.source > 0:
         with autocast(device, precision):
             source_logits = student(batch.source_image)
@@ -91,7 +93,7 @@ def self_train_step(
     with autocast(device, precision):
         target_logits = student(batch.target_image).float()
 
-    # 4. Offline loss: symmetric cross-entropy on the stored labels (E.3).
+    # 4. Offline loss: symmetric cross-entropy on the stored labels (docs/method.md#the-losses).
     target_loss = target_logits.new_zeros(())
 
     def add(name: str, weight: float, compute: Callable[[], torch.Tensor]) -> None:
@@ -113,11 +115,14 @@ def self_train_step(
     teacher_probabilities = online_label = online_thresholds = None
     if needs_teacher(weights, offline_update):
         with torch.no_grad():
-            # 5. The reference's discarded crop pass (E.9 #4): only its BN side effect remains.
+            # 5. The reference's discarded crop pass
+            # (docs/method.md#one-teacher-pass-instead-of-a-wasted-one): only its BN side effect
+            # remains.
             if reproduce_teacher_bn_quirk:
                 with autocast(device, precision):
                     teacher(batch.target_image)
-            # 6. Consistency target from the stochastic train-mode teacher (E.9 #5).
+            # 6. Consistency target from the stochastic train-mode teacher
+            # (docs/method.md#the-consistency-teachers-mode).
             consistency_logits = None
             if weights.consistency > 0 and consistency_teacher_mode == "train":
                 with autocast(device, precision):
@@ -132,14 +137,15 @@ def self_train_step(
             crop_logits = full_to_crop(full_logits, batch.target_params)
             if consistency_logits is None:
                 consistency_logits = crop_logits
-            # 7b. Online pseudo labels at α on the crop (E.4).
+            # 7b. Online pseudo labels at α on the crop
+            # (docs/method.md#online-pseudo-labels-and-the-alpha-schedule).
             online_label, online_thresholds = online_pseudo_labels(
                 crop_logits.softmax(dim=1), alpha)
 
         online = online_label
         add("loss/consistency", weights.consistency,
             lambda: losses.consistency_mse(target_logits, consistency_logits))
-        # 8. Online cross-entropy; 9. regularisers on the online map (E.3, E.5).
+        # 8. Online cross-entropy; 9. regularisers on the online map (docs/method.md#the-losses).
         add("loss/online_ce", weights.online, lambda: losses.cross_entropy(target_logits, online))
         add("loss/online_entropy", weights.online_entropy,
             lambda: losses.entropy_regularizer(target_logits, online))

@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 
 
 def build_optimizer(groups: list[dict[str, Any]], cfg: OptimizerConfig) -> torch.optim.SGD:
-    """SGD with (Nesterov) momentum over parameter groups (ALGORITHM.md B.2).
+    """SGD with (Nesterov) momentum over parameter groups (docs/method.md#optimisation).
 
     Each group carries its own base `lr` (the backbone's is already scaled by its multiplier)
     and `weight_decay`; the base is kept as `initial_lr` so `apply_lr_factor` can rescale it.
@@ -50,7 +50,8 @@ def build_optimizer(groups: list[dict[str, Any]], cfg: OptimizerConfig) -> torch
 
 
 def learning_rate_factor(t: int, total: int, cfg: OptimizerConfig) -> float:
-    """The LR multiplier after t optimizer steps: linear warmup, then poly (ALGORITHM.md B.2)."""
+    """The LR multiplier after t optimizer steps: linear warmup, then poly
+    (docs/method.md#optimisation)."""
     return lr_factor(t, total, warmup_iterations=cfg.warmup_iterations,
                      warmup_start=cfg.warmup_start, power=cfg.poly_power)
 
@@ -66,7 +67,8 @@ def apply_lr_factor(optimizer: torch.optim.Optimizer, factor: float) -> float:
 
 
 def seed_everything(seed: int) -> None:
-    """Seed python, numpy and torch (every CUDA device too); cuDNN deterministic (B.2)."""
+    """Seed python, numpy and torch (every CUDA device too); cuDNN deterministic
+    (docs/method.md#optimisation)."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)

@@ -1,4 +1,5 @@
-"""The class tables agree with cityscapesScripts and with ALGORITHM.md A.1 / F.2."""
+"""The class tables agree with cityscapesScripts and with docs/method.md#datasets-and-classes
+and docs/method.md#evaluation."""
 
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ def test_id_to_train_id_table_matches_cityscapes_scripts():
 
 
 def test_synthia_table_is_the_19_way_map_of_algorithm_a1():
-    # ALGORITHM.md A.1, column "SYNTHIA class id", in trainId order.
+    # docs/method.md#datasets-and-classes, column "SYNTHIA class id", in trainId order.
     synthia_ids = [3, 4, 2, 21, 5, 7, 15, 9, 6, 16, 1, 10, 17, 8, 18, 19, 20, 12, 11]
     assert SYNTHIA_ID_TO_TRAINID == {sid: train for train, sid in enumerate(synthia_ids)}
     table = lookup_table(SYNTHIA_ID_TO_TRAINID)

@@ -82,7 +82,8 @@ def test_loader_epochs_are_permutations_that_change(tiny_index):
     batches = _indices(loader, 12)  # 8 samples, 4 batches per epoch
     epochs = [[i for batch in batches[e:e + 4] for i in batch] for e in (0, 4, 8)]
     assert all(sorted(epoch) == list(range(8)) for epoch in epochs)
-    assert len({tuple(epoch) for epoch in epochs}) > 1  # set_epoch semantics (E.9 #13)
+    # set_epoch semantics (docs/method.md#epochs-reshuffled)
+    assert len({tuple(epoch) for epoch in epochs}) > 1
     assert loader.state_dict() == {"epoch": 3, "position": 0}
 
 

@@ -1,4 +1,5 @@
-"""Loss terms against hand-computed values on tiny hand-built tensors (ALGORITHM.md E.3)."""
+"""Loss terms against hand-computed values on tiny hand-built tensors
+(docs/method.md#the-losses)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The confusion matrix and IoU / mIoU of ALGORITHM.md F."""
+"""The confusion matrix and IoU / mIoU of docs/method.md#evaluation."""
 
 from __future__ import annotations
 

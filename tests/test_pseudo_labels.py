@@ -1,4 +1,5 @@
-"""Percentiles against numpy, online labels (ALGORITHM.md E.4), the offline merge table (E.6)."""
+"""Percentiles against numpy, online labels
+(docs/method.md#online-pseudo-labels-and-the-alpha-schedule), docs/method.md#the-four-case-merge."""
 
 from __future__ import annotations
 

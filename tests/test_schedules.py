@@ -1,4 +1,5 @@
-"""Schedules against the tables of ALGORITHM.md B.2 (learning rate) and E.4 (α, β)."""
+"""Schedules against the tables of docs/method.md#optimisation (learning rate) and
+docs/method.md#online-pseudo-labels-and-the-alpha-schedule (α, β)."""
 
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ ALPHA_TABLE = {0: 0.200, 1000: 0.200, 2000: 0.200, 5000: 0.214, 10000: 0.241, 20
                40000: 0.427, 60000: 0.561, 80000: 0.700}
 BETA_TABLE = {0: 0.25, 5000: 0.25, 9999: 0.25, 10000: 0.275, 20000: 0.335, 40000: 0.466,
               60000: 0.606, 80000: 0.750}
-# B.2's lr/base table where the clean form agrees with the original (t = 2000 differs: the
-# original holds 1.0 for two steps, the clean form is already at (1 − 2000/80000)^0.9).
+# docs/method.md#optimisation's lr/base table where the clean form agrees with the original (t =
+# 2000 differs: the original holds 1.0 for two steps, the clean form is already at (1 −
+# 2000/80000)^0.9).
 LR_TABLE = {0: 0.20, 1000: 0.60, 10000: 0.887, 20000: 0.772, 40000: 0.536, 60000: 0.287,
             80000: 0.0}
 
@@ -57,7 +59,8 @@ def test_schedules_are_monotone_and_bounded() -> None:
 
 
 def test_short_runs_never_raise_negative_numbers_to_a_power() -> None:
-    # ALGORITHM.md E.9 #7: a run shorter than the ramp start stays finite and real.
+    # docs/method.md#one-alpha-ramp-parameter: a run shorter than the ramp start stays finite and
+    # real.
     assert alpha_schedule(50, 100) == 0.2
     assert alpha_schedule(2500, 2000) == pytest.approx(0.7)
     assert beta_schedule(20, 100, offset=1, offline_start=2) == pytest.approx(

@@ -1,5 +1,6 @@
-"""Selectors (ALGORITHM.md D.1, D.3): IAST against a direct numpy transcription, CBST against
-numpy's exact percentiles, and the thresholding rule."""
+"""Selectors (docs/method.md#iast-instance-adaptive-thresholds,
+docs/method.md#cbst-class-balanced-thresholds): IAST against a direct numpy transcription, CBST
+against numpy's exact percentiles, and the thresholding rule."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from stages.selectors import ConfidenceHistogram, IastSelector, apply_thresholds
 
 
 def iast_reference(groups, num_classes, alpha, beta, gamma, theta0):
-    """ALGORITHM.md D.1, transcribed literally: a Python loop over classes with np.percentile."""
+    """docs/method.md#iast-instance-adaptive-thresholds, transcribed literally: a Python loop over
+    classes with np.percentile."""
     theta = np.full(num_classes, theta0, dtype=np.float64)
     history = []
     for confidence, prediction in groups:

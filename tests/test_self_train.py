@@ -145,7 +145,8 @@ def test_update_offline_makes_a_new_version_with_change_statistics(prepared, tmp
                                                                 PSEUDO_LABELS).id
     after = store_labels(result.path)
     np.testing.assert_array_equal(store_labels(prepared["pseudo"]), before)
-    # E.6: a pixel keeps its stored class or becomes ignore; an ignored pixel may be filled.
+    # docs/method.md#the-four-case-merge: a pixel keeps its stored class or becomes ignore; an
+    # ignored pixel may be filled.
     labelled = before != 255
     assert np.all((after[labelled] == before[labelled]) | (after[labelled] == 255))
     assert summary["changes"]["kept"] == int((after[labelled] == before[labelled]).sum())

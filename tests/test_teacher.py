@@ -1,4 +1,4 @@
-"""The mean teacher (ALGORITHM.md E.7) and batch-norm recalibration."""
+"""The mean teacher (docs/method.md#the-mean-teacher) and batch-norm recalibration."""
 
 from __future__ import annotations
 

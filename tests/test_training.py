@@ -33,7 +33,7 @@ def test_optimizer_is_nesterov_sgd_and_scales_each_group_from_its_base():
     assert optimizer.defaults["nesterov"] and optimizer.defaults["momentum"] == 0.9
     assert [g["weight_decay"] for g in optimizer.param_groups] == [1.0e-4, 1.0e-4]
     factor = learning_rate_factor(0, 100, cfg)
-    assert factor == pytest.approx(0.2)  # B.2: linear warmup starts at 0.2
+    assert factor == pytest.approx(0.2)  # docs/method.md#optimisation: linear warmup starts at 0.2
     assert apply_lr_factor(optimizer, factor) == pytest.approx(0.002)
     assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([0.0002, 0.002])
     apply_lr_factor(optimizer, 0.5)  # factors never compound

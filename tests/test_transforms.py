@@ -1,4 +1,5 @@
-"""Recorded crop parameters, the full-image→crop mapping (ALGORITHM.md A.5), normalisation."""
+"""Recorded crop parameters, the full-image→crop mapping
+(docs/method.md#the-teachers-full-view-and-the-crop-mapping), normalisation."""
 
 from __future__ import annotations
 
@@ -89,7 +90,8 @@ def test_nearest_label_resize_keeps_class_ids_only() -> None:
 
 
 def _reference_full_to_crop(logits: torch.Tensor, params: list[CropParams]) -> torch.Tensor:
-    """A.5 literally: resize the whole map (align_corners=True), slice, flip."""
+    """docs/method.md#the-teachers-full-view-and-the-crop-mapping literally: resize the whole map
+    (align_corners=True), slice, flip."""
     out = []
     for i, p in enumerate(params):
         scaled = F.interpolate(logits[i:i + 1], size=(p.scaled_h, p.scaled_w), mode="bilinear",

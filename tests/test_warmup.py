@@ -86,7 +86,7 @@ def test_warmup_writes_the_checkpoint_artifact(tiny_index, tmp_path):
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [line["iteration"] for line in lines] == [1, 2, 3, 4]
     assert set(lines[0]) == {"iteration", "loss/source_ce", "lr"}
-    # Linear warmup from 0.2·lr (B.2), then poly decay.
+    # Linear warmup from 0.2·lr (docs/method.md#optimisation), then poly decay.
     assert lines[0]["lr"] == pytest.approx(0.2 * 0.01)
     assert lines[1]["lr"] == pytest.approx(0.01 * (1 - 1 / 4) ** 0.9)
     assert summary["final_loss"]["loss/source_ce"] == pytest.approx(lines[-1]["loss/source_ce"])
@@ -143,7 +143,7 @@ def test_adversarial_warmup_refuses_crops_too_small_for_the_discriminator(tiny_i
 def test_discriminator_architecture_and_losses():
     discriminator = OutputDiscriminator(19)
     kernels = [m.kernel_size for m in discriminator.modules() if isinstance(m, torch.nn.Conv2d)]
-    assert kernels == [(3, 3)] + [(4, 4)] * 4  # ALGORITHM.md C.1
+    assert kernels == [(3, 3)] + [(4, 4)] * 4  # docs/method.md#the-warmup
     scores = discriminator(torch.softmax(torch.randn(2, 19, 64, 128), 1))
     assert scores.shape == (2, 1, 2, 4)
     zeros, ones = torch.zeros(2, 1, 2, 4), torch.ones(2, 1, 2, 4)

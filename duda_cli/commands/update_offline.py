@@ -21,7 +21,7 @@ def update_offline(config: options.Config, checkpoint: options.Checkpoint,
                    device: options.Device = "auto", seed: options.Seed = None,
                    data_root: options.DataRoot = None, as_json: options.Json = False,
                    quiet: options.Quiet = False) -> None:
-    """Merge a teacher's predictions into a pseudo-label store (ALGORITHM.md E.6).
+    """Merge a teacher's predictions into a pseudo-label store (docs/method.md#the-offline-update).
 
     Runs on several processes with `torchrun --nproc_per_node N duda update-offline …`.
     """

@@ -1,14 +1,15 @@
 """Training crops and the resumable, shardable loader that serves them.
 
-`CropDataset` owns the training view of one domain (ALGORITHM.md A.4): resize to the base size
-(image Lanczos, label nearest), then a random scale, crop and flip with recorded `CropParams`,
-then normalisation. Its randomness is a pure function of (seed, epoch, position in the epoch),
-so a batch does not depend on the worker that made it, and a resumed run sees the same crops.
+`CropDataset` owns the training view of one domain (docs/method.md#data-and-augmentation): resize to
+the base size (image Lanczos, label nearest), then a random scale, crop and flip with recorded
+`CropParams`, then normalisation. Its randomness is a pure function of (seed, epoch, position in the
+epoch), so a batch does not depend on the worker that made it, and a resumed run sees the same
+crops.
 
-`InfiniteLoader` serves batches forever. Epoch e visits the permutation drawn from (seed, e),
-the same on every rank; rank r takes every world_size-th position of it (the semantics of
-`DistributedSampler` with `set_epoch` called, ALGORITHM.md E.9 #13). Its `state_dict()` records
-how far the consumer got, so `load_state_dict()` continues with exactly the batches an
+`InfiniteLoader` serves batches forever. Epoch e visits the permutation drawn from (seed, e), the
+same on every rank; rank r takes every world_size-th position of it (the semantics of
+`DistributedSampler` with `set_epoch` called, docs/method.md#epochs-reshuffled). Its `state_dict()`
+records how far the consumer got, so `load_state_dict()` continues with exactly the batches an
 uninterrupted run would have seen.
 """
 
@@ -32,7 +33,8 @@ ItemKey = tuple[int, int, int]
 
 
 def resize_image(image: np.ndarray, size: Sequence[int]) -> np.ndarray:
-    """(H, W, 3) uint8 -> (size[0], size[1], 3) uint8 with PIL Lanczos (ALGORITHM.md A.4)."""
+    """(H, W, 3) uint8 -> (size[0], size[1], 3) uint8 with PIL Lanczos
+    (docs/method.md#data-and-augmentation)."""
     height, width = int(size[0]), int(size[1])
     if image.shape[:2] == (height, width):
         return image
@@ -40,7 +42,8 @@ def resize_image(image: np.ndarray, size: Sequence[int]) -> np.ndarray:
 
 
 def resize_label(label: np.ndarray, size: Sequence[int]) -> np.ndarray:
-    """(H, W) uint8 -> (size[0], size[1]) uint8 by nearest neighbour (ALGORITHM.md A.4)."""
+    """(H, W) uint8 -> (size[0], size[1]) uint8 by nearest neighbour
+    (docs/method.md#data-and-augmentation)."""
     height, width = int(size[0]), int(size[1])
     if label.shape == (height, width):
         return label
@@ -55,8 +58,8 @@ class CropDataset(Dataset):
     - image: (3, crop_h, crop_w) float32, normalised;
     - label: (crop_h, crop_w) int64 trainIds, 255 = ignore;
     - params: (7,) int64, `CropParams.to_tensor()` of the draw (in base-size pixels);
-    - full_image (only if `with_full_image`): (3, H, W) float32 at the base size, normalised,
-      not augmented (the teacher's view, ALGORITHM.md A.5).
+    - full_image (only if `with_full_image`): (3, H, W) float32 at the base size, normalised, not
+      augmented (the teacher's view, docs/method.md#the-teachers-full-view-and-the-crop-mapping).
     `label_reader(index) -> (H, W) uint8` replaces the sample's label file (offline pseudo
     labels); it is resized to the base size by nearest neighbour like any label. With
     `with_labels=False` (unlabelled target crops) items have no "label" and nothing is read.

@@ -1,8 +1,9 @@
 """Whole images for inference: evaluation, pseudo-label generation, the offline update.
 
-`FullImageDataset` serves each sample's image resized to the inference size (PIL Lanczos, as
-the training base size, ALGORITHM.md A.4) and normalised, with its trainId label map kept at
-the label's native size, so metrics are computed at the ground truth's resolution (F.3).
+`FullImageDataset` serves each sample's image resized to the inference size (PIL Lanczos, as the
+training base size, docs/method.md#data-and-augmentation) and normalised, with its trainId label map
+kept at the label's native size, so metrics are computed at the ground truth's resolution
+(docs/method.md#evaluation).
 """
 
 from __future__ import annotations

@@ -1,10 +1,11 @@
-"""Dataset layouts as distributed (ALGORITHM.md A.3), and decoding their labels into trainIds.
+"""Dataset layouts as distributed (docs/method.md#datasets-and-classes), and decoding their labels
+into trainIds.
 
 `list_split` finds one split's images and labels in a layout and pairs them by file stem, never by
 sorted position; it refuses a split with no images, unmatched files on either side, and images
-copied into the label folder. `convert_pair` decodes one pair in a worker process: it checks
-that the image decodes, reads the label in its layout's encoding (ALGORITHM.md A.1), checks its
-values and size, and returns trainIds (uint8, 255 = ignore).
+copied into the label folder. `convert_pair` decodes one pair in a worker process: it checks that
+the image decodes, reads the label in its layout's encoding (docs/method.md#datasets-and-classes),
+checks its values and size, and returns trainIds (uint8, 255 = ignore).
 
 Encodings (`LabelFormat`):
 - `train_ids`: Cityscapes `*_gtFine_labelTrainIds.png`, used in place after a value check;
@@ -43,7 +44,7 @@ IN_PLACE: frozenset[str] = frozenset({"train_ids", "class_indices"})
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
-# ALGORITHM.md A.2: the 25 GTA5 ids missing from IAST's data/gtav_train.json.
+# docs/method.md#datasets-and-classes: the 25 GTA5 ids missing from IAST's data/gtav_train.json.
 IAST_DROPPED_GTA5: frozenset[int] = frozenset(
     [*range(2154, 2159), *range(4634, 4638), *range(7115, 7120), *range(9683, 9689),
      *range(12050, 12055)])
@@ -107,7 +108,7 @@ def _require_folder(folder: Path, what: str, layout: str) -> None:
     if not folder.is_dir():
         raise DudaError(f"{folder} does not exist ({what} of the {layout} layout)",
                         f"check the dataset root; the {layout} layout is described in "
-                        "ALGORITHM.md A.3 and the README")
+                        "docs/method.md#datasets-and-classes and the README")
 
 
 def _no_images(folder: Path, pattern: str) -> DudaError:

@@ -1,11 +1,12 @@
 """Geometric augmentation with recorded parameters, the full-image→crop mapping, normalisation.
 
-This module owns the DUDA training view (ALGORITHM.md A.4): a random scale, a random crop and a
-horizontal flip of an image already resized to its base size, with no colour augmentation. The
-parameters of each draw are kept as a `CropParams` record that collates into a batch tensor, so
-the teacher's logits on the full base-size image can be mapped into the student's crop frame
-(`full_to_crop`, the `full2weak` mapping of A.5). It also owns the two input normalisations
-(Caffe BGR mean subtraction and ImageNet RGB) and their inverse for visualisation.
+This module owns the DUDA training view (docs/method.md#data-and-augmentation): a random scale, a
+random crop and a horizontal flip of an image already resized to its base size, with no colour
+augmentation. The parameters of each draw are kept as a `CropParams` record that collates into a
+batch tensor, so the teacher's logits on the full base-size image can be mapped into the student's
+crop frame (`full_to_crop`, the `full2weak` mapping of
+docs/method.md#the-teachers-full-view-and-the-crop-mapping). It also owns the two input
+normalisations (Caffe BGR mean subtraction and ImageNet RGB) and their inverse for visualisation.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 
 Normalization = Literal["caffe_bgr", "imagenet_rgb"]
 
-# ALGORITHM.md A.4: Caffe/DeepLab means, in BGR order, on 0..255 values, std 1.
+# docs/method.md#data-and-augmentation: Caffe/DeepLab means, in BGR order, on 0..255 values, std 1.
 CAFFE_BGR_MEAN = (104.00698793, 116.66876762, 122.67891434)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -66,7 +67,7 @@ def sample_crop_params(
     scale_range: tuple[float, float] = (0.51, 1.6),
     flip_probability: float = 0.5,
 ) -> CropParams:
-    """Draw a random scale, crop window and flip (ALGORITHM.md A.4).
+    """Draw a random scale, crop window and flip (docs/method.md#data-and-augmentation).
 
     s ~ U(scale_range); the scaled size is (⌊s·base_h⌋, ⌊s·base_w⌋), raised where needed to the
     crop size; the top-left corner is uniform over the integers that keep the window inside;
@@ -132,11 +133,11 @@ def full_to_crop(
 ) -> torch.Tensor:
     """Map per-pixel maps on the full base-size image into each sample's crop frame.
 
-    ALGORITHM.md A.5 (`full2weak`): per sample, resize bilinearly with align_corners=True to
-    (scaled_h, scaled_w), cut rows y1:y1+crop_h and columns x1:x1+crop_w, flip if recorded.
-    Only the crop window is sampled (one `grid_sample` for the batch), which gives the same
-    values as resizing the whole map and slicing. The map may be at any resolution: it is taken
-    to cover the base-size frame the parameters were drawn in.
+    docs/method.md#the-teachers-full-view-and-the-crop-mapping (`full2weak`): per sample, resize
+    bilinearly with align_corners=True to (scaled_h, scaled_w), cut rows y1:y1+crop_h and columns
+    x1:x1+crop_w, flip if recorded. Only the crop window is sampled (one `grid_sample` for the
+    batch), which gives the same values as resizing the whole map and slicing. The map may be at any
+    resolution: it is taken to cover the base-size frame the parameters were drawn in.
     logits: (B, C, H, W) float; params: B records or a (B, 7) int64 tensor.
     Returns (B, C, crop_h, crop_w) float32.
     """
@@ -166,7 +167,7 @@ def full_to_crop(
 
 
 def normalize(image: np.ndarray | torch.Tensor, mode: Normalization) -> torch.Tensor:
-    """Turn an RGB image into the network's input (ALGORITHM.md A.4).
+    """Turn an RGB image into the network's input (docs/method.md#data-and-augmentation).
 
     image: (H, W, 3) uint8 numpy RGB, or a (3, H, W) RGB tensor with values in 0..255.
     caffe_bgr: RGB → BGR, subtract CAFFE_BGR_MEAN, no scaling (the FDA/DeepLab checkpoints);

@@ -1,8 +1,8 @@
 """The output-space discriminator of the adversarial warmup and its least-squares losses.
 
-ALGORITHM.md C.1 (AdaptSegNet output space, IAST "Origin-Predictor"): the discriminator reads
-the softmax of the segmentation output and returns a patch map of domain scores. The losses are
-LSGAN mean-squared errors with source = 0 and target = 1.
+docs/method.md#the-warmup (AdaptSegNet output space, IAST "Origin-Predictor"): the discriminator
+reads the softmax of the segmentation output and returns a patch map of domain scores. The losses
+are LSGAN mean-squared errors with source = 0 and target = 1.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ TARGET_LABEL = 1.0
 
 class OutputDiscriminator(nn.Module):
     """conv3×3 s2 (C→64), conv4×4 s2 (64→128, 128→256, 256→512), each + LeakyReLU(0.2), then a
-    conv4×4 s2 classifier (512→1); every conv has padding 1 (ALGORITHM.md C.1).
+    conv4×4 s2 classifier (512→1); every conv has padding 1 (docs/method.md#the-warmup).
 
     forward(probabilities (B, C, H, W) float) -> scores (B, 1, H/32, W/32) float (roughly).
     """
@@ -55,7 +55,8 @@ def _mse_to(scores: torch.Tensor, value: float) -> torch.Tensor:
 
 
 def discriminator_loss(source_scores: torch.Tensor, target_scores: torch.Tensor) -> torch.Tensor:
-    """L_D = ½[MSE(D(p_s), 0) + MSE(D(p_t), 1)] on detached predictions (ALGORITHM.md C.1)."""
+    """L_D = ½[MSE(D(p_s), 0) + MSE(D(p_t), 1)] on detached predictions
+    (docs/method.md#the-warmup)."""
     return 0.5 * (_mse_to(source_scores, SOURCE_LABEL) + _mse_to(target_scores, TARGET_LABEL))
 
 

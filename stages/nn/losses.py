@@ -1,11 +1,12 @@
 """Loss terms of source training and DUDA self-training, as pure functions of tensors.
 
-This module owns the exact definitions of ALGORITHM.md E.3 (and the IAST regularisers of D.2):
-cross-entropy with an ignore label, the symmetric cross-entropy used on offline pseudo labels,
-the probability-space consistency loss, and the entropy / KL-to-uniform regularisers. Every
-function computes in float32 whatever the logits' dtype, returns a 0-d tensor, and returns 0
-(still attached to the graph, so `backward()` works) when its pixel set is empty, instead of the
-NaN the original code produced (ALGORITHM.md E.9 #11). None of them synchronises with the device.
+This module owns the exact definitions of docs/method.md#the-losses (and the IAST regularisers of
+docs/method.md#the-losses): cross-entropy with an ignore label, the symmetric cross-entropy used on
+offline pseudo labels, the probability-space consistency loss, and the entropy / KL-to-uniform
+regularisers. Every function computes in float32 whatever the logits' dtype, returns a 0-d tensor,
+and returns 0 (still attached to the graph, so `backward()` works) when its pixel set is empty,
+instead of the NaN the original code produced (docs/method.md#empty-mask-guards). None of them
+synchronises with the device.
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-# ALGORITHM.md E.3: q = one-hot clamped to [1e-4, 1], so log q is 0 on the label and log(1e-4)
-# elsewhere; p = softmax clamped to [1e-7, 1].
+# docs/method.md#the-losses: q = one-hot clamped to [1e-4, 1], so log q is 0 on the label and
+# log(1e-4) elsewhere; p = softmax clamped to [1e-7, 1].
 RCE_LOG_FLOOR = math.log(1e-4)
 RCE_PROBABILITY_FLOOR = 1e-7
 ENTROPY_EPSILON = 1e-8
@@ -58,7 +59,7 @@ def symmetric_cross_entropy(
     b: float = 1.0,
     ignore_index: int = 255,
 ) -> torch.Tensor:
-    """Symmetric cross-entropy a·CE + b·RCE on labelled pixels (ALGORITHM.md E.3, L_off).
+    """Symmetric cross-entropy a·CE + b·RCE on labelled pixels (docs/method.md#the-losses, L_off).
 
     RCE per pixel = −Σ_c p̃_c·log q_c with p̃ = softmax clamped to [1e-7, 1] and q = one-hot
     clamped to [1e-4, 1], i.e. −log(1e-4)·Σ_{c≠y} p̃_c. Both terms are means over labelled pixels.
@@ -76,7 +77,7 @@ def symmetric_cross_entropy(
 
 
 def consistency_mse(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
-    """Mean over B·C·H·W of (softmax(student) − softmax(teacher))² (ALGORITHM.md E.2 step 6).
+    """Mean over B·C·H·W of (softmax(student) − softmax(teacher))² (docs/method.md#the-losses).
 
     student_logits, teacher_logits: (B, C, H, W) float, pixel-aligned (the teacher's already
     mapped into the student's crop). The teacher side is detached. Returns a 0-d float32 tensor.
@@ -96,7 +97,7 @@ def entropy_regularizer(
 ) -> torch.Tensor:
     """R_ent = Σ_{u: label = ignore} H(p(u)) / (|I|·C), H(p) = −Σ_c p_c·log(p_c + 1e-8).
 
-    ALGORITHM.md E.3 / D.2: sharpens predictions where there is no pseudo label.
+    docs/method.md#the-losses: sharpens predictions where there is no pseudo label.
     logits: (B, C, H, W) float; labels: (B, H, W) integer. Returns a 0-d float32 tensor; 0 when
     no pixel is ignored.
     """
@@ -113,9 +114,10 @@ def kld_regularizer(
 ) -> torch.Tensor:
     """R_kld = Σ_{u: label ≠ ignore} Σ_c −(1/C)·log p_c(u) / (|L|·C), log p the log-softmax.
 
-    ALGORITHM.md E.3 / D.2: the KL divergence to the uniform distribution without its constant,
-    which smooths predictions where there is a pseudo label. logits: (B, C, H, W) float; labels:
-    (B, H, W) integer. Returns a 0-d float32 tensor; 0 when no pixel is labelled (E.9 #11).
+    docs/method.md#the-losses: the KL divergence to the uniform distribution without its constant,
+    which smooths predictions where there is a pseudo label. logits: (B, C, H, W) float; labels: (B,
+    H, W) integer. Returns a 0-d float32 tensor; 0 when no pixel is labelled
+    (docs/method.md#empty-mask-guards).
     """
     logits = logits.float()
     num_classes = logits.shape[1]

@@ -1,11 +1,13 @@
 """Pseudo-label rules of DUDA self-training, as pure device-side functions of tensors.
 
-This module owns the per-class confidence percentiles (numpy's default 'linear' percentile,
-computed with one sort on the tensor's own device, ALGORITHM.md E.9 #10), the online pseudo
-labels of ALGORITHM.md E.4, the offline thresholds of E.6 and the single offline merge rule (the
-4-case table of E.6) that both `self-train` and `update-offline` call. Nothing here moves data
-to the host or synchronises with the device; confidences are handled in float32 even when the
-probabilities arrive in float16.
+This module owns the per-class confidence percentiles (numpy's default 'linear' percentile, computed
+with one sort on the tensor's own device,
+docs/method.md#fast-percentiles-with-the-same-interpolation), the online pseudo labels of
+docs/method.md#online-pseudo-labels-and-the-alpha-schedule, the offline thresholds of
+docs/method.md#the-offline-update and the single offline merge rule (the
+docs/method.md#the-four-case-merge) that both `self-train` and `update-offline` call. Nothing here
+moves data to the host or synchronises with the device; confidences are handled in float32 even when
+the probabilities arrive in float16.
 """
 
 from __future__ import annotations
@@ -142,9 +144,9 @@ def online_pseudo_labels(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Online pseudo labels that keep about a fraction α of every predicted class.
 
-    ALGORITHM.md E.4: τ_c = percentile at 100·(1 − α) of the confidences predicted as c over all
-    images of the batch jointly (absent class → 0, no cap); label = prediction, or
-    `ignore_index` where confidence < τ_prediction.
+    docs/method.md#online-pseudo-labels-and-the-alpha-schedule: τ_c = percentile at 100·(1 − α) of
+    the confidences predicted as c over all images of the batch jointly (absent class → 0, no cap);
+    label = prediction, or `ignore_index` where confidence < τ_prediction.
     probabilities: (B, C, H, W) float, the teacher's softmax already mapped onto the crop.
     Returns labels (B, H, W) long and thresholds (C,) float32.
     """
@@ -163,7 +165,7 @@ def online_pseudo_labels(
 def offline_thresholds(
     probabilities: torch.Tensor, beta: float, cap: float = 0.99
 ) -> torch.Tensor:
-    """Offline-update thresholds τ^β (ALGORITHM.md E.6).
+    """Offline-update thresholds τ^β (docs/method.md#the-offline-update).
 
     τ^β_c = percentile at 100·(1 − β) of the confidences predicted as c over all images of the
     batch jointly; an absent class gets 0; then τ^β_c ← min(τ^β_c, cap).
@@ -199,7 +201,8 @@ def merge_offline(
     agree_requires_confidence: bool = False,
     ignore_index: int = 255,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Merge a stored offline pseudo-label map with a new teacher prediction (ALGORITHM.md E.6).
+    """Merge a stored offline pseudo-label map with a new teacher prediction
+    (docs/method.md#the-offline-update).
 
     The 4-case table, with τ = thresholds[prediction]:
       stored = ignore,  conf ≥ τ  → prediction       (added)
@@ -215,8 +218,8 @@ def merge_offline(
     if not stored.shape == prediction.shape == confidence.shape:
         raise ValueError(
             f"stored labels {tuple(stored.shape)}, prediction {tuple(prediction.shape)} and "
-            f"confidence {tuple(confidence.shape)} must have the same shape (ALGORITHM.md E.6: "
-            "the stored map must be at the resolution of the teacher's full-image prediction)"
+            f"confidence {tuple(confidence.shape)} must have the same shape (the stored map "
+            "must be at the resolution of the teacher's full-image prediction)"
         )
     num_classes = thresholds.numel()
     stored_long = stored.long()

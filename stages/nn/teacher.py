@@ -1,11 +1,12 @@
 """The mean teacher of DUDA self-training and its batch-norm recalibration.
 
-This module owns the teacher's parameter averaging (ALGORITHM.md E.7, E.9 #6): by default the
-equal-weight running mean of every student snapshot since the start (torch's `AveragedModel`
-with its default average, which the original code uses), optionally an exponential moving
-average. Only parameters are averaged; the teacher's batch-norm buffers are its own and are
-recomputed by `recalibrate_batchnorm` before evaluation and saving. The number of averaged
-snapshots is a buffer, so it is saved and restored with the teacher's state dict.
+This module owns the teacher's parameter averaging (docs/method.md#the-mean-teacher,
+docs/method.md#mean-and-ema-teachers): by default the equal-weight running mean of every student
+snapshot since the start (torch's `AveragedModel` with its default average, which the original code
+uses), optionally an exponential moving average. Only parameters are averaged; the teacher's
+batch-norm buffers are its own and are recomputed by `recalibrate_batchnorm` before evaluation and
+saving. The number of averaged snapshots is a buffer, so it is saved and restored with the teacher's
+state dict.
 """
 
 from __future__ import annotations
@@ -30,12 +31,13 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 class MeanTeacher(nn.Module):
     """A deep copy of the student whose parameters follow the student's running mean or EMA.
 
-    After construction the teacher equals the student and `n_averaged` is 1 (ALGORITHM.md E.1:
-    `AveragedModel(S)` followed by one update). `update(student)` then applies
+    After construction the teacher equals the student and `n_averaged` is 1
+    (docs/method.md#starting-state: `AveragedModel(S)` followed by one update). `update(student)`
+    then applies
       mean: θ_T ← θ_T + (θ_S − θ_T)/(n + 1), n ← n + 1, so θ_T is the mean of all n snapshots;
       ema:  θ_T ← d·θ_T + (1 − d)·θ_S,       n ← n + 1.
     Calling the teacher calls the wrapped model. State dict keys are `module.<name>` plus
-    `n_averaged`, as in the original checkpoints (E.7).
+    `n_averaged`, as in the original checkpoints (docs/method.md#the-mean-teacher).
     """
 
     n_averaged: torch.Tensor
@@ -60,7 +62,8 @@ class MeanTeacher(nn.Module):
 
     @torch.no_grad()
     def update(self, student: nn.Module) -> None:
-        """Fold the student's current parameters into the teacher (ALGORITHM.md E.2 step 11)."""
+        """Fold the student's current parameters into the teacher
+        (docs/method.md#one-step-in-execution-order)."""
         teacher_parameters = list(self.module.parameters())
         student_parameters = list(unwrap_model(student).parameters())
         if len(teacher_parameters) != len(student_parameters):
@@ -98,7 +101,7 @@ def recalibrate_batchnorm(
 ) -> int:
     """Recompute every batch-norm running mean/var as the cumulative average over `batches`.
 
-    ALGORITHM.md E.7 (`mean_update_bn`): reset the running statistics to 0/1, set momentum to
+    docs/method.md#batch-norm-recalibration: reset the running statistics to 0/1, set momentum to
     None (a cumulative average), run the model in train mode without gradients over the
     batches, then restore the momenta and each module's previous train/eval mode.
     batches: (B, 3, H, W) float tensors (or tuples/lists whose first element is one).
