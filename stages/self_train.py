@@ -86,7 +86,7 @@ from stages.training import (
     learning_rate_factor,
     seed_everything,
 )
-from stages.update_offline import CHANGES, offline_update
+from stages.update_offline import OfflineChanges, offline_update
 
 STORE_DIR = "pseudo"
 SNAPSHOTS_DIR = "snapshots"
@@ -151,19 +151,10 @@ def _train(config: Config, index: DatasetIndex, checkpoint: Path,
     """The training loop: (summary, store summary) on rank 0, None on the others."""
     cfg = config.self_train
     device = ranks.compute_device
-    seed_everything(config.seed)
-
-    student = _initial_student(config, index, checkpoint).to(device).train()
-    # The teacher is copied before any batch-norm synchronisation: plain BN.
-    teacher = _teacher(config, student).to(device)
-    teacher_norms = batchnorm_statistics(teacher)
     ranks.announce(reporter, f"{cfg.source_batch_size} source + {cfg.target_batch_size} "
                    "target crops per process")
-    optimizer = build_optimizer(parameter_groups(student, cfg.optimizer.lr,
-                                                 cfg.optimizer.backbone_lr_multiplier,
-                                                 cfg.optimizer.weight_decay), cfg.optimizer)
-    fp16 = device.type == "cuda" and cfg.runtime.precision == "fp16"
-    scaler = torch.amp.GradScaler("cuda", enabled=fp16)
+    student, teacher, optimizer, scaler = _models(config, index, checkpoint, device)
+    teacher_norms = batchnorm_statistics(teacher)
     source_loader = _loader(config, index, "source", cfg.source_batch_size, config.seed, ranks)
     target_loader = _loader(config, index, "target", cfg.target_batch_size, config.seed + 1,
                             ranks)
@@ -327,33 +318,6 @@ def _finish(config: Config, index: DatasetIndex, student: torch.nn.Module, teach
 # ------------------------------------------------------------------- the run's state pieces
 
 
-class OfflineChanges:
-    """The pixels the in-loop offline update kept, added and dropped, per class, so far."""
-
-    def __init__(self, num_classes: int) -> None:
-        self.counts = {key: np.zeros(num_classes, np.int64) for key in CHANGES}
-
-    def add(self, counts: dict[str, np.ndarray], ranks: Ranks) -> dict[str, np.ndarray]:
-        """Add one step's counts, summed over ranks; returns that sum."""
-        summed = ranks.sum(np.stack([counts[key] for key in CHANGES]).astype(np.int64))
-        step = {key: summed[k] for k, key in enumerate(CHANGES)}
-        for key in CHANGES:
-            self.counts[key] += step[key]
-        return step
-
-    def per_class(self) -> dict[str, list[int]]:
-        return {key: value.tolist() for key, value in self.counts.items()}
-
-    def totals(self) -> dict[str, int]:
-        return {key: int(value.sum()) for key, value in self.counts.items()}
-
-    def state_dict(self) -> dict[str, list[int]]:
-        return self.per_class()
-
-    def load_state_dict(self, state: dict[str, list[int]]) -> None:
-        self.counts = {key: np.asarray(state[key], np.int64) for key in CHANGES}
-
-
 class WorkingStore:
     """The run's own offline store (`out/pseudo`) and its snapshots (`out/snapshots`), kept by
     rank 0. Its state is the name of the snapshot that belongs to the saved training state;
@@ -407,6 +371,22 @@ class WorkingStore:
 
 
 # ---------------------------------------------------------------------------- building blocks
+
+
+def _models(config: Config, index: DatasetIndex, checkpoint: Path, device: torch.device,
+            ) -> tuple[torch.nn.Module, MeanTeacher, torch.optim.SGD, torch.amp.GradScaler]:
+    """The student (from the checkpoint), its mean teacher, the optimizer and the AMP scaler,
+    built in a fixed order from the seed."""
+    cfg = config.self_train
+    seed_everything(config.seed)
+    student = _initial_student(config, index, checkpoint).to(device).train()
+    # The teacher is copied before any batch-norm synchronisation: plain BN.
+    teacher = _teacher(config, student).to(device)
+    optimizer = build_optimizer(parameter_groups(student, cfg.optimizer.lr,
+                                                 cfg.optimizer.backbone_lr_multiplier,
+                                                 cfg.optimizer.weight_decay), cfg.optimizer)
+    fp16 = device.type == "cuda" and cfg.runtime.precision == "fp16"
+    return student, teacher, optimizer, torch.amp.GradScaler("cuda", enabled=fp16)
 
 
 def _initial_student(config: Config, index: DatasetIndex, checkpoint: Path) -> torch.nn.Module:

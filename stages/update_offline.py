@@ -82,10 +82,10 @@ def _run(config: Config, data: str | Path, checkpoint: str | Path, pseudo: str |
         samples = [dataclasses.replace(sample, label=None)  # ground truth is never read here
                    for sample in index.samples("target", "train")]
         mine = ranks.mine(len(samples), cfg.inference.batch_size)
-        changes = _merge_pass(config, loaded.model, loaded.model_config.normalization,
-                              [samples[i] for i in mine], mine, store, torch_device, reporter)
-        changes = {key: ranks.sum(value) for key, value in changes.items()}
-        ranks.barrier()
+        mine_changes = _merge_pass(config, loaded.model, loaded.model_config.normalization,
+                                   [samples[i] for i in mine], mine, store, torch_device, reporter)
+        changes = OfflineChanges(store.num_classes)
+        changes.add(mine_changes.counts, ranks)  # summed over ranks, once every write is done
         summary: dict[str, Any] = {}
         if ranks.is_main:
             store.set_thresholds(None)
@@ -93,13 +93,42 @@ def _run(config: Config, data: str | Path, checkpoint: str | Path, pseudo: str |
                                 "cap": cfg.cap, "model": loaded.which,
                                 "agree_requires_confidence": cfg.agree_requires_confidence})
             statistics = store.class_statistics()
-            store.set_statistics({**statistics,
-                                  "changes": {k: v.tolist() for k, v in changes.items()}})
+            store.set_statistics({**statistics, "changes": changes.per_class()})
             store.check_complete()
             summary = _summary(index.classes.names, changes, statistics,
                                quality(parent, index), quality(store, index), loaded.which)
         writer.finish(summary, content=[STORE_METADATA])
     return writer.result()
+
+
+class OfflineChanges:
+    """The pixels the offline update kept, added and dropped, per class, so far."""
+
+    def __init__(self, num_classes: int) -> None:
+        self.counts = {key: np.zeros(num_classes, np.int64) for key in CHANGES}
+
+    def add(self, counts: dict[str, np.ndarray], ranks: Ranks | None = None,
+            ) -> dict[str, np.ndarray]:
+        """Add counts (summed over `ranks` first: a collective); returns what was added."""
+        summed = np.stack([counts[key] for key in CHANGES]).astype(np.int64)
+        if ranks is not None:
+            summed = ranks.sum(summed)
+        step = {key: summed[k] for k, key in enumerate(CHANGES)}
+        for key in CHANGES:
+            self.counts[key] += step[key]
+        return step
+
+    def per_class(self) -> dict[str, list[int]]:
+        return {key: value.tolist() for key, value in self.counts.items()}
+
+    def totals(self) -> dict[str, int]:
+        return {key: int(value.sum()) for key, value in self.counts.items()}
+
+    def state_dict(self) -> dict[str, list[int]]:
+        return self.per_class()
+
+    def load_state_dict(self, state: dict[str, list[int]]) -> None:
+        self.counts = {key: np.asarray(state[key], np.int64) for key in CHANGES}
 
 
 @torch.no_grad()
@@ -132,15 +161,15 @@ def offline_update(store: PseudoLabelStore, indices: list[int], probabilities: t
 @torch.no_grad()
 def _merge_pass(config: Config, model: torch.nn.Module, normalization: str,
                 samples: list[Sample], positions: list[int], store: PseudoLabelStore,
-                device: torch.device, reporter: Reporter) -> dict[str, np.ndarray]:
-    """Predict every image of this rank and apply the offline update batch by batch; the
-    per-class change counts."""
+                device: torch.device, reporter: Reporter) -> OfflineChanges:
+    """Predict every image of this rank and apply the offline update batch by batch; this
+    rank's change counts."""
     cfg = config.update_offline
     dataset = FullImageDataset(samples, cfg.inference.size or config.input.target_size,
                                normalization)
     loader = full_image_loader(dataset, cfg.inference.batch_size, cfg.inference.num_workers)
     window = sliding_window(cfg.inference, config.input.crop_size)
-    totals = {key: np.zeros(store.num_classes, np.int64) for key in CHANGES}
+    totals = OfflineChanges(store.num_classes)
     with reporter.task("update-offline", total=len(samples)) as task:
         for batch in loader:
             probabilities = predict(model, batch["image"].to(device),
@@ -149,20 +178,19 @@ def _merge_pass(config: Config, model: torch.nn.Module, normalization: str,
             indices = [positions[p] for p in batch["index"].tolist()]
             changes = offline_update(store, indices, probabilities, cfg.beta, cfg.cap,
                                      cfg.agree_requires_confidence)
-            for key in CHANGES:
-                totals[key] += changes[key]
+            totals.add(changes)
             task.advance(len(indices))
     return totals
 
 
-def _summary(names: tuple[str, ...], changes: dict[str, np.ndarray], statistics: dict[str, Any],
+def _summary(names: tuple[str, ...], changes: OfflineChanges, statistics: dict[str, Any],
              before: dict[str, Any] | None, after: dict[str, Any] | None,
              which: str) -> dict[str, Any]:
     summary: dict[str, Any] = {
         "model": which,
         "labelled_fraction": statistics["labelled_fraction"],
-        "changes": {key: int(changes[key].sum()) for key in CHANGES},
-        "per_class": {name: {key: int(changes[key][c]) for key in CHANGES}
+        "changes": changes.totals(),
+        "per_class": {name: {key: int(changes.counts[key][c]) for key in CHANGES}
                       for c, name in enumerate(names)},
     }
     if before is not None and after is not None:
