@@ -193,6 +193,6 @@ def finish(result: StageResult, as_json: bool, quiet: bool, what: str,
         stderr.print(table)
     if result.up_to_date:
         stderr.print(f"{what} is up to date (same config and inputs): {result.path}",
-                     highlight=False)
+                     highlight=False, soft_wrap=True)
     else:
-        stderr.print(f"wrote {what}: {result.path}", highlight=False)
+        stderr.print(f"wrote {what}: {result.path}", highlight=False, soft_wrap=True)

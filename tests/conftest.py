@@ -1,7 +1,9 @@
-"""Shared fixtures: a tiny dataset index built directly (no prepare-data), and a tiny config."""
+"""Shared fixtures: a tiny dataset index built directly (no prepare-data), a tiny config, and the
+inputs of self-training (an index, a warmup checkpoint and its pseudo-label store)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -9,11 +11,13 @@ import pytest
 import yaml
 from PIL import Image
 
+from stages import generate_pseudo, warmup
 from stages.artifact_writer import ArtifactWriter
 from stages.artifacts import DATASET_INDEX
 from stages.classes import cityscapes_table
 from stages.config import Config
 from stages.data.index import INDEX_FILE, DomainEntry, IndexFile, SampleEntry, SplitEntry
+from stages.pseudo_store import open_store
 
 TINY_CONFIG = {
     "experiment": "tiny",
@@ -104,3 +108,30 @@ def tiny_config_file(tmp_path: Path) -> Path:
 @pytest.fixture
 def tiny_config() -> Config:
     return Config.model_validate(TINY_CONFIG)
+
+
+def tiny(**sections) -> Config:
+    raw = json.loads(json.dumps(TINY_CONFIG))
+    for dotted, value in sections.items():
+        node = raw
+        *parents, key = dotted.split("__")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[key] = value
+    return Config.model_validate(raw)
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory) -> dict[str, Path]:
+    """A dataset index, a warmup checkpoint and its pseudo-label store, built once."""
+    root = tmp_path_factory.mktemp("pipeline")
+    config = tiny()
+    data = make_index(root / "data")
+    checkpoint = warmup.run(config, data, root / "warmup", device="cpu").path
+    pseudo = generate_pseudo.run(config, data, checkpoint, root / "pseudo", device="cpu").path
+    return {"data": data, "checkpoint": checkpoint, "pseudo": pseudo, "root": root}
+
+
+def store_labels(path: Path) -> np.ndarray:
+    store = open_store(path)
+    return np.stack([store.read_labels(i) for i in range(len(store))])

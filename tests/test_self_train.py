@@ -8,46 +8,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_CONFIG, make_index
+from conftest import TINY_CONFIG, make_index, store_labels, tiny
 from typer.testing import CliRunner
 
 from duda_cli.app import app
-from stages import generate_pseudo, self_train, update_offline, warmup
+from stages import self_train
 from stages.artifacts import CHECKPOINT, PSEUDO_LABELS, load_artifact
 from stages.checkpoint import load_torch
-from stages.config import Config
 from stages.errors import DudaError
-from stages.pseudo_store import open_store
 from stages.reporting import Reporter, Task
 
 runner = CliRunner()
-
-
-def tiny(**sections) -> Config:
-    raw = json.loads(json.dumps(TINY_CONFIG))
-    for dotted, value in sections.items():
-        node = raw
-        *parents, key = dotted.split("__")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[key] = value
-    return Config.model_validate(raw)
-
-
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory) -> dict[str, Path]:
-    """A dataset index, a warmup checkpoint and its pseudo-label store, built once."""
-    root = tmp_path_factory.mktemp("pipeline")
-    config = tiny()
-    data = make_index(root / "data")
-    checkpoint = warmup.run(config, data, root / "warmup", device="cpu").path
-    pseudo = generate_pseudo.run(config, data, checkpoint, root / "pseudo", device="cpu").path
-    return {"data": data, "checkpoint": checkpoint, "pseudo": pseudo, "root": root}
-
-
-def store_labels(path: Path) -> np.ndarray:
-    store = open_store(path)
-    return np.stack([store.read_labels(i) for i in range(len(store))])
 
 
 def test_self_train_writes_run_and_its_own_store(prepared, tmp_path) -> None:
@@ -134,25 +105,6 @@ def test_offline_only_ablation_skips_the_teacher(prepared, tmp_path) -> None:
     assert result.manifest.summary["offline_changes"] == {"kept": 0, "added": 0, "dropped": 0}
     np.testing.assert_array_equal(store_labels(result.path / "pseudo"),
                                   store_labels(prepared["pseudo"]))
-
-
-def test_update_offline_makes_a_new_version_with_change_statistics(prepared, tmp_path) -> None:
-    before = store_labels(prepared["pseudo"])
-    result = update_offline.run(tiny(), prepared["data"], prepared["checkpoint"],
-                                prepared["pseudo"], tmp_path / "updated", device="cpu")
-    summary = result.manifest.summary
-    assert result.manifest.inputs["parent"].id == load_artifact(prepared["pseudo"],
-                                                                PSEUDO_LABELS).id
-    after = store_labels(result.path)
-    np.testing.assert_array_equal(store_labels(prepared["pseudo"]), before)
-    # docs/method.md#the-four-case-merge: a pixel keeps its stored class or becomes ignore; an
-    # ignored pixel may be filled.
-    labelled = before != 255
-    assert np.all((after[labelled] == before[labelled]) | (after[labelled] == 255))
-    assert summary["changes"]["kept"] == int((after[labelled] == before[labelled]).sum())
-    assert summary["changes"]["dropped"] == int((after[labelled] == 255).sum())
-    assert summary["changes"]["added"] == int((after[~labelled] != 255).sum())
-    assert "before" in summary["diagnostics"] and "after" in summary["diagnostics"]
 
 
 def test_self_train_refuses_a_store_of_another_index(prepared, tmp_path) -> None:

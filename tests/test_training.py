@@ -86,3 +86,66 @@ def test_check_finite_names_the_diverged_terms_and_the_fix() -> None:
                      "warmup")
     assert "warmup diverged at iteration 7: loss/source_ce is not finite" in str(error.value)
     assert "warmup.optimizer.lr" in str(error.value)
+
+
+class Counter:
+    """Any object with state_dict/load_state_dict can be an entry (a loader's position)."""
+
+    def __init__(self) -> None:
+        self.position = 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"position": self.position}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.position = state["position"]
+
+
+def test_train_state_round_trips_every_entry(tmp_path) -> None:
+    from stages.distributed import Ranks
+    from stages.training import MetricsLog, Progress, RandomState, TrainState
+
+    def objects():
+        torch.manual_seed(0)
+        model = torch.nn.Linear(3, 2)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        progress = Progress()
+        return {"model": model, "optimizer": optimizer, "loader": Counter(),
+                "scaler": torch.amp.GradScaler("cuda", enabled=False), "progress": progress,
+                "metrics": MetricsLog(tmp_path / "metrics.jsonl", progress, writer=True),
+                "rng": RandomState(Ranks(torch.device("cpu")))}
+
+    identity = {"config": {"seed": 0}, "inputs": {"data": "abc"}}
+    saved = objects()
+    saved["model"](torch.ones(4, 3)).sum().backward()
+    saved["optimizer"].step()  # momentum buffers exist
+    saved["loader"].position = 7
+    saved["progress"].iteration = 5
+    saved["progress"].record_evaluation(0.4)
+    saved["metrics"].start()
+    for iteration in (4, 5):
+        saved["metrics"].append({"iteration": iteration})
+    state = TrainState(tmp_path / "train_state.pt", identity, saved["rng"].ranks, saved)
+    state.save()
+    expected_draw = torch.rand(3)
+    saved["metrics"].append({"iteration": 6})  # logged after the checkpoint: dropped on resume
+
+    restored = objects()
+    TrainState(tmp_path / "train_state.pt", identity, restored["rng"].ranks,
+               restored).load(tmp_path)
+    assert torch.equal(restored["model"].weight, saved["model"].weight)
+    momentum = restored["optimizer"].state_dict()["state"][0]["momentum_buffer"]
+    assert torch.equal(momentum, saved["optimizer"].state_dict()["state"][0]["momentum_buffer"])
+    assert restored["loader"].position == 7
+    assert restored["progress"] == saved["progress"]
+    assert (restored["progress"].miou_best, restored["progress"].best_iteration) == (0.4, 5)
+    assert [json.loads(line)["iteration"] for line in
+            (tmp_path / "metrics.jsonl").read_text().splitlines()] == [4, 5]
+    assert torch.equal(torch.rand(3), expected_draw)  # the RNG continues where it was saved
+
+    with pytest.raises(DudaError, match="the config differs"):
+        TrainState(tmp_path / "train_state.pt", {**identity, "config": {"seed": 1}},
+                   restored["rng"].ranks, objects()).load(tmp_path)
+    with pytest.raises(DudaError, match="lacks extra"):
+        TrainState(tmp_path / "train_state.pt", identity, restored["rng"].ranks,
+                   {**objects(), "extra": Counter()}).load(tmp_path)

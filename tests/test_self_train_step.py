@@ -1,0 +1,140 @@
+"""One self-training step on a one-convolution model: which terms it computes, the target loss it
+backpropagates, the teacher's modes and when the teacher runs at all."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from stages.config import LossWeights
+from stages.data.transforms import CropParams
+from stages.nn import losses
+from stages.nn.teacher import MeanTeacher
+from stages.self_train_step import StepInputs, needs_teacher, self_train_step
+
+C, H, W = 3, 8, 12  # classes; crop size (the full view is 2H × 2W)
+
+
+class OneConv(nn.Module):
+    """A 1×1 convolution with batch norm: logits at the input size, like the real model."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = nn.BatchNorm2d(3)
+        self.conv = nn.Conv2d(3, C, 1)
+        self.calls: list[tuple[bool, tuple[int, ...]]] = []  # (training, input shape)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls.append((self.training, tuple(x.shape)))
+        return self.conv(self.norm(x))
+
+
+def batch(seed: int = 0) -> StepInputs:
+    generator = torch.Generator().manual_seed(seed)
+    # each crop: the full view scaled 1× and cut at (2, 3), no flip
+    params = torch.stack([CropParams(2 * H, 2 * W, 2, 3, H, W, False).to_tensor()] * 2)
+    offline = torch.randint(0, C, (2, H, W), generator=generator)
+    offline[:, :2] = 255
+    return StepInputs(
+        source_image=torch.randn(2, 3, H, W, generator=generator),
+        source_label=torch.randint(0, C, (2, H, W), generator=generator),
+        target_image=torch.randn(2, 3, H, W, generator=generator),
+        target_params=params,
+        target_full=torch.randn(2, 3, 2 * H, 2 * W, generator=generator),
+        offline_label=offline)
+
+
+def run_step(weights: LossWeights, offline_update: bool = False, **options):
+    torch.manual_seed(0)
+    student = OneConv()
+    teacher = MeanTeacher(student)
+    optimizer = torch.optim.SGD(student.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cuda", enabled=False)
+    before = [p.detach().clone() for p in student.parameters()]
+    outputs = self_train_step(student, teacher, batch(), weights=weights, alpha=0.5,
+                              optimizer=optimizer, scaler=scaler, offline_update=offline_update,
+                              **options)
+    return student, teacher, outputs, before
+
+
+def test_terms_with_weight_zero_are_not_computed() -> None:
+    weights = LossWeights(consistency=0.0, online_entropy=0.0, online_kld=0.0)
+    _, _, outputs, _ = run_step(weights)
+    assert set(outputs.terms) == {"loss/source_ce", "loss/offline_sce", "loss/online_ce",
+                                  "loss/target"}
+
+
+def test_the_target_loss_is_the_weighted_sum_of_its_terms() -> None:
+    weights = LossWeights(offline=0.7, consistency=1.3, online=0.4, online_entropy=2.0,
+                          online_kld=0.3, offline_entropy=0.5, offline_kld=0.25)
+    _, _, outputs, _ = run_step(weights)
+    terms = outputs.terms
+    expected = sum(getattr(weights, name) * terms[f"loss/{key}"] for name, key in (
+        ("offline", "offline_sce"), ("consistency", "consistency"), ("online", "online_ce"),
+        ("online_entropy", "online_entropy"), ("online_kld", "online_kld"),
+        ("offline_entropy", "offline_entropy"), ("offline_kld", "offline_kld")))
+    torch.testing.assert_close(terms["loss/target"], expected)
+    assert "loss/source_ce" in terms  # backpropagated on its own, not part of the target loss
+
+
+def test_the_step_trains_the_student_and_returns_its_teacher_to_train_mode() -> None:
+    student, teacher, outputs, before = run_step(LossWeights())
+    assert any(not torch.equal(p, q) for p, q in zip(before, student.parameters()))
+    assert teacher.training and teacher.module.training and student.training
+    # the teacher ran in train mode for the consistency target and in eval mode for the labels
+    modes = [training for training, shape in teacher.module.calls]
+    assert modes == [True, False]
+    assert all(shape == (2, 3, 2 * H, 2 * W) for _, shape in teacher.module.calls)
+    assert outputs.online_label.shape == (2, H, W)
+    assert outputs.teacher_probabilities.shape == (2, C, 2 * H, 2 * W)
+
+
+def test_an_eval_mode_consistency_teacher_takes_one_pass() -> None:
+    _, teacher, _, _ = run_step(LossWeights(), consistency_teacher_mode="eval")
+    assert [training for training, _ in teacher.module.calls] == [False]
+
+
+def test_the_reference_quirk_adds_a_train_mode_pass_on_the_crop() -> None:
+    _, teacher, _, _ = run_step(LossWeights(), reproduce_teacher_bn_quirk=True)
+    assert teacher.module.calls[0] == (True, (2, 3, H, W))
+    assert len(teacher.module.calls) == 3
+
+
+OFFLINE_ONLY = LossWeights(consistency=0.0, online=0.0, online_entropy=0.0, online_kld=0.0)
+
+
+def test_without_online_terms_the_teacher_is_not_run() -> None:
+    assert not needs_teacher(OFFLINE_ONLY, offline_update=False)
+    _, teacher, outputs, _ = run_step(OFFLINE_ONLY)
+    assert teacher.module.calls == [] and outputs.teacher_probabilities is None
+    assert set(outputs.terms) == {"loss/source_ce", "loss/offline_sce", "loss/target"}
+
+
+def test_the_offline_update_needs_the_teacher_even_without_online_terms() -> None:
+    assert needs_teacher(OFFLINE_ONLY, offline_update=True)
+    _, teacher, outputs, _ = run_step(OFFLINE_ONLY, offline_update=True)
+    assert [training for training, _ in teacher.module.calls] == [False]
+    assert outputs.teacher_probabilities is not None
+    torch.testing.assert_close(outputs.teacher_probabilities.sum(1),
+                               torch.ones(2, 2 * H, 2 * W))
+
+
+def test_the_offline_term_is_the_symmetric_cross_entropy_of_the_student() -> None:
+    weights = LossWeights(offline_sce_a=0.3, offline_sce_b=0.6)
+    _, _, outputs, _ = run_step(weights)
+    torch.manual_seed(0)
+    fresh = OneConv()  # the student before its update: the same seeded initialisation
+    fresh.train()
+    inputs = batch()
+    fresh(inputs.source_image)  # the source pass moves BN statistics first, as in the step
+    logits = fresh(inputs.target_image)
+    expected = losses.symmetric_cross_entropy(logits, inputs.offline_label, a=0.3, b=0.6)
+    torch.testing.assert_close(outputs.terms["loss/offline_sce"], expected.detach())
+
+
+@pytest.mark.parametrize("source", [0.0, 1.0])
+def test_a_source_weight_of_zero_skips_the_source_pass(source: float) -> None:
+    student, _, outputs, _ = run_step(LossWeights(source=source))
+    assert ("loss/source_ce" in outputs.terms) == (source > 0)
+    assert len(student.calls) == (2 if source > 0 else 1)
