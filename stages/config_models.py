@@ -63,12 +63,12 @@ class SyntheticConfig(Section):
         description="easy: a mostly global change of appearance; hard: class-by-class "
                     "appearance, camera geometry and class frequencies change")
     seed: int = 0
-    height: int = 128
-    width: int = 256
-    num_source_train: int = 600
-    num_source_val: int = 100
-    num_target_train: int = 300
-    num_target_val: int = 100
+    height: int = Field(default=128, ge=32, description="image height in pixels")
+    width: int = Field(default=256, ge=32, description="image width in pixels")
+    num_source_train: int = Field(default=600, ge=1)
+    num_source_val: int = Field(default=100, ge=1)
+    num_target_train: int = Field(default=300, ge=1)
+    num_target_val: int = Field(default=100, ge=1)
 
 
 class DataConfig(Section):
