@@ -10,6 +10,8 @@ from duda_cli.commands import (
     config_cmd,
     evaluate,
     generate_pseudo,
+    import_checkpoint,
+    predict,
     prepare_data,
     pseudo,
     report,
@@ -50,6 +52,8 @@ generate_pseudo.register(app)
 self_train.register(app)
 update_offline.register(app)
 evaluate.register(app)
+import_checkpoint.register(app)
+predict.register(app)
 pseudo.register(app)
 report.register(app)
 app.add_typer(config_cmd.app, name="config")
