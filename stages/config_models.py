@@ -63,8 +63,8 @@ class SyntheticConfig(Section):
         description="easy: a mostly global change of appearance; hard: class-by-class "
                     "appearance, camera geometry and class frequencies change")
     seed: int = 0
-    height: int = Field(default=128, ge=32, description="image height in pixels")
-    width: int = Field(default=256, ge=32, description="image width in pixels")
+    height: int = Field(default=128, ge=8, description="image height in pixels")
+    width: int = Field(default=256, ge=8, description="image width in pixels")
     num_source_train: int = Field(default=600, ge=1)
     num_source_val: int = Field(default=100, ge=1)
     num_target_train: int = Field(default=300, ge=1)
