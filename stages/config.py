@@ -43,6 +43,7 @@ from stages.config_models import (
     Section,
     SelfTrainConfig,
     Size,
+    StudentTeacherConfig,
     SyntheticConfig,
     TrainingRuntime,
     UpdateOfflineConfig,
@@ -77,14 +78,17 @@ __all__ = [
     "Section",
     "SelfTrainConfig",
     "Size",
+    "StudentTeacherConfig",
     "SyntheticConfig",
     "TrainingRuntime",
     "UpdateOfflineConfig",
     "WarmupConfig",
     "config_hash",
     "config_schema",
+    "hashed_config",
     "load_config",
     "stage_config",
+    "stage_hash",
 ]
 
 
@@ -112,23 +116,47 @@ class Config(Section):
 STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     "prepare_data": ("data",),
     "warmup": ("seed", "input", "model", "warmup"),
-    "generate_pseudo": ("input", "generate_pseudo"),
+    "generate_pseudo": ("seed", "input", "generate_pseudo"),
     "self_train": ("seed", "input", "model", "self_train"),
     "update_offline": ("input", "update_offline"),
-    "evaluate": ("input", "evaluate"),
+    "evaluate": ("seed", "input", "evaluate"),
+}
+
+
+# Keys a stage records that do not change what it computes: they stay out of its hash and its
+# resume check, so setting them never makes an artifact out of date or refuses a resume.
+UNHASHED: dict[str, tuple[str, ...]] = {
+    "self_train": ("model.init", "self_train.reference_batch"),
 }
 
 
 def stage_config(config: Config, stage: str) -> dict[str, Any]:
-    """The JSON-ready sections of `config` that `stage` depends on."""
+    """The JSON-ready sections of `config` that `stage` depends on (recorded in its artifact)."""
     dumped = config.model_dump(mode="json")
     return {key: dumped[key] for key in STAGE_SECTIONS[stage]}
+
+
+def hashed_config(config: Config, stage: str) -> dict[str, Any]:
+    """`stage_config` without the keys that do not change the stage's result: what its hash and
+    its resume check compare."""
+    section = json.loads(json.dumps(stage_config(config, stage)))
+    for dotted in UNHASHED.get(stage, ()):
+        *parents, key = dotted.split(".")
+        node = section
+        for part in parents:
+            node = node.get(part, {})
+        node.pop(key, None)
+    return section
 
 
 def config_hash(section: dict[str, Any]) -> str:
     """A short stable hash of a JSON-ready config dict."""
     text = json.dumps(section, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def stage_hash(config: Config, stage: str) -> str:
+    return config_hash(hashed_config(config, stage))
 
 
 # ------------------------------------------------------------------------------ loading
@@ -338,7 +366,8 @@ def load_config(path: str | Path, overrides: list[str] | None = None,
 
 
 def resolve_roots(config: Config, data_root: str | Path | None) -> Config:
-    """Make relative dataset roots absolute, against `data_root` or the working directory."""
+    """Make relative dataset roots absolute, against `data_root` or the working directory, and
+    a relative `model.init` file absolute, against the working directory."""
     data = config.data
     domains = {}
     for name in ("source", "target"):
@@ -351,7 +380,11 @@ def resolve_roots(config: Config, data_root: str | Path | None) -> Config:
             root = (Path(data_root) if data_root else Path.cwd()) / root
         domains[name] = domain.model_copy(update={"root": str(root.resolve())})
     new_data = data.model_copy(update=domains)
-    return config.model_copy(update={"data": new_data})
+    model = config.model
+    if model.init not in ("none", "imagenet"):
+        model = model.model_copy(update={
+            "init": str(Path(os.path.expanduser(model.init)).resolve())})
+    return config.model_copy(update={"data": new_data, "model": model})
 
 
 def config_schema() -> dict[str, Any]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 Size = list[int]  # [height, width]
 
@@ -214,11 +214,14 @@ class InferenceConfig(Section):
 
 class Recalibration(Section):
     """Recomputing BatchNorm statistics on target-train before inference (for a source-only
-    model this is AdaBN)."""
+    model this is AdaBN), on the weak crops self-training's periodic evaluation uses: the same
+    seeded sequence, so an evaluation of a finished run with the run's `recalibrate_batches` and
+    `target_batch_size` here reproduces the mIoU the run logged."""
 
     enabled: bool = False
-    batches: int = Field(default=0, ge=0, description="batches of target-train images (0: the "
-                         "whole split)")
+    batches: int = Field(default=0, ge=0, description="batches of target-train crops (0: one "
+                         "pass over the split)")
+    batch_size: int = Field(default=2, ge=1, description="crops per batch")
 
 
 class AdversarialConfig(Section):
@@ -351,17 +354,31 @@ class EmaTeacherConfig(Section):
     decay: float = Field(default=0.999, gt=0, lt=1)
 
 
-Teacher = Annotated[MeanTeacherConfig | EmaTeacherConfig, Field(discriminator="name")]
+class StudentTeacherConfig(Section):
+    """The ablation without a teacher: online labels, consistency target and offline update all
+    come from the student itself (under no_grad); model.pt then holds no teacher."""
+
+    name: Literal["student"]
+
+
+Teacher = Annotated[MeanTeacherConfig | EmaTeacherConfig | StudentTeacherConfig,
+                    Field(discriminator="name")]
 
 
 class SelfTrainConfig(Section):
     iterations: int = Field(default=80000, ge=1)
     source_batch_size: int = Field(default=2, ge=1, description="per process")
     target_batch_size: int = Field(default=2, ge=1, description="per process")
+    reference_batch: list[int] | None = Field(
+        default=None, description="[source, target] crops per step of the run this config "
+        "reproduces (processes × per-process batch); a run that takes another batch says so "
+        "at its start and in its summary. Does not change what a run computes.")
     optimizer: OptimizerConfig = OptimizerConfig()
     loss: LossWeights = LossWeights()
     alpha: AlphaSchedule = AlphaSchedule()
     beta: BetaSchedule = BetaSchedule()
+    offline_update: bool = Field(default=True, description="false: the stored labels are never "
+                                 "updated during the run (an ablation)")
     offline_start: int = Field(default=10000, ge=0, description="first iteration of the "
                                "in-loop offline update")
     offline_cap: float = Field(default=0.99, gt=0, le=1)
@@ -388,6 +405,14 @@ class SelfTrainConfig(Section):
     def _shorthand(cls, data: Any) -> Any:
         return _named_variant(data, "teacher")
 
+    @model_validator(mode="after")
+    def _check(self) -> SelfTrainConfig:
+        if self.reference_batch is not None and (
+                len(self.reference_batch) != 2 or min(self.reference_batch) < 1):
+            raise ValueError("self_train.reference_batch must be [source, target] crops per "
+                             f"step, two positive integers, got {self.reference_batch}")
+        return self
+
 
 class UpdateOfflineConfig(Section):
     """Whole-set offline update (docs/method.md, the offline update), in batches of
@@ -411,7 +436,17 @@ class EvaluateConfig(Section):
     recalibration: Recalibration = Field(
         default=Recalibration(), description="recompute BN statistics on target-train first "
         "(the mean teacher's protocol; for a source-only model this is AdaBN)")
-    save_predictions: bool = False
+    save_predictions: list[Literal["trainid", "labelid", "color", "confidence", "panel"]] = Field(
+        default_factory=list, description="prediction PNGs to save, each in predictions/<format>/: "
+        "trainid, labelid (Cityscapes label ids, for the benchmark server), color, confidence "
+        "(255 × max probability), panel (image | prediction | ground truth); true means [color]")
+
+    @field_validator("save_predictions", mode="before")
+    @classmethod
+    def _boolean_shorthand(cls, value: Any) -> Any:
+        if isinstance(value, bool):
+            return ["color"] if value else []
+        return value
 
 
 def _named_variant(data: Any, key: str) -> Any:

@@ -25,7 +25,7 @@ from PIL import Image
 from stages.artifact_writer import ArtifactWriter
 from stages.artifacts import EVALUATION, StageResult, atomic_write_json
 from stages.checkpoint import LoadedModel, check_compatible, load_checkpoint_manifest, load_model
-from stages.classes import IGNORE_INDEX, ClassTable
+from stages.classes import ClassTable
 from stages.config import Config, config_hash, stage_config
 from stages.data.crops import resize_image
 from stages.data.full_images import FullImageDataset
@@ -36,12 +36,19 @@ from stages.errors import DudaError
 from stages.inference import (
     SlidingWindow,
     full_image_loader,
-    predict_classes,
+    predict_scores,
     recalibrate_on_target,
     sliding_window,
 )
 from stages.metrics import ConfusionMatrix
 from stages.nn.teacher import batchnorm_statistics
+from stages.predict import (
+    BackgroundWriter,
+    check_formats,
+    colorize,
+    confidence_levels,
+    write_prediction,
+)
 from stages.reporting import Reporter
 
 REPORT_FILE = "report.json"
@@ -68,6 +75,7 @@ def _run(config: Config, data: str | Path, checkpoint: str | Path, out: str | Pa
     checkpoint_manifest = load_checkpoint_manifest(checkpoint)
     samples = index.samples(settings.domain, settings.split)
     _check_labelled(index, samples, settings.domain, settings.split)
+    check_formats(settings.save_predictions, index.classes, f"dataset index {index.path}")
     section = stage_config(config, "evaluate")
     inputs = {"data": index.ref, "checkpoint": checkpoint_manifest.ref(checkpoint)}
 
@@ -129,43 +137,50 @@ def _recalibrate(config: Config, index: DatasetIndex, loaded: LoadedModel,
                  device: torch.device, reporter: Reporter) -> dict[str, Any] | None:
     """Recompute the model's BN statistics on target-train before evaluating, if asked.
     Returns what was done, for the report."""
-    settings = config.evaluate
-    if not settings.recalibration.enabled:
+    settings = config.evaluate.recalibration
+    if not settings.enabled:
         return None
     return recalibrate_on_target(loaded.model, loaded.model_config.normalization, config, index,
-                                 settings.recalibration.batches, settings.inference.batch_size,
-                                 settings.inference.num_workers, device, reporter)
+                                 settings, device, reporter,
+                                 config.evaluate.inference.num_workers)
 
 
 def _evaluate(loaded: LoadedModel, samples: list[Sample], size: tuple[int, int],
               window: SlidingWindow | None, config: Config, out: Path, classes: ClassTable,
               device: torch.device, reporter: Reporter) -> ConfusionMatrix:
     settings = config.evaluate
+    formats = settings.save_predictions
     model = loaded.model.eval()
     dataset = FullImageDataset(samples, size, loaded.model_config.normalization,
                                with_labels=True)
     loader = full_image_loader(dataset, settings.inference.batch_size,
                                settings.inference.num_workers)
     matrix = ConfusionMatrix(len(classes.names))
-    if settings.save_predictions:
-        (out / PREDICTIONS_DIR).mkdir(exist_ok=True)
     with reporter.task(f"evaluating {settings.domain}/{settings.split}",
-                       total=len(dataset)) as task:
+                       total=len(dataset)) as task, BackgroundWriter() as writer:
         for batch in loader:
             images = batch["image"].to(device, non_blocking=True)
             labels = [label.to(device, non_blocking=True) for label in batch["label"]]
             for rows, out_size in _groups_by_size(labels):
-                prediction = predict_classes(model, images[rows], out_size,
-                                             flip=settings.inference.flip, sliding_window=window)
+                scores, is_probability = predict_scores(
+                    model, images[rows], out_size, flip=settings.inference.flip,
+                    sliding_window=window)
+                prediction = scores.argmax(1)
                 target = torch.stack([labels[i] for i in rows])
                 matrix.update(prediction, target)
-                if settings.save_predictions:
+                if formats:
+                    confidence = None
+                    if "confidence" in formats:
+                        probabilities = scores if is_probability else scores.softmax(1)
+                        confidence = confidence_levels(probabilities.amax(1))
                     for row, i in enumerate(rows):
                         sample = samples[int(batch["index"][i])]
-                        _save_prediction(out / PREDICTIONS_DIR, sample,
-                                         prediction[row].cpu().numpy(),
-                                         target[row].cpu().numpy(), classes)
+                        writer.submit(sample.id, _save_prediction, out / PREDICTIONS_DIR, sample,
+                                      prediction[row].to(torch.uint8).cpu().numpy(),
+                                      None if confidence is None else confidence[row],
+                                      target[row].cpu().numpy(), formats, classes)
             task.advance(images.shape[0], miou=matrix.miou(classes.primary_protocol[1]))
+        writer.flush()
     return matrix
 
 
@@ -177,21 +192,20 @@ def _groups_by_size(labels: list[torch.Tensor]) -> list[tuple[list[int], tuple[i
     return [(rows, size) for size, rows in groups.items()]
 
 
-def colorize(label: np.ndarray, palette: tuple[tuple[int, int, int], ...]) -> np.ndarray:
-    """(H, W) uint8/int class map -> (H, W, 3) uint8 RGB; 255 and unknown ids are black."""
-    table = np.zeros((256, 3), np.uint8)
-    table[: len(palette)] = np.asarray(palette, np.uint8)
-    table[IGNORE_INDEX] = 0
-    return table[np.clip(label, 0, 255).astype(np.uint8)]
-
-
-def _save_prediction(folder: Path, sample: Sample, prediction: np.ndarray, target: np.ndarray,
+def _save_prediction(folder: Path, sample: Sample, prediction: np.ndarray,
+                     confidence: np.ndarray | None, target: np.ndarray, formats: list[str],
                      classes: ClassTable) -> None:
-    colour = colorize(prediction, classes.palette)
-    Image.fromarray(colour).save(folder / f"{sample.id}.png")
-    image = resize_image(read_image(sample.image), prediction.shape)
-    panel = np.concatenate([image, colour, colorize(target, classes.palette)], axis=1)
-    Image.fromarray(panel).save(folder / f"{sample.id}_panel.png")
+    """The prediction PNGs of one image: predict's formats, and `panel` (image | prediction |
+    ground truth) in `folder/panel/`."""
+    write_prediction(folder, sample.id, prediction, confidence,
+                     [name for name in formats if name != "panel"], classes)
+    if "panel" in formats:
+        image = resize_image(read_image(sample.image), prediction.shape)
+        panel = np.concatenate([image, colorize(prediction, classes.palette),
+                                colorize(np.clip(target, 0, 255).astype(np.uint8),
+                                         classes.palette)], axis=1)
+        (folder / "panel").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(panel).save(folder / "panel" / f"{sample.id}.png", compress_level=1)
 
 
 def _report(matrix: ConfusionMatrix, classes: ClassTable,

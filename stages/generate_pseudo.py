@@ -102,9 +102,8 @@ def _run(config: Config, data: str | Path, checkpoint: str | Path | Sequence[str
         if cfg.recalibration.enabled:
             for loaded in models:
                 recalibrate_on_target(loaded.model, loaded.model_config.normalization, config,
-                                      index, cfg.recalibration.batches,
-                                      cfg.inference.batch_size, cfg.inference.num_workers,
-                                      torch_device, reporter)
+                                      index, cfg.recalibration, torch_device, reporter,
+                                      cfg.inference.num_workers)
         ranks.on_main(lambda: create_store(
             writer.work, ids=[sample.id for sample in samples], height=height, width=width,
             class_names=index.classes.names, index_id=index.manifest.id,

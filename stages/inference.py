@@ -11,7 +11,6 @@ the model's own upsampling) to the requested output size, e.g. the ground truth'
 from __future__ import annotations
 
 import dataclasses
-import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -21,13 +20,17 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from stages.config import Config, InferenceConfig, Size
+from stages.config import Config, InferenceConfig, Recalibration, Size
+from stages.data.crops import CropDataset, InfiniteLoader
 from stages.data.full_images import FullImageDataset, collate_full_images
 from stages.data.index import DatasetIndex
 from stages.devices import autocast
 from stages.metrics import ConfusionMatrix
 from stages.nn.teacher import recalibrate_batchnorm
 from stages.reporting import Reporter
+
+# The recalibration crops' seed, apart from the training loaders' (seed, seed + 1).
+RECALIBRATION_SEED_OFFSET = 2
 
 
 @dataclass(frozen=True)
@@ -137,28 +140,36 @@ def predict_classes(model: nn.Module, images: torch.Tensor, out_size: tuple[int,
 
 
 def recalibrate_on_target(model: torch.nn.Module, normalization: str, config: Config,
-                          index: DatasetIndex, batches: int, batch_size: int, num_workers: int,
-                          device: torch.device, reporter: Reporter) -> dict[str, Any]:
-    """Recompute `model`'s BN running statistics (cumulative average) on target-train full
-    images at input.target_size: `batches` batches, 0 = the whole split. The model is left in
-    eval mode. The mean teacher's recalibration (docs/method.md, the mean teacher); applied to
-    a source-only model it is AdaBN."""
+                          index: DatasetIndex, settings: Recalibration, device: torch.device,
+                          reporter: Reporter | None = None,
+                          num_workers: int = 0) -> dict[str, Any]:
+    """Recompute `model`'s BN running statistics (a cumulative average) on weak target-train
+    crops: the training view at input.crop_size, a fixed sequence drawn from `config.seed + 2`
+    (`settings.batches` batches of `settings.batch_size`, 0 = one pass over the split). The
+    model is left in eval mode. The mean teacher's recalibration before each evaluation
+    (docs/method.md#batch-norm-recalibration); applied to a source-only model it is AdaBN.
+    Returns the protocol, for reports."""
+    seed = config.seed + RECALIBRATION_SEED_OFFSET
     samples = [dataclasses.replace(sample, label=None)
                for sample in index.samples("target", "train")]
-    dataset = FullImageDataset(samples, config.input.target_size, normalization)
-    loader = full_image_loader(dataset, batch_size, num_workers)
-    total = len(loader) if batches == 0 else min(batches, len(loader))
-    with reporter.task("recalibrating BN", total=total) as task:
+    dataset = CropDataset(samples, config.input.target_size, config.input.crop_size,
+                          config.input.scale_range, config.input.flip_probability,
+                          normalization, seed=seed, with_labels=False)
+    loader = InfiniteLoader(dataset, settings.batch_size, seed=seed, num_workers=num_workers)
+    total = settings.batches or loader.batches_per_epoch
+    with (reporter or Reporter()).task("recalibrating BN", total=total) as task:
         def images() -> Iterator[torch.Tensor]:
-            for batch in itertools.islice(loader, total):
-                yield batch["image"]
+            for _ in range(total):
+                yield next(loader)["image"]
                 task.advance(1)
 
-        seen = recalibrate_batchnorm(model, images(), device)
+        try:
+            seen = recalibrate_batchnorm(model, images(), device)
+        finally:
+            loader.close()
     model.eval()
-    return {"applied": True, "domain": "target", "split": "train", "batches": seen,
-            "images": min(len(samples), seen * batch_size),
-            "size": list(config.input.target_size)}
+    return {"applied": True, "view": "weak target-train crops", "seed": seed, "batches": seen,
+            "batch_size": settings.batch_size, "crop_size": list(config.input.crop_size)}
 
 
 @torch.no_grad()

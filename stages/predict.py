@@ -26,7 +26,7 @@ import hashlib
 import json
 import logging
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,6 +95,11 @@ def check_formats(formats: Sequence[str], classes: ClassTable, what: str) -> Non
                         "drop labelid from --format (trainid holds the class indices)")
 
 
+def confidence_levels(confidence: torch.Tensor) -> np.ndarray:
+    """Probabilities in [0, 1] -> uint8 round(255 × p), the confidence PNG's quantiser."""
+    return (confidence.float().clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+
+
 def colorize(prediction: np.ndarray, palette: Sequence[Sequence[int]]) -> np.ndarray:
     """(H, W) uint8 class map -> (H, W, 3) uint8 RGB in `palette`; 255 and ids past the
     palette are black."""
@@ -135,7 +140,8 @@ def write_prediction(folder: Path, stem: str, prediction: np.ndarray,
 
 
 class BackgroundWriter:
-    """`write_prediction` on a few threads, so PNG encoding overlaps the model's next batch.
+    """PNG writes (`write_prediction`) on a few threads, so encoding overlaps the model's next
+    batch.
 
     At most `limit` writes are pending (the caller waits beyond that); `flush()` waits for all
     of them and raises the first error. Use as a context manager: leaving it, even by an
@@ -147,13 +153,11 @@ class BackgroundWriter:
         self._pending: deque[tuple[str, Future[None]]] = deque()
         self._limit = limit
 
-    def submit(self, folder: Path, stem: str, prediction: np.ndarray,
-               confidence: np.ndarray | None, formats: Sequence[str],
-               classes: ClassTable) -> None:
+    def submit(self, stem: str, write: Callable[..., None], *arguments: Any) -> None:
+        """Run `write(*arguments)` on a writer thread (`stem` names the image in errors)."""
         while len(self._pending) >= self._limit or (self._pending and self._pending[0][1].done()):
             self._collect()
-        self._pending.append((stem, self._pool.submit(
-            write_prediction, folder, stem, prediction, confidence, formats, classes)))
+        self._pending.append((stem, self._pool.submit(write, *arguments)))
 
     def _collect(self) -> None:
         stem, future = self._pending.popleft()
@@ -339,8 +343,7 @@ def run(config: Config, checkpoint: str | Path, out: str | Path, *,
             assert index is not None
             recalibration = recalibrate_on_target(
                 loaded.model, loaded.model_config.normalization, config, index,
-                settings.recalibration.batches, inference.batch_size, inference.num_workers,
-                torch_device, reporter)
+                settings.recalibration, torch_device, reporter, inference.num_workers)
         window = sliding_window(inference, config.input.crop_size)
         sizes = _predict(loaded.model.eval(), listed, size, window, inference.flip,
                          loaded.model_config.normalization, formats, classes, writer.work,
@@ -404,12 +407,12 @@ def _predict(model: torch.nn.Module, images: list[InputImage], size: tuple[int, 
                 confidence = None
                 if "confidence" in formats:
                     probabilities = scores if is_probability else scores.softmax(1)
-                    confidence = (probabilities.amax(1) * 255).round().to(torch.uint8)
-                    confidence = confidence.cpu().numpy()
+                    confidence = confidence_levels(probabilities.amax(1))
                 for row, i in enumerate(rows):
                     number = batch["index"][i]
                     sizes[number] = native
-                    writer.submit(out, images[number].stem, prediction[row],
+                    stem = images[number].stem
+                    writer.submit(stem, write_prediction, out, stem, prediction[row],
                                   None if confidence is None else confidence[row], formats,
                                   classes)
             task.advance(len(batch["index"]))

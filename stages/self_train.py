@@ -10,13 +10,8 @@ The run directory is a checkpoint artifact (`model.pt`: student and mean teacher
 second artifact, `pseudo/`: the offline store as this run left it. The input store is never
 modified: the run starts from a hard-linked copy of it (`copy_store`).
 
-Resume and the offline store. The in-loop updates rewrite store images between checkpoints, so
-a resumed run must not see the updates made after the checkpoint it resumes from. At every
-checkpoint the working store is snapshotted into `snapshots/pseudo-<iteration>` by hard links
-(cheap: zarr replaces chunk files by rename, so a later write never touches a snapshot's
-file), then `train_state.pt` is written naming that snapshot, then older snapshots are removed.
-Resuming replaces the working store with the named snapshot. A crash at any point leaves either
-the previous state or the new one, never a mix.
+Resume and the offline store: the updates made after a checkpoint must not survive into a run
+resumed from it, so every checkpoint snapshots the working store (`stages.working_store`).
 
 Under `torchrun` each process takes its share of every epoch's crops (the batch sizes are per
 process) and DistributedDataParallel averages the student's gradients, with synchronised batch
@@ -32,8 +27,8 @@ checkpoints, metrics and manifests and runs the periodic evaluation.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
-import os
 import shutil
 import time
 from pathlib import Path
@@ -43,7 +38,7 @@ import numpy as np
 import torch
 
 from stages.artifact_writer import ArtifactWriter
-from stages.artifacts import CHECKPOINT, PSEUDO_LABELS, StageResult, link_or_copy
+from stages.artifacts import CHECKPOINT, PSEUDO_LABELS, StageResult
 from stages.checkpoint import (
     BEST_FILE,
     METRICS_FILE,
@@ -54,20 +49,26 @@ from stages.checkpoint import (
     load_model,
     write_model_file,
 )
-from stages.config import Config, EmaTeacherConfig, config_hash, stage_config
+from stages.config import (
+    Config,
+    EmaTeacherConfig,
+    Recalibration,
+    StudentTeacherConfig,
+    hashed_config,
+    stage_config,
+    stage_hash,
+)
 from stages.data.crops import CropDataset, InfiniteLoader, resize_label
 from stages.data.index import DatasetIndex, load_dataset_index
 from stages.data.transforms import CropParams, crop_label
 from stages.distributed import Ranks, process_group
-from stages.errors import DudaError
-from stages.inference import target_val_miou
+from stages.inference import recalibrate_on_target, target_val_miou
 from stages.metrics import quality
 from stages.nn.model import build_model, parameter_groups
-from stages.nn.teacher import MeanTeacher, batchnorm_statistics, recalibrate_batchnorm
+from stages.nn.teacher import MeanTeacher, StudentAsTeacher, batchnorm_statistics
 from stages.pseudo_store import (
     STORE_METADATA,
     PseudoLabelStore,
-    copy_store,
     open_store,
     open_unfinished,
 )
@@ -87,9 +88,9 @@ from stages.training import (
     seed_everything,
 )
 from stages.update_offline import OfflineChanges, offline_update
+from stages.working_store import SNAPSHOTS_DIR, STORE_DIR, WorkingStore
 
-STORE_DIR = "pseudo"
-SNAPSHOTS_DIR = "snapshots"
+Teacher = MeanTeacher | StudentAsTeacher
 
 
 def run(config: Config, data: str | Path, checkpoint: str | Path, pseudo: str | Path,
@@ -111,14 +112,16 @@ def run(config: Config, data: str | Path, checkpoint: str | Path, pseudo: str | 
         section = stage_config(config, "self_train")
         device_name = str(ranks.compute_device)
         with ArtifactWriter(out, kind=CHECKPOINT, stage="self_train", config=section,
-                            config_hash=config_hash(section), inputs=inputs, force=force,
+                            config_hash=stage_hash(config, "self_train"), inputs=inputs,
+                            force=force,
                             resume=resume, resumable=True, round=round, device=device_name,
                             ranks=ranks) as writer:
             if writer.up_to_date:
                 return writer.result()
             # A damaged input store is refused before any training (and before it is copied).
             ranks.on_main(lambda: source_store.validate(reporter))
-            identity = {"config": section, "inputs": {k: v.id for k, v in inputs.items()}}
+            identity = {"config": hashed_config(config, "self_train"),
+                        "inputs": {k: v.id for k, v in inputs.items()}}
             trained = _train(config, index, checkpoint, source_store, writer.work, ranks=ranks,
                              resuming=writer.resuming, identity=identity, reporter=reporter)
             summary: dict[str, Any] = {}
@@ -127,7 +130,7 @@ def run(config: Config, data: str | Path, checkpoint: str | Path, pseudo: str | 
                 # The store artifact first, then the run's own manifest (written last).
                 with ArtifactWriter(writer.work / STORE_DIR, kind=PSEUDO_LABELS,
                                     stage="self_train", config=section,
-                                    config_hash=config_hash(section),
+                                    config_hash=stage_hash(config, "self_train"),
                                     inputs={**inputs, "parent": inputs["pseudo"]},
                                     resumable=True, resume=True, round=round,
                                     device=device_name, lock=False) as store_writer:
@@ -153,8 +156,13 @@ def _train(config: Config, index: DatasetIndex, checkpoint: Path,
     device = ranks.compute_device
     ranks.announce(reporter, f"{cfg.source_batch_size} source + {cfg.target_batch_size} "
                    "target crops per process")
+    mismatch = batch_mismatch(config, ranks.world_size)
+    if mismatch:
+        reporter.info(mismatch)
     student, teacher, optimizer, scaler = _models(config, index, checkpoint, device)
-    teacher_norms = batchnorm_statistics(teacher)
+    # The mean teacher's own BN statistics, kept equal on every rank (the student-as-teacher
+    # ablation has none of its own).
+    teacher_norms = batchnorm_statistics(teacher) if isinstance(teacher, MeanTeacher) else []
     source_loader = _loader(config, index, "source", cfg.source_batch_size, config.seed, ranks)
     target_loader = _loader(config, index, "target", cfg.target_batch_size, config.seed + 1,
                             ranks)
@@ -200,7 +208,7 @@ def _train(config: Config, index: DatasetIndex, checkpoint: Path,
                                        cfg.alpha.offset, cfg.alpha.power)
                 beta = beta_schedule(it, cfg.iterations, cfg.beta.start, cfg.beta.end,
                                      cfg.beta.offset, cfg.offline_start, cfg.beta.power)
-                updating = it >= cfg.offline_start
+                updating = cfg.offline_update and it >= cfg.offline_start
                 batch, indices = _batch(config, next(source_loader), next(target_loader),
                                         store, device)
                 outputs = self_train_step(
@@ -254,6 +262,39 @@ def _train(config: Config, index: DatasetIndex, checkpoint: Path,
                    ranks, (progress.iteration - start) / max(time.monotonic() - started, 1e-9))
 
 
+def batch_mismatch(config: Config, world_size: int) -> str | None:
+    """A warning when the crops per step differ from `self_train.reference_batch` (a smaller
+    batch is the most common reason a reproduction falls short), with the launch that matches."""
+    cfg = config.self_train
+    if cfg.reference_batch is None:
+        return None
+    per_process = [cfg.source_batch_size, cfg.target_batch_size]
+    effective = [world_size * size for size in per_process]
+    if effective == cfg.reference_batch:
+        return None
+    source, target = cfg.reference_batch
+    hint = (f"set self_train.source_batch_size={source} and target_batch_size={target} in one "
+            "process")
+    if source % per_process[0] == 0 and target % per_process[1] == 0 and (
+            source // per_process[0] == target // per_process[1]):
+        processes = source // per_process[0]
+        hint = (f"launch `torchrun --standalone --nproc_per_node {processes} -m duda_cli "
+                f"self-train …` ({per_process[0]} + {per_process[1]} crops per process), or "
+                + hint)
+    return (f"this run takes {effective[0]} source + {effective[1]} target crops per step "
+            f"({world_size} process(es) × {per_process[0]} + {per_process[1]}); the run this "
+            f"config reproduces took {source} + {target}: results will differ. To match it, "
+            + hint)
+
+
+def _reference_batch(config: Config, world_size: int) -> dict[str, Any]:
+    reference = config.self_train.reference_batch
+    if reference is None:
+        return {}
+    return {"reference_batch": reference,
+            "batch_matches_reference": batch_mismatch(config, world_size) is None}
+
+
 def _batch(config: Config, source: dict[str, Any], target: dict[str, Any],
            store: PseudoLabelStore, device: torch.device) -> tuple[StepInputs, list[int]]:
     """One step's tensors on the device (the offline labels read from the working store and
@@ -284,15 +325,16 @@ def _log_record(window: LogWindow, thresholds: torch.Tensor | None, ranks: Ranks
     return record
 
 
-def _finish(config: Config, index: DatasetIndex, student: torch.nn.Module, teacher: MeanTeacher,
+def _finish(config: Config, index: DatasetIndex, student: torch.nn.Module, teacher: Teacher,
             store: PseudoLabelStore, progress: Progress, changes: OfflineChanges, out: Path,
             ranks: Ranks, rate: float) -> tuple[dict[str, Any], dict[str, Any]]:
     """Rank 0 after the loop: the teacher recalibrated and saved, the store's statistics, and
     the run's and the store's summaries."""
     cfg = config.self_train
-    # The teacher's BN statistics are recalibrated before saving.
-    _recalibrate(config, index, teacher, ranks.compute_device)
-    write_model_file(out / MODEL_FILE, student=student, teacher=teacher,
+    mean_teacher = teacher if isinstance(teacher, MeanTeacher) else None
+    if mean_teacher is not None:  # its BN statistics are recalibrated before saving
+        _recalibrate(config, index, mean_teacher.module, ranks.compute_device)
+    write_model_file(out / MODEL_FILE, student=student, teacher=mean_teacher,
                      model_config=config.model, class_names=index.classes.names,
                      iteration=progress.iteration)
     store_quality = quality(store, index)
@@ -306,6 +348,7 @@ def _finish(config: Config, index: DatasetIndex, student: torch.nn.Module, teach
                          cfg.runtime.sync_batchnorm,
                          batch=cfg.source_batch_size + cfg.target_batch_size),
         "iterations_per_second": rate,
+        **_reference_batch(config, ranks.world_size),
         "offline_changes": changes.totals(),
         **progress.summary(f"target-val mIoU-{index.classes.primary_protocol[0]} of the mean "
                            "teacher (model selection on the evaluation split)"),
@@ -315,73 +358,18 @@ def _finish(config: Config, index: DatasetIndex, student: torch.nn.Module, teach
     return summary, store_summary
 
 
-# ------------------------------------------------------------------- the run's state pieces
-
-
-class WorkingStore:
-    """The run's own offline store (`out/pseudo`) and its snapshots (`out/snapshots`), kept by
-    rank 0. Its state is the name of the snapshot that belongs to the saved training state;
-    restoring puts that snapshot back as the working store."""
-
-    def __init__(self, out: Path, progress: Progress, ranks: Ranks) -> None:
-        self.path, self.snapshots = out / STORE_DIR, out / SNAPSHOTS_DIR
-        self.progress = progress
-        self.ranks = ranks
-        self.name: str | None = None
-
-    def start(self, source: PseudoLabelStore) -> None:
-        """A new run: the working store is a fresh (hard-linked) copy of the input store."""
-        if self.ranks.is_main:
-            shutil.rmtree(self.path, ignore_errors=True)
-            shutil.rmtree(self.snapshots, ignore_errors=True)
-            copy_store(source, self.path)
-
-    def snapshot(self) -> None:
-        """Hard-link the working store into snapshots/pseudo-<iteration>."""
-        if not self.ranks.is_main:
-            return
-        name = f"pseudo-{self.progress.iteration:08d}"
-        self.snapshots.mkdir(exist_ok=True)
-        final, partial = self.snapshots / name, self.snapshots / f".{name}.partial"
-        shutil.rmtree(partial, ignore_errors=True)
-        shutil.copytree(self.path, partial, copy_function=link_or_copy)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(partial, final)
-        self.name = name
-
-    def prune(self) -> None:
-        """Remove every snapshot but the one the saved training state names."""
-        if self.ranks.is_main:
-            for old in self.snapshots.iterdir():
-                if old.name != self.name:
-                    shutil.rmtree(old, ignore_errors=True)
-
-    def state_dict(self) -> dict[str, str | None]:
-        return {"snapshot": self.name}
-
-    def load_state_dict(self, state: dict[str, str | None]) -> None:
-        self.name = state["snapshot"]
-        snapshot = self.snapshots / str(self.name)
-        if not snapshot.is_dir():
-            raise DudaError(f"the run's store snapshot {snapshot} is missing",
-                            "the run directory was edited; start over with --force")
-        if self.ranks.is_main:
-            shutil.rmtree(self.path, ignore_errors=True)
-            shutil.copytree(snapshot, self.path, copy_function=link_or_copy)
-
-
 # ---------------------------------------------------------------------------- building blocks
 
 
 def _models(config: Config, index: DatasetIndex, checkpoint: Path, device: torch.device,
-            ) -> tuple[torch.nn.Module, MeanTeacher, torch.optim.SGD, torch.amp.GradScaler]:
+            ) -> tuple[torch.nn.Module, Teacher, torch.optim.SGD, torch.amp.GradScaler]:
     """The student (from the checkpoint), its mean teacher, the optimizer and the AMP scaler,
     built in a fixed order from the seed."""
     cfg = config.self_train
     seed_everything(config.seed)
     student = _initial_student(config, index, checkpoint).to(device).train()
     # The teacher is copied before any batch-norm synchronisation: plain BN.
-    teacher = _teacher(config, student).to(device)
+    teacher = _teacher(config, student)  # a copy of the student: already on the device
     optimizer = build_optimizer(parameter_groups(student, cfg.optimizer.lr,
                                                  cfg.optimizer.backbone_lr_multiplier,
                                                  cfg.optimizer.weight_decay), cfg.optimizer)
@@ -399,10 +387,12 @@ def _initial_student(config: Config, index: DatasetIndex, checkpoint: Path) -> t
     return model
 
 
-def _teacher(config: Config, student: torch.nn.Module) -> MeanTeacher:
+def _teacher(config: Config, student: torch.nn.Module) -> Teacher:
     teacher = config.self_train.teacher
     if isinstance(teacher, EmaTeacherConfig):
         return MeanTeacher(student, "ema", teacher.decay)
+    if isinstance(teacher, StudentTeacherConfig):
+        return StudentAsTeacher(student)
     return MeanTeacher(student, "mean")
 
 
@@ -439,37 +429,32 @@ def _offline_crops(store: PseudoLabelStore, indices: list[int], params: torch.Te
     return torch.stack(crops)
 
 
-def _recalibrate(config: Config, index: DatasetIndex, teacher: MeanTeacher,
-                 device: torch.device) -> int:
-    """Recompute the teacher's BN statistics on weak target-train crops (a fixed, seeded
-    sequence, so a resumed run recalibrates identically)."""
-    batches = config.self_train.recalibrate_batches
-    dataset = CropDataset(index.samples("target", "train"), config.input.target_size,
-                          config.input.crop_size, config.input.scale_range,
-                          config.input.flip_probability, config.model.normalization,
-                          seed=config.seed + 2, with_labels=False)
-    loader = InfiniteLoader(dataset, config.self_train.target_batch_size, seed=config.seed + 2,
-                            num_workers=0)
-    count = batches or loader.batches_per_epoch
-    try:
-        return recalibrate_batchnorm(teacher.module,
-                                     (next(loader)["image"] for _ in range(count)), device)
-    finally:
-        loader.close()
+def _recalibrate(config: Config, index: DatasetIndex, model: torch.nn.Module,
+                 device: torch.device) -> None:
+    """Recompute a model's BN statistics on weak target-train crops: a fixed, seeded sequence,
+    so a resumed run, and `duda evaluate` with the same batches, recalibrate identically."""
+    cfg = config.self_train
+    recalibrate_on_target(model, config.model.normalization, config, index,
+                          Recalibration(enabled=True, batches=cfg.recalibrate_batches,
+                                        batch_size=cfg.target_batch_size), device)
 
 
 def _evaluate(config: Config, index: DatasetIndex, student: torch.nn.Module,
-              teacher: MeanTeacher, store: PseudoLabelStore, progress: Progress,
+              teacher: Teacher, store: PseudoLabelStore, progress: Progress,
               metrics: MetricsLog, out: Path, reporter: Reporter, device: torch.device,
               ) -> float:
-    """Recalibrate the teacher's BN, evaluate it on target-val, keep the best."""
-    _recalibrate(config, index, teacher, device)
-    miou = target_val_miou(teacher.module, config, index, device,
+    """Recalibrate the teacher's BN, evaluate it on target-val, keep the best. The mean teacher
+    keeps its recalibrated statistics (as in the reference); the student-as-teacher ablation is
+    evaluated as a copy, so evaluating does not change its training."""
+    model = teacher.module if isinstance(teacher, MeanTeacher) else copy.deepcopy(teacher.module)
+    _recalibrate(config, index, model, device)
+    miou = target_val_miou(model, config, index, device,
                            num_workers=config.self_train.runtime.num_workers,
                            precision=config.self_train.runtime.precision)
     teacher.train()
     if progress.record_evaluation(miou):
-        write_model_file(out / BEST_FILE, student=student, teacher=teacher,
+        write_model_file(out / BEST_FILE, student=student,
+                         teacher=teacher if isinstance(teacher, MeanTeacher) else None,
                          model_config=config.model, class_names=index.classes.names,
                          iteration=progress.iteration)
     record: dict[str, Any] = {"iteration": progress.iteration, "val/miou": miou}

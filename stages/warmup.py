@@ -38,7 +38,7 @@ from stages.checkpoint import (
     TRAIN_STATE_FILE,
     write_model_file,
 )
-from stages.config import Config, config_hash, stage_config
+from stages.config import Config, hashed_config, stage_config, stage_hash
 from stages.data.crops import CropDataset, InfiniteLoader
 from stages.data.index import DatasetIndex, load_dataset_index
 from stages.devices import autocast
@@ -53,6 +53,7 @@ from stages.nn.discriminator import (
 )
 from stages.nn.losses import cross_entropy
 from stages.nn.model import build_model, parameter_groups
+from stages.nn.weights import initialize
 from stages.reporting import Reporter
 from stages.training import (
     MetricsLog,
@@ -75,27 +76,30 @@ def run(config: Config, data: str | Path, out: str | Path, *, init: str | Path |
         reporter: Reporter | None = None) -> StageResult:
     """Train the warmup model on `data` (a dataset index) and write a checkpoint at `out`.
 
-    `init`: initial weights (a torchvision ImageNet ResNet state dict, a checkpoint artifact or
-    an external DeepLabV2 checkpoint; see stages.nn.weights). `resume` continues the unfinished
-    run in `out`; a finished one with the same config and inputs is a no-op.
+    The initial weights are `model.init` (none, imagenet, or a weights file or checkpoint
+    artifact; see stages.nn.weights); `init`, when given, replaces it. `resume` continues the
+    unfinished run in `out`; a finished one with the same config and inputs is a no-op.
     """
+    if init is not None:  # --init: the same as setting model.init
+        config = config.model_copy(update={"model": config.model.model_copy(
+            update={"init": str(Path(init).expanduser().resolve())})})
     with process_group(device) as ranks:
         reporter = ranks.reporter(reporter)
         index = load_dataset_index(data)
         inputs = {"data": index.ref}
-        if init is not None:
-            inputs["init"] = _init_ref(Path(init))
+        if config.model.init not in ("none", "imagenet"):
+            inputs["init"] = _init_ref(Path(config.model.init))
         section = stage_config(config, "warmup")
         with ArtifactWriter(out, kind=CHECKPOINT, stage="warmup", config=section,
-                            config_hash=config_hash(section), inputs=inputs, force=force,
+                            config_hash=stage_hash(config, "warmup"), inputs=inputs, force=force,
                             resume=resume, resumable=True,
                             device=str(ranks.compute_device), ranks=ranks) as writer:
             if writer.up_to_date:
                 return writer.result()
-            identity = {"config": section, "inputs": {k: v.id for k, v in inputs.items()}}
-            summary = _train(config, index, writer.work,
-                             init=Path(init) if init is not None else None, ranks=ranks,
-                             resuming=writer.resuming, identity=identity, reporter=reporter)
+            identity = {"config": hashed_config(config, "warmup"),
+                        "inputs": {k: v.id for k, v in inputs.items()}}
+            summary = _train(config, index, writer.work, ranks=ranks, resuming=writer.resuming,
+                             identity=identity, reporter=reporter)
             writer.finish(summary or {}, content=[MODEL_FILE])
         return writer.result()
 
@@ -107,8 +111,10 @@ def _init_ref(path: Path) -> ArtifactRef:
 
         return load_checkpoint_manifest(path).ref(path)
     if not path.is_file():
-        raise DudaError(f"initial weights file {path} does not exist",
-                        "pass a weights file or a checkpoint artifact with --init")
+        raise DudaError(f"initial weights file {path} (model.init) does not exist",
+                        "place the weights file there, or name another one (--init PATH or "
+                        "--set model.init=PATH), or --set model.init=none to train from random "
+                        "weights")
     return ArtifactRef(kind="weights", id=file_digest(path)[:16], path=str(path.resolve()))
 
 
@@ -127,16 +133,17 @@ class _Adversarial:
                 "discriminator_scaler": self.scaler, "target_loader": self.target_loader}
 
 
-def _train(config: Config, index: DatasetIndex, out: Path, *, init: Path | None, ranks: Ranks,
-           resuming: bool, identity: dict[str, Any], reporter: Reporter,
-           ) -> dict[str, Any] | None:
+def _train(config: Config, index: DatasetIndex, out: Path, *, ranks: Ranks, resuming: bool,
+           identity: dict[str, Any], reporter: Reporter) -> dict[str, Any] | None:
     """The training loop; the summary on rank 0, None on the other ranks."""
     cfg = config.warmup
     device = ranks.compute_device
     seed_everything(config.seed)
 
     model = build_model(config.model, index.num_classes)
-    loaded = _load_init(model, init) if init is not None else None
+    loaded = initialize(model, config.model)
+    if loaded is None:
+        reporter.info("model.init is none: the model starts from random weights")
     model.to(device).train()
     ranks.announce(reporter, f"{cfg.batch_size} source crops per process")
     optimizer = build_optimizer(parameter_groups(model, cfg.optimizer.lr,
@@ -212,7 +219,7 @@ def _train(config: Config, index: DatasetIndex, out: Path, *, init: Path | None,
         "train_domain": cfg.train_domain,
         **ranks.describe(device, cfg.runtime.precision, cfg.runtime.sync_batchnorm,
                          batch=cfg.batch_size),
-        "init": {"path": str(init.resolve()), "loaded": loaded} if init is not None else None,
+        "init": {"weights": config.model.init, "loaded": loaded.summary()} if loaded else None,
         "final_loss": logged or None,
         "iterations_per_second": (progress.iteration - start) / elapsed if elapsed else None,
         **progress.summary(f"target-val mIoU-{index.classes.primary_protocol[0]} (model "
@@ -279,12 +286,6 @@ def _adversarial(config: Config, index: DatasetIndex, ranks: Ranks, fp16: bool) 
     return _Adversarial(discriminator, optimizer, torch.amp.GradScaler("cuda", enabled=fp16),
                         _loader(config, index, "target", config.seed + 1, ranks,
                                 labelled=False))
-
-
-def _load_init(model: nn.Module, path: Path) -> str:
-    from stages.nn.weights import load_initial_weights
-
-    return load_initial_weights(model, path)
 
 
 def _loader(config: Config, index: DatasetIndex, domain: Literal["source", "target"], seed: int,

@@ -103,21 +103,43 @@ def test_teacher_with_bn_recalibration_flip_window_and_predictions(
         tiny_index: Path, tiny_config: Config, tmp_path: Path) -> None:
     checkpoint = make_checkpoint(tmp_path / "ckpt", teacher=True)
     config = with_evaluate(tiny_config, {
-        "recalibration": {"enabled": True, "batches": 2}, "save_predictions": True,
+        "recalibration": {"enabled": True, "batches": 2},
+        "save_predictions": ["trainid", "labelid", "color", "confidence", "panel"],
         "inference": {"flip": True, "sliding_window": True, "window": [32, 48],
                       "batch_size": 2, "num_workers": 0}})
     result = evaluate.run(config, tiny_index, checkpoint, tmp_path / "eval", device="cpu")
-    protocol = json.loads((result.path / "report.json").read_text())["protocol"]
+    report = json.loads((result.path / "report.json").read_text())
+    protocol = report["protocol"]
     assert protocol["model"] == "teacher" and protocol["flip"] is True
     assert protocol["sliding_window"] == {"window": [32, 48], "overlap": pytest.approx(1 / 3)}
-    assert protocol["bn_recalibration"]["applied"] and protocol["bn_recalibration"]["batches"] == 2
+    recalibration = protocol["bn_recalibration"]
+    assert recalibration["applied"] and recalibration["batches"] == 2
+    assert recalibration["view"] == "weak target-train crops" and recalibration["seed"] == 2
     predictions = result.path / "predictions"
-    files = sorted(p.name for p in predictions.iterdir())
-    assert files == sorted([f"target_val_{i:04d}.png" for i in range(4)]
-                           + [f"target_val_{i:04d}_panel.png" for i in range(4)])
+    names = [f"target_val_{i:04d}.png" for i in range(4)]
+    for folder in ("trainid", "labelid", "color", "confidence", "panel"):
+        assert sorted(p.name for p in (predictions / folder).iterdir()) == names, folder
     from PIL import Image
-    assert Image.open(predictions / "target_val_0000_panel.png").size == (3 * 64, 32)
-    assert Image.open(predictions / "target_val_0000.png").mode == "RGB"
+    assert Image.open(predictions / "panel" / names[0]).size == (3 * 64, 32)
+    assert Image.open(predictions / "color" / names[0]).mode == "RGB"
+    # The saved class maps are the ones the confusion matrix counted.
+    matrix = np.zeros((19, 19), np.int64)
+    for i, name in enumerate(names):
+        prediction = np.asarray(Image.open(predictions / "trainid" / name))
+        truth = read_label(tiny_index / "target" / "val" / f"{i:04d}_label.png")
+        valid = truth != 255
+        np.add.at(matrix, (truth[valid], prediction[valid]), 1)
+    assert matrix.tolist() == report["confusion_matrix"]
+    label_ids = np.asarray(Image.open(predictions / "labelid" / names[0]))
+    assert set(np.unique(label_ids)) <= {7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26,
+                                         27, 28, 31, 32, 33}
+
+
+def test_save_predictions_true_means_colour(tiny_config: Config) -> None:
+    assert with_evaluate(tiny_config, {"save_predictions": True}
+                         ).evaluate.save_predictions == ["color"]
+    assert with_evaluate(tiny_config, {"save_predictions": False}
+                         ).evaluate.save_predictions == []
 
 
 def test_a_split_without_labels_is_refused(tiny_config: Config, tmp_path: Path) -> None:

@@ -124,3 +124,77 @@ def _config_file(tmp_path: Path) -> Path:
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(TINY_CONFIG))
     return path
+
+
+def test_evaluate_reproduces_the_runs_last_periodic_evaluation(prepared, tmp_path) -> None:
+    from stages import evaluate
+
+    config = tiny(self_train__iterations=4, self_train__eval_every=4,
+                  self_train__recalibrate_batches=2, self_train__target_batch_size=2,
+                  evaluate__recalibration={"enabled": True, "batches": 2, "batch_size": 2},
+                  evaluate__inference={"batch_size": 1, "num_workers": 0})
+    run = self_train.run(config, prepared["data"], prepared["checkpoint"], prepared["pseudo"],
+                         tmp_path / "run", device="cpu").path
+    logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()
+              if "val/miou" in line][-1]
+    assert logged["iteration"] == 4
+    report = evaluate.run(config, prepared["data"], run, tmp_path / "eval", device="cpu")
+    assert report.manifest.summary["miou"] == pytest.approx(logged["val/miou"], abs=1e-6)
+    # The recalibration protocol shapes the outputs (so the check above can fail): other crops
+    # give other BN statistics and other confidences.
+    confidences = []
+    for name, batches, batch_size in (("same", 2, 2), ("other", 1, 1)):
+        variant = tiny(evaluate__recalibration={"enabled": True, "batches": batches,
+                                                "batch_size": batch_size},
+                       evaluate__inference={"batch_size": 1, "num_workers": 0},
+                       evaluate__save_predictions=["confidence"])
+        path = evaluate.run(variant, prepared["data"], run, tmp_path / name, device="cpu").path
+        confidences.append((path / "predictions" / "confidence" / "target_val_0000.png")
+                           .read_bytes())
+    assert confidences[0] != confidences[1]
+
+
+class Messages(Reporter):
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def info(self, message: str) -> None:
+        self.lines.append(message)
+
+
+def test_the_student_as_teacher_ablation_saves_no_teacher(prepared, tmp_path) -> None:
+    config = tiny(self_train__teacher={"name": "student"})
+    result = self_train.run(config, prepared["data"], prepared["checkpoint"], prepared["pseudo"],
+                            tmp_path / "run", device="cpu")
+    model = load_torch(result.path / "model.pt")
+    assert model["teacher"] is None and result.manifest.summary["teacher"] == "student"
+    assert sum(result.manifest.summary["offline_changes"].values()) > 0  # from the student
+    mean = self_train.run(tiny(), prepared["data"], prepared["checkpoint"], prepared["pseudo"],
+                          tmp_path / "mean", device="cpu")
+    assert not all(torch.equal(a, b) for a, b in zip(
+        model["student"].values(), load_torch(mean.path / "model.pt")["student"].values()))
+
+
+def test_offline_update_false_never_rewrites_the_stored_labels(prepared, tmp_path) -> None:
+    result = self_train.run(tiny(self_train__offline_update=False), prepared["data"],
+                            prepared["checkpoint"], prepared["pseudo"], tmp_path / "run",
+                            device="cpu")
+    assert result.manifest.summary["offline_changes"] == {"kept": 0, "added": 0, "dropped": 0}
+    np.testing.assert_array_equal(store_labels(result.path / "pseudo"),
+                                  store_labels(prepared["pseudo"]))
+
+
+def test_a_batch_other_than_the_reference_is_said_at_the_start(prepared, tmp_path) -> None:
+    messages = Messages()
+    config = tiny(self_train__reference_batch=[4, 4])
+    result = self_train.run(config, prepared["data"], prepared["checkpoint"], prepared["pseudo"],
+                            tmp_path / "run", device="cpu", reporter=messages)
+    warning = next(line for line in messages.lines if "crops per step" in line)
+    assert "takes 2 source + 2 target crops per step" in warning
+    assert "took 4 + 4" in warning and "torchrun --standalone --nproc_per_node 2" in warning
+    summary = result.manifest.summary
+    assert summary["reference_batch"] == [4, 4] and summary["batch_matches_reference"] is False
+    # the reference batch does not change what a run computes: not part of its identity
+    same = self_train.run(tiny(), prepared["data"], prepared["checkpoint"], prepared["pseudo"],
+                          tmp_path / "run", device="cpu")
+    assert same.up_to_date

@@ -7,19 +7,20 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from typer.testing import CliRunner
 
 from duda_cli.app import app
 from stages import warmup
 from stages.artifacts import read_manifest
 from stages.checkpoint import load_torch
-from stages.config import Config
+from stages.config import Config, load_config
 from stages.errors import DudaError
 from stages.nn.discriminator import OutputDiscriminator, adversarial_loss, discriminator_loss
 from stages.nn.model import build_model
 from stages.reporting import Reporter, Task
 from stages.training import seed_everything
-from tests.conftest import TINY_CONFIG
+from tests.conftest import TINY_CONFIG, make_index
 
 
 class Interrupt(Exception):
@@ -223,7 +224,9 @@ def test_init_weights_from_a_checkpoint_artifact(tiny_index, tmp_path):
     second = warmup.run(_config(), tiny_index, tmp_path / "second", init=first.path,
                         device="cpu")
     assert second.manifest.inputs["init"].id == first.manifest.id
-    assert second.manifest.summary["init"]["path"] == str(first.path.resolve())
+    assert second.manifest.summary["init"]["weights"] == str(first.path.resolve())
+    assert second.manifest.config["model"]["init"] == str(first.path.resolve())
+    assert "tensors" in second.manifest.summary["init"]["loaded"]
 
     def first_loss(path):
         return json.loads((path / "metrics.jsonl").read_text().splitlines()[0])["loss/source_ce"]
@@ -237,4 +240,31 @@ def test_missing_init_weights_are_a_user_error(tiny_index, tiny_config_file, tmp
                      "--out", str(tmp_path / "w"), "--init", str(tmp_path / "nope.pth"))
     assert result.exit_code == 2
     assert "nope.pth" in result.stderr and "does not exist" in result.stderr
+    assert not (tmp_path / "w").exists()
+
+
+def test_init_is_part_of_the_config_and_resolved_against_the_working_directory(
+        tiny_index, tmp_path, monkeypatch):
+    first = warmup.run(_config(), tiny_index, tmp_path / "weights", device="cpu")
+    config_file = tmp_path / "c.yaml"
+    config_file.write_text(yaml.safe_dump(TINY_CONFIG))
+    monkeypatch.chdir(tmp_path)
+    config = load_config(config_file, ["model.init=weights"])
+    assert config.model.init == str((tmp_path / "weights").resolve())
+    result = warmup.run(config, tiny_index, tmp_path / "from_config", device="cpu")
+    assert result.manifest.inputs["init"].id == first.manifest.id
+    # a different init file is another run: the stage hash changes
+    assert result.manifest.config_hash != first.manifest.config_hash
+
+
+def test_a_paper_config_names_its_init_file_and_says_which_is_missing(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = load_config(Path(__file__).parents[1] / "configs" / "gta5_to_cityscapes.yaml")
+    assert config.model.style == "caffe" and config.model.normalization == "caffe_bgr"
+    assert config.model.init.endswith("DeepLab_resnet_pretrained_init-f81d91e8.pth")
+    index = make_index(tmp_path / "data")
+    with pytest.raises(DudaError) as error:
+        warmup.run(config, index, tmp_path / "w", device="cpu")
+    assert "DeepLab_resnet_pretrained_init-f81d91e8.pth" in error.value.message
+    assert "model.init=none" in error.value.fix
     assert not (tmp_path / "w").exists()

@@ -6,7 +6,7 @@ snapshot since the start (torch's `AveragedModel` with its default average, whic
 uses), optionally an exponential moving average. Only parameters are averaged; the teacher's
 batch-norm buffers are its own and are recomputed by `recalibrate_batchnorm` before evaluation and
 saving. The number of averaged snapshots is a buffer, so it is saved and restored with the teacher's
-state dict.
+state dict. `StudentAsTeacher` is the ablation without a teacher.
 """
 
 from __future__ import annotations
@@ -82,6 +82,40 @@ class MeanTeacher(nn.Module):
         # lerp(θ_T, θ_S, w) = θ_T + w·(θ_S − θ_T), torch's AveragedModel update.
         torch._foreach_lerp_(teacher_parameters, sources, weight)
         self.n_averaged += 1
+
+
+class StudentAsTeacher:
+    """The ablation without a teacher: the student itself, called under `no_grad` where the
+    method calls the teacher (online labels, consistency target, offline update).
+
+    It has nothing of its own to average, save or restore: `update` does nothing and its state
+    dict is empty. `module` is the bare student (outside any DDP wrapper)."""
+
+    def __init__(self, student: nn.Module) -> None:
+        self.module = unwrap_model(student)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.module(*args, **kwargs)
+
+    @property
+    def training(self) -> bool:
+        return self.module.training
+
+    def train(self, mode: bool = True) -> StudentAsTeacher:
+        self.module.train(mode)
+        return self
+
+    def eval(self) -> StudentAsTeacher:
+        return self.train(False)
+
+    def update(self, student: nn.Module) -> None:
+        """Nothing to fold in: the teacher is the student."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
 
 
 def _batchnorm_modules(model: nn.Module) -> list[_BatchNorm]:
