@@ -40,8 +40,19 @@ EASY_HASHES = [
 ]
 
 
-@pytest.mark.parametrize("args, expected", EASY_HASHES)
-def test_easy_pair_is_bit_identical_to_its_recorded_images(args, expected):
+# The same for the hard pair as calibrated (the figures in configs/synthetic_hard.yaml).
+HARD_HASHES = [
+    ((0, "source", "train", 0, 64, 128, "hard"),
+     "a2596a9aabee10e2fde14028a718a67875e3350de239783d81bb90d875e60d9f"),
+    ((0, "target", "train", 0, 64, 128, "hard"),
+     "deb2837d6cc47e85b5f0e40d85b0801697987ab2401d13fef37056ac7a704b33"),
+    ((2, "target", "val", 9, 128, 256, "hard"),
+     "45eed21cad14055fc7cc5a215536a306e6cf8a63e73399e15c5a84d8a59e8f74"),
+]
+
+
+@pytest.mark.parametrize("args, expected", EASY_HASHES + HARD_HASHES)
+def test_pairs_are_bit_identical_to_their_recorded_images(args, expected):
     image, label = generate_sample(*args)
     assert hashlib.sha256(image.tobytes() + label.tobytes()).hexdigest() == expected
 

@@ -1,15 +1,23 @@
-"""The built-in synthetic benchmark: procedural street scenes in two visual domains.
+"""The built-in synthetic benchmark: procedural street scenes in two domain pairs.
 
 Every scene is ray-cast from a pinhole camera over a tiny world: a road with sidewalks, façades,
 walls, fences, trees and terrain along both sides, a backdrop closing the street, and upright
 objects (cars, a bus, persons, poles carrying signs and lights) standing on the ground. Labels
-are Cityscapes trainIds (`stages.classes`), so the class tables and protocols apply unchanged.
+are Cityscapes trainIds (`stages.classes`), so the class tables and protocols apply unchanged;
+both pairs draw the same 14 classes.
 
-The two domains share the geometry and the layout rules and differ in appearance and in object
-statistics, the way GTA5 differs from Cityscapes: the source is clean, flat-shaded and
-saturated (game-like); the target is overcast and hazy, textured, blurred and noisy, with more
-cars and smaller persons. A source-only model loses accuracy on the target, and the consistent
-shapes leave room for self-training to recover it.
+Each pair is a source and a target `Style`, the way GTA5 differs from Cityscapes: the source
+is clean, flat-shaded and saturated (game-like).
+
+- `easy`: the target shares the source's geometry and layout rules and is overcast and hazy,
+  textured, blurred and noisy, with more cars and smaller persons. Most of this gap is a global
+  change of appearance, which recomputing batch-norm statistics on the target closes.
+- `hard`: the target changes what a class looks like class by class (autumn trees in the
+  colours of the source's façades, sidewalks paved like the source's road), the camera (higher,
+  pitched down, a wider view), the class frequencies (more persons than cars) and the thin
+  classes (railings, thinner poles). Classes keep their shapes and surface structure (crown
+  outlines and leaves, paving joints) across domains, and part of each changed class keeps a
+  source-like look, so a source model's predictions still carry signal to self-train from.
 
 Generation is deterministic: each image has its own seed (`sample_seed`), so images can be drawn
 in any order, in parallel, and any one can be regenerated alone. Drawing is vectorised numpy
@@ -155,10 +163,13 @@ TARGET_STYLE = Style(
 HARD_SOURCE_STYLE = replace(SOURCE_STYLE, paving=0.3, foliage=0.35, ragged=0.12)
 
 # The hard target changes what a class looks like, class by class, so that no global
-# correction of the colours undoes it: autumn trees in the browns and oranges of the source's
-# façades, sidewalks paved in the source's asphalt, grey and white façades, dry terrain,
-# vehicles in new finishes. The camera sits higher, looks further down and sees wider; persons
-# outnumber cars; fences are railings of thin bars and poles are thinner.
+# correction of the colours undoes it: three trees in five are autumn trees in the browns and
+# oranges of the source's façades, two sidewalks in three are paved in the source's asphalt
+# (the others in light concrete), façades are grey and white, terrain is dry, vehicles come in
+# new finishes, and the road is a lighter, greyer asphalt. The camera sits higher, looks further
+# down and sees wider; persons outnumber cars and sometimes cross the road; fences are railings
+# of thin bars and poles are thinner. The green trees and concrete sidewalks are what a source
+# model still recognises: the signal self-training starts from.
 HARD_TARGET_STYLE = Style(
     sky_top=(120, 160, 210), sky_bottom=(200, 215, 230),
     road=(85, 82, 88), marking=(235, 235, 225),
@@ -223,9 +234,9 @@ class _Canvas:
               where: tuple[slice, slice] = (slice(None), slice(None))) -> None:
         """Paint `mask` where it is nearer than what is there.
 
-        mask, depth, light, the detail masks and a per-pixel colour (h, w, 3) cover the window `where` of the canvas; a
-        detail (mask, colour) recolours part of the object (windows, wheels) without
-        changing its class.
+        mask, depth, light, the detail masks and a per-pixel colour (h, w, 3) cover the window
+        `where` of the canvas; a detail (mask, colour) recolours part of the object (windows,
+        wheels) without changing its class.
         """
         depth = np.broadcast_to(depth, mask.shape)
         visible = mask & (depth < self.depth[where])
@@ -444,10 +455,7 @@ def _paint_facades(rng: np.random.Generator, canvas: _Canvas, style: Style, stre
     half = length[segment] / 2
     centre_z = seg_start + half
     dz, dy = (z_plane - centre_z) / half, (y_plane - crown_y[segment]) / crown_r[segment]
-    if crown_phases is None:
-        crown = dz ** 2 + dy ** 2 < 1.0
-    else:
-        crown = dz ** 2 + dy ** 2 < _ragged_radius(dz, dy, crown_phases[segment], style.ragged) ** 2
+    crown = _crown(dz, dy, None if crown_phases is None else crown_phases[segment], style.ragged)
     trunk = (np.abs(z_plane - centre_z) < 0.4) & (y_plane < crown_y[segment])
     foliage = style.vegetation[0] if tree_colours is None else tree_colours[segment]
     canvas.paint(tree & (crown | trunk), z_plane, VEGETATION, foliage, light, where=where)
@@ -457,15 +465,18 @@ def _paint_facades(rng: np.random.Generator, canvas: _Canvas, style: Style, stre
     canvas.paint(fence, z_plane - 0.5, FENCE, style.fence, light, where=where)
 
 
-def _ragged_radius(dz: np.ndarray, dy: np.ndarray, phases: np.ndarray,
-                   amplitude: float) -> np.ndarray:
-    """The radius of a lobed crown outline in the direction of each pixel (unit: the ellipse).
+def _crown(dz: np.ndarray, dy: np.ndarray, phases: np.ndarray | None,
+           amplitude: float) -> np.ndarray:
+    """Inside a tree crown (H, W) bool: the ellipse, or a lobed outline around it.
 
-    dz, dy: (H, W) offsets from the crown centre in ellipse units; phases: (H, W, 2) per tree.
+    dz, dy: (H, W) offsets from the crown centre in units of its half-axes; phases: (H, W, 2)
+    of the pixel's tree, or None for the plain ellipse; amplitude: lobe depth per unit radius.
     """
+    if phases is None:
+        return dz ** 2 + dy ** 2 < 1.0
     angle = np.arctan2(dy, dz)
     lobes = np.sin(7 * angle + phases[..., 0]) + np.sin(11 * angle + phases[..., 1])
-    return 1.0 + 0.5 * amplitude * lobes
+    return dz ** 2 + dy ** 2 < (1.0 + 0.5 * amplitude * lobes) ** 2
 
 
 def _railing(canvas: _Canvas, z_plane: np.ndarray, y_plane: np.ndarray, plane_x: float,
