@@ -41,9 +41,9 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu")
 
 
-def write_index(root: Path, count: int, height: int, width: int) -> Path:
-    """A dataset index whose target train and val splits are the same `count` synthetic
-    target-domain images with their labels."""
+def write_index(root: Path, count: int, height: int, width: int, source: bool = False) -> Path:
+    """A dataset index whose target train and val splits (and with `source`, a source train
+    split) are the same `count` synthetic target-domain images with their labels."""
     samples = []
     with ArtifactWriter(root, kind=DATASET_INDEX, stage="prepare_data", config={},
                         config_hash=f"bench-{count}-{height}-{width}") as writer:
@@ -55,8 +55,11 @@ def write_index(root: Path, count: int, height: int, width: int) -> Path:
             samples.append(SampleEntry(id=str(i), image=f"images/{i}.png",
                                        label=f"images/{i}_label.png"))
         split = {"val": SplitEntry(samples=samples), "train": SplitEntry(samples=samples)}
-        content = IndexFile(classes=cityscapes_table(),
-                            domains={"target": DomainEntry(layout="folder", splits=split)})
+        domains = {"target": DomainEntry(layout="folder", splits=split)}
+        if source:
+            domains["source"] = DomainEntry(layout="folder",
+                                            splits={"train": SplitEntry(samples=samples)})
+        content = IndexFile(classes=cityscapes_table(), domains=domains)
         (root / INDEX_FILE).write_text(content.model_dump_json())
         writer.finish({}, content=[INDEX_FILE])
     return root

@@ -25,6 +25,7 @@ from PIL import Image
 
 from stages.classes import CITYSCAPES_CLASSES
 from stages.data.synthetic import generate_sample
+from stages.metrics import label_statistics
 from stages.pseudo_store import create_store
 
 
@@ -64,7 +65,7 @@ def write_store(path: Path, count: int, height: int, width: int) -> None:
                          class_names=CITYSCAPES_CLASSES, index_id="bench")
     for i in range(count):
         store.write(i, *pseudo_label(i % 64, height, width))
-    store.set_statistics(store.class_statistics())
+    store.set_statistics(label_statistics(store))
 
 
 def peak_memory(root: Path, count: int, height: int, width: int) -> int:

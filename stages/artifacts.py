@@ -38,8 +38,10 @@ REPORT = "duda.report"
 PREDICTIONS = "duda.predictions"
 
 # The format version each kind is written with; loaders accept exactly these.
-VERSIONS: dict[str, int] = {DATASET_INDEX: 1, CHECKPOINT: 1, PSEUDO_LABELS: 1, EVALUATION: 1,
+VERSIONS: dict[str, int] = {DATASET_INDEX: 1, CHECKPOINT: 1, PSEUDO_LABELS: 2, EVALUATION: 1,
                            REPORT: 1, PREDICTIONS: 1}
+# Older versions still read (a version-1 pseudo-label store stores float16 confidences).
+READABLE: dict[str, tuple[int, ...]] = {PSEUDO_LABELS: (1, 2)}
 
 
 class ArtifactRef(BaseModel):
@@ -171,9 +173,10 @@ def load_artifact(path: str | Path, kind: str) -> Manifest:
     if manifest.kind != kind:
         raise DudaError(f"artifact {path} is a {manifest.kind}, expected a {kind}",
                         f"pass a {kind.removeprefix('duda.').replace('_', ' ')} artifact")
-    if manifest.version != VERSIONS[kind]:
+    readable = READABLE.get(kind, (VERSIONS[kind],))
+    if manifest.version not in readable:
         raise DudaError(f"artifact {path} has format {manifest.schema_id}; this version of duda "
-                        f"reads {kind}/{VERSIONS[kind]}",
+                        f"reads {' and '.join(f'{kind}/{v}' for v in readable)}",
                         "rebuild it with this version of duda (--force)")
     verify(Path(path), manifest)
     return manifest

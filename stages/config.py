@@ -126,7 +126,8 @@ STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
 # Keys a stage records that do not change what it computes: they stay out of its hash and its
 # resume check, so setting them never makes an artifact out of date or refuses a resume.
 UNHASHED: dict[str, tuple[str, ...]] = {
-    "self_train": ("model.init", "self_train.reference_batch"),
+    "warmup": ("warmup.runtime.prefetch",),
+    "self_train": ("model.init", "self_train.reference_batch", "self_train.runtime.prefetch"),
 }
 
 

@@ -187,6 +187,9 @@ class TrainingRuntime(Section):
         default=True, description="under torchrun, batch-norm statistics over every process's "
         "batch (the reference's SyncBatchNorm); no effect in one process")
     num_workers: int = Field(default=2, ge=0, description="data loader worker processes")
+    prefetch: bool = Field(default=True, description="self-train: store writes on a background "
+                           "thread and the next batch's offline labels read ahead (the same "
+                           "results either way)")
 
 
 class InferenceConfig(Section):
@@ -267,7 +270,6 @@ class CbstSelector(Section):
 
     name: Literal["cbst"]
     portion: float = Field(default=0.45, gt=0, le=1, description="CBST portion p")
-    histogram_bins: int = Field(default=2000, ge=10, description="confidence bins")
 
 
 class FixedSelector(Section):

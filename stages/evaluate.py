@@ -46,10 +46,10 @@ from stages.predict import (
     BackgroundWriter,
     check_formats,
     colorize,
-    confidence_levels,
     write_prediction,
 )
 from stages.reporting import Reporter
+from stages.selectors import quantize
 
 REPORT_FILE = "report.json"
 PREDICTIONS_DIR = "predictions"
@@ -172,7 +172,7 @@ def _evaluate(loaded: LoadedModel, samples: list[Sample], size: tuple[int, int],
                     confidence = None
                     if "confidence" in formats:
                         probabilities = scores if is_probability else scores.softmax(1)
-                        confidence = confidence_levels(probabilities.amax(1))
+                        confidence = quantize(probabilities.amax(1))
                     for row, i in enumerate(rows):
                         sample = samples[int(batch["index"][i])]
                         writer.submit(sample.id, _save_prediction, out / PREDICTIONS_DIR, sample,

@@ -54,11 +54,26 @@ from stages.inference import (
     sliding_window,
 )
 from stages.metrics import confusion_counts, diagnostics, statistics_from_counts
-from stages.pseudo_store import STORE_METADATA, PseudoLabelStore, create_store, open_unfinished
+from stages.pseudo_store import (
+    STORE_METADATA,
+    PseudoLabelStore,
+    create_store,
+    open_unfinished,
+)
 from stages.reporting import Reporter
-from stages.selectors import ConfidenceHistogram, IastSelector, apply_thresholds, fixed_thresholds
+from stages.selectors import (
+    IastSelector,
+    LevelHistogram,
+    apply_thresholds,
+    fixed_thresholds,
+    quantize,
+    threshold_levels,
+)
+from stages.store_io import ReadAhead, StoreWriter
 
 logger = logging.getLogger("duda")
+
+READ_AHEAD = 4  # images read ahead of the selection pass
 
 # ------------------------------------------------------------------------------- stage
 
@@ -191,41 +206,42 @@ def ensemble_probabilities(models: Sequence[LoadedModel], images: torch.Tensor,
 
 def _infer(config: Config, models: list[LoadedModel], samples: list[Sample], mine: list[int],
            size: tuple[int, ...], store: PseudoLabelStore, device: torch.device,
-           reporter: Reporter) -> tuple[ConfidenceHistogram | None, np.ndarray]:
+           reporter: Reporter) -> tuple[LevelHistogram | None, np.ndarray]:
     """Pass 1: store argmax and confidence of this rank's images; for CBST, histogram the
-    confidences."""
+    stored confidence levels."""
     cfg = config.generate_pseudo
     num_classes = store.num_classes
     histogram = None
     if isinstance(cfg.selector, CbstConfig):
-        histogram = ConfidenceHistogram(num_classes, cfg.selector.histogram_bins)
+        histogram = LevelHistogram(num_classes)
     predicted = np.zeros(num_classes, np.int64)
     dataset = FullImageDataset([samples[i] for i in mine], size,
                                models[0].model_config.normalization)
     loader = full_image_loader(dataset, cfg.inference.batch_size, cfg.inference.num_workers)
     window = sliding_window(cfg.inference, config.input.crop_size)
     out_size = (store.height, store.width)
-    with reporter.task("pseudo labels: inference", total=len(mine)) as task:
+    with reporter.task("pseudo labels: inference", total=len(mine)) as task, \
+            StoreWriter(store) as writes:
         for batch in loader:
             images = batch["image"].to(device, non_blocking=True)
             probabilities = ensemble_probabilities(models, images, out_size, cfg.inference.flip,
                                                    window)
             confidence, prediction = probabilities.max(dim=1)
-            # The stored (float16) confidence is what every later step sees.
-            confidence = confidence.half().float().cpu()
-            prediction = prediction.to(torch.uint8).cpu()
+            # The stored confidence levels are what every later step sees.
+            levels = quantize(confidence)
+            prediction = prediction.to(torch.uint8).cpu().numpy()
             if histogram is not None:
-                histogram.add(confidence, prediction)
-            predicted += np.bincount(prediction.numpy().ravel(), minlength=num_classes)
-            for position, label, conf in zip(batch["index"].tolist(), prediction, confidence,
-                                             strict=True):
-                store.write(mine[position], label, conf)
+                histogram.add(levels, prediction)
+            predicted += np.bincount(prediction.ravel(), minlength=num_classes)
+            for position, label, level in zip(batch["index"].tolist(), prediction, levels,
+                                              strict=True):
+                writes.write(mine[position], label, level)
             task.advance(len(images))
     return histogram, predicted
 
 
 def _select(config: Config, store: PseudoLabelStore, ranks: Ranks,
-            histogram: ConfidenceHistogram | None, reporter: Reporter,
+            histogram: LevelHistogram | None, reporter: Reporter,
             ) -> tuple[np.ndarray, np.ndarray | None]:
     """The class thresholds (C,), and for IAST the thresholds of every group (G, C)."""
     selector = config.generate_pseudo.selector
@@ -267,12 +283,15 @@ def _threshold(store: PseudoLabelStore, samples: list[Sample], mine: list[int],
     num_classes = store.num_classes
     kept = np.zeros(num_classes, np.int64)
     confusion = np.zeros((num_classes, num_classes + 1), np.int64)
-    with reporter.task("pseudo labels: selection", total=len(mine)) as task:
-        for i in mine:
-            prediction, confidence = store.read(i)
+    with reporter.task("pseudo labels: selection", total=len(mine)) as task, \
+            StoreWriter(store) as writes, ReadAhead(store.read) as reads:
+        for position, i in enumerate(mine):
+            reads.prefetch(mine[position + 1:position + 1 + READ_AHEAD])
+            prediction, levels = reads.take([i])[0]
             theta = thresholds if group_thresholds is None else group_thresholds[i // group_size]
-            labels = apply_thresholds(prediction, confidence, theta)
-            store.write_labels(i, labels)
+            # On the stored levels: a level is kept when level / 255 ≥ θ.
+            labels = apply_thresholds(prediction, levels, threshold_levels(theta))
+            writes.write_labels(i, labels)
             kept += np.bincount(labels.ravel(), minlength=256)[:num_classes]
             if samples[i].label is not None:
                 confusion += confusion_counts(labels, read_label(samples[i].label),

@@ -104,6 +104,20 @@ def statistics_from_counts(kept: Sequence[int] | np.ndarray, pixels: int) -> dic
     }
 
 
+def label_statistics(store: PseudoLabelStore) -> dict[str, Any]:
+    """Per-class pixel counts of a store's labels, one image at a time (bounded memory).
+
+    Returns {"pixels": total pixels, "labelled_pixels": n, "kept_pixels": [C counts],
+    "labelled_fraction": n / pixels, "coverage": [C fractions of all pixels]}.
+    """
+    counts = np.zeros(store.num_classes + 1, np.int64)
+    for i in range(len(store)):
+        labels = store.read_labels(i).reshape(-1)
+        counts += np.bincount(np.minimum(labels, store.num_classes),
+                              minlength=store.num_classes + 1)
+    return statistics_from_counts(counts[:-1], len(store) * store.height * store.width)
+
+
 # ------------------------------------------------ pseudo labels against ground truth (diagnostics)
 
 DIAGNOSTICS_NOTE = ("computed against the target-train ground truth for inspection only; the "

@@ -57,6 +57,7 @@ from stages.devices import resolve_device
 from stages.errors import DudaError
 from stages.inference import SlidingWindow, predict_scores, recalibrate_on_target, sliding_window
 from stages.reporting import Reporter
+from stages.selectors import quantize
 
 logger = logging.getLogger("duda")
 
@@ -93,11 +94,6 @@ def check_formats(formats: Sequence[str], classes: ClassTable, what: str) -> Non
         raise DudaError(f"labelid writes Cityscapes label ids, which exist only for the 19 "
                         f"Cityscapes classes; {what} has {classes.describe()}",
                         "drop labelid from --format (trainid holds the class indices)")
-
-
-def confidence_levels(confidence: torch.Tensor) -> np.ndarray:
-    """Probabilities in [0, 1] -> uint8 round(255 × p), the confidence PNG's quantiser."""
-    return (confidence.float().clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
 
 
 def colorize(prediction: np.ndarray, palette: Sequence[Sequence[int]]) -> np.ndarray:
@@ -407,7 +403,7 @@ def _predict(model: torch.nn.Module, images: list[InputImage], size: tuple[int, 
                 confidence = None
                 if "confidence" in formats:
                     probabilities = scores if is_probability else scores.softmax(1)
-                    confidence = confidence_levels(probabilities.amax(1))
+                    confidence = quantize(probabilities.amax(1))
                 for row, i in enumerate(rows):
                     number = batch["index"][i]
                     sizes[number] = native

@@ -21,6 +21,7 @@ from stages.classes import IGNORE_INDEX
 from stages.data.index import load_dataset_index
 from stages.data.io import open_image, open_label_image
 from stages.errors import DudaError
+from stages.metrics import label_statistics
 from stages.pseudo_store import STORE_METADATA, PseudoLabelStore, create_store
 from stages.reporting import Reporter
 
@@ -149,7 +150,7 @@ def run(directory: str | Path, data: str | Path, out: str | Path, *, force: bool
                 store.write(i, labels, (labels != IGNORE_INDEX).astype(np.float32))
                 task.advance(1)
         store.set_selector({"name": "imported", "directory": str(directory.resolve())})
-        statistics = store.class_statistics()
+        statistics = label_statistics(store)
         store.set_statistics(statistics)
         store.check_complete()
         summary = {"images": len(store), "label_size": [height, width],

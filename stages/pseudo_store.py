@@ -3,7 +3,8 @@
 The artifact directory is itself the zarr group, so any zarr client opens it directly:
 
 - `labels`: uint8 (N, H, W) trainIds, 255 = ignore (fill value 255);
-- `confidence`: float16 (N, H, W), the confidence of every pixel (fill value 0);
+- `confidence`: uint8 (N, H, W), round(255 × the confidence) of every pixel (fill value 0), the
+  quantiser of predict's confidence PNGs; every threshold is applied to this stored value;
 - `written`: uint8 (N,), 1 once image i has been written;
 
 each array chunked one image per chunk, zstd with its checksum on (labels level 9, which
@@ -12,14 +13,10 @@ hold the image ids in dataset-index order, the class names (and palette), the da
 the class thresholds, the selector, per-class statistics and the parent version.
 
 zarr fails silently in several ways (docs/design.md#zarr), which this module guards against:
-
-- a uint8 array wraps out-of-range values (300 → 44, −1 → 255): every write is validated
-  (labels in 0..C−1 ∪ {255}, integral dtypes only, confidence finite in [0, 1]);
-- a never-written or deleted chunk reads back as the fill value: `written` records every
-  image (one chunk per image, so parallel writers of different images touch disjoint chunks),
-  and opening a store checks both the markers and that every chunk file exists;
-- the default `mode="a"` creates a missing store: readers open with `mode="r"`;
-- consolidated metadata goes stale: it is never used.
+every write is validated (a uint8 array would wrap 300 to 44); `written` marks every image and
+opening a store checks the markers and every chunk file (a missing chunk reads back as the fill
+value); readers open with `mode="r"` (the default creates a missing store); consolidated
+metadata, which goes stale, is never used.
 
 Write-once: a store is writable only until its `manifest.json` exists; `open_store` returns a
 read-only store (zarr `mode="r"`), and `write` refuses once the manifest is there. An update
@@ -57,10 +54,11 @@ from stages.artifacts import (
 )
 from stages.classes import IGNORE_INDEX
 from stages.errors import DudaError
-from stages.metrics import statistics_from_counts
 from stages.reporting import Reporter
+from stages.selectors import LEVELS, quantize
 
-FORMAT = 1
+FORMAT = 2  # 1: float16 confidence (still read; every new store is 2)
+READABLE_FORMATS = (1, 2)
 ARRAYS = ("labels", "confidence", "written")
 STORE_METADATA = "zarr.json"  # the group's attributes: the content a manifest's digest covers
 _CHUNK_KEY_ENCODING = {"name": "default", "separator": "/"}
@@ -98,10 +96,14 @@ class PseudoLabelStore:
         self._group: zarr.Group | None = None
         self._arrays: dict[str, zarr.Array] = {}
         attrs = self._open_group().attrs.asdict()
-        if attrs.get("duda_pseudo_labels") != FORMAT:
+        self.format = attrs.get("duda_pseudo_labels")
+        if self.format not in READABLE_FORMATS:
             raise DudaError(f"{self.path} is not a duda pseudo-label store (format "
-                            f"{attrs.get('duda_pseudo_labels')!r}, expected {FORMAT})",
+                            f"{self.format!r}, expected one of {READABLE_FORMATS})",
                             "pass a store written by `duda generate-pseudo`, or rebuild it")
+        if writable and self.format != FORMAT:
+            raise DudaError(f"{self.path} is a format-{self.format} store, which is read only",
+                            "write into a new store (copy_store converts it)")
         self.ids: list[str] = list(attrs["ids"])
         self.class_names: list[str] = list(attrs["class_names"])
         self.palette: list[list[int]] | None = attrs.get("palette")
@@ -194,7 +196,7 @@ class PseudoLabelStore:
             raise IndexError(f"image {i} is outside the store's {len(self.ids)} images")
         return int(i)
 
-    def _validate_labels(self, labels: ArrayLike) -> np.ndarray:
+    def validate_labels(self, labels: ArrayLike) -> np.ndarray:
         array = _to_numpy(labels)
         if array.shape != (self.height, self.width):
             raise ValueError(f"labels have shape {array.shape}, the store holds "
@@ -210,35 +212,48 @@ class PseudoLabelStore:
         return array.astype(np.uint8, copy=False)
 
     def _validate_confidence(self, confidence: ArrayLike) -> np.ndarray:
+        """Confidence as stored levels: uint8 levels as they are, floats in [0, 1] quantised."""
         array = _to_numpy(confidence)
         if array.shape != (self.height, self.width):
             raise ValueError(f"confidence has shape {array.shape}, the store holds "
                              f"{(self.height, self.width)}")
+        if array.dtype == np.uint8:
+            return array
         if not np.issubdtype(array.dtype, np.floating):
-            raise ValueError(f"confidence must be floating point, got {array.dtype}")
+            raise ValueError(f"confidence must be floating point in [0, 1] or uint8 levels, got "
+                             f"{array.dtype}")
         if not (np.isfinite(array).all() and array.min() >= 0.0 and array.max() <= 1.0):
             raise ValueError(f"confidence holds values outside [0, 1] (min {np.nanmin(array)}, "
                              f"max {np.nanmax(array)}) or non-finite values")
-        return array.astype(np.float16)
+        return quantize(array)
 
     def write(self, i: int, labels: ArrayLike, confidence: ArrayLike) -> None:
-        """Store image i: labels (H, W) integers in 0..C−1 or 255, confidence (H, W) in [0, 1].
+        """Store image i: labels (H, W) integers in 0..C−1 or 255, confidence (H, W) floats in
+        [0, 1] (quantised to levels) or uint8 levels.
 
         Validated before anything is written; the `written` marker is set last.
         """
+        i, labels, levels = self.validate_write(i, labels, confidence)
+        self.write_validated(i, labels, levels)
+
+    def validate_write(self, i: int, labels: ArrayLike, confidence: ArrayLike,
+                       ) -> tuple[int, np.ndarray, np.ndarray]:
+        """Check a write without doing it: (index, uint8 labels, uint8 confidence levels)."""
         self._check_writable()
-        i = self._check_index(i)
-        label_array = self._validate_labels(labels)
-        confidence_array = self._validate_confidence(confidence)
-        self._array("labels")[i] = label_array
-        self._array("confidence")[i] = confidence_array
+        return (self._check_index(i), self.validate_labels(labels),
+                self._validate_confidence(confidence))
+
+    def write_validated(self, i: int, labels: np.ndarray, levels: np.ndarray) -> None:
+        """The chunk writes of `write`, for arrays `validate_write` returned."""
+        self._array("labels")[i] = labels
+        self._array("confidence")[i] = levels
         self._array("written")[i] = 1
 
     def write_labels(self, i: int, labels: ArrayLike) -> None:
         """Replace the labels of an already written image i, keeping its confidence."""
         self._check_writable()
         i = self._check_index(i)
-        label_array = self._validate_labels(labels)
+        label_array = self.validate_labels(labels)
         if int(self._array("written")[i]) != 1:
             raise ValueError(f"image {i} has not been written yet: write() it first")
         self._array("labels")[i] = label_array
@@ -259,7 +274,7 @@ class PseudoLabelStore:
         self._set_attr("selector", selector)
 
     def set_statistics(self, statistics: dict[str, Any] | None) -> None:
-        """Per-class statistics (see `class_statistics`)."""
+        """Per-class statistics (see `stages.metrics.label_statistics`)."""
         self._set_attr("statistics", statistics)
 
     def set_attribute(self, key: str, value: Any) -> None:
@@ -271,8 +286,8 @@ class PseudoLabelStore:
     # ------------------------------------------------------------------ reading
 
     def read(self, i: int) -> tuple[np.ndarray, np.ndarray]:
-        """labels (H, W) uint8 and confidence (H, W) float32 of image i."""
-        return self.read_labels(i), self.read_confidence(i)
+        """labels (H, W) uint8 and confidence levels (H, W) uint8 of image i."""
+        return self.read_labels(i), self.read_levels(i)
 
     def read_labels(self, i: int) -> np.ndarray:
         """(H, W) uint8 trainIds, 255 = ignore. A chunk that does not decode or holds values
@@ -284,9 +299,17 @@ class PseudoLabelStore:
                                    f"outside 0..{self.num_classes - 1} and {IGNORE_INDEX}")
         return labels
 
+    def read_levels(self, i: int) -> np.ndarray:
+        """(H, W) uint8: the stored confidence levels (a format-1 store's float16 quantised)."""
+        stored = np.asarray(self._read_chunk("confidence", i))
+        return stored if stored.dtype == np.uint8 else quantize(stored)
+
     def read_confidence(self, i: int) -> np.ndarray:
-        """(H, W) float32 (stored as float16)."""
-        return np.asarray(self._read_chunk("confidence", i), dtype=np.float32)
+        """(H, W) float32 in [0, 1]: the stored levels / 255 (a format-1 store's float16)."""
+        stored = np.asarray(self._read_chunk("confidence", i))
+        if stored.dtype == np.uint8:
+            return stored.astype(np.float32) / np.float32(LEVELS)
+        return stored.astype(np.float32)
 
     def _read_chunk(self, name: str, i: int) -> np.ndarray:
         i = self._check_index(i)
@@ -337,19 +360,6 @@ class PseudoLabelStore:
                             "rebuild the store (generate-pseudo --force); a store must not be "
                             "edited by hand")
 
-    def class_statistics(self) -> dict[str, Any]:
-        """Per-class pixel counts of the stored labels, one image at a time (bounded memory).
-
-        Returns {"pixels": total pixels, "labelled_pixels": n, "kept_pixels": [C counts],
-        "labelled_fraction": n / pixels, "coverage": [C fractions of all pixels]}.
-        """
-        counts = np.zeros(self.num_classes + 1, np.int64)
-        for i in range(len(self.ids)):
-            labels = self.read_labels(i).reshape(-1)
-            counts += np.bincount(np.minimum(labels, self.num_classes),
-                                  minlength=self.num_classes + 1)
-        return statistics_from_counts(counts[:-1], len(self.ids) * self.height * self.width)
-
 
 def _check_destination(path: Path) -> None:
     if (path / MANIFEST).exists():
@@ -382,27 +392,25 @@ def create_store(path: str | Path, *, ids: Sequence[str], height: int, width: in
     # exclusive mode "w-" would count as existing data.
     group = zarr.open_group(path, mode="a", zarr_format=3)
     group.attrs.update(json.loads(json.dumps({
-        "duda_pseudo_labels": FORMAT,
-        "ids": list(ids),
-        "class_names": list(class_names),
+        "duda_pseudo_labels": FORMAT, "ids": list(ids), "class_names": list(class_names),
         "palette": [list(colour) for colour in palette] if palette is not None else None,
-        "index_id": index_id,
-        "height": int(height),
-        "width": int(width),
-        "thresholds": None,
-        "selector": None,
-        "statistics": None,
-        "parent": parent.model_dump() if parent is not None else None,
-    })))
+        "index_id": index_id, "height": int(height), "width": int(width), "thresholds": None,
+        "selector": None, "statistics": None,
+        "parent": parent.model_dump() if parent is not None else None})))
     common = {"chunk_key_encoding": _CHUNK_KEY_ENCODING, "config": _ARRAY_CONFIG}
     group.create_array("labels", shape=(count, height, width), chunks=(1, height, width),
                        dtype="uint8", fill_value=IGNORE_INDEX,
                        compressors=_compressor(LABEL_ZSTD_LEVEL), **common)
-    group.create_array("confidence", shape=(count, height, width), chunks=(1, height, width),
-                       dtype="float16", fill_value=0.0, compressors=_compressor(), **common)
+    _create_confidence(group, count, height, width)
     group.create_array("written", shape=(count,), chunks=(1,), dtype="uint8", fill_value=0,
                        compressors=_compressor(), **common)
     return PseudoLabelStore(path, writable=True)
+
+
+def _create_confidence(group: zarr.Group, count: int, height: int, width: int) -> None:
+    group.create_array("confidence", shape=(count, height, width), chunks=(1, height, width),
+                       dtype="uint8", fill_value=0, compressors=_compressor(),
+                       chunk_key_encoding=_CHUNK_KEY_ENCODING, config=_ARRAY_CONFIG)
 
 
 def open_unfinished(path: str | Path) -> PseudoLabelStore:
@@ -472,13 +480,21 @@ def copy_store(src: str | Path | PseudoLabelStore, dst: str | Path) -> PseudoLab
     dst = Path(dst)
     _check_destination(dst)
     write_marker(dst, PSEUDO_LABELS, "copy")
+    converting = source.format != FORMAT  # a format-1 parent: its float16 confidence converted
     for entry in sorted(source.path.iterdir()):
         if entry.name == MANIFEST or entry.name.startswith("."):
             continue
-        if entry.is_dir():
+        if entry.is_dir() and not (converting and entry.name == "confidence"):
             shutil.copytree(entry, dst / entry.name, copy_function=link_or_copy)
         elif entry.name == "zarr.json":
             shutil.copy2(entry, dst / entry.name)
+    if converting:
+        group = zarr.open_group(dst, mode="r+", zarr_format=3)
+        group.attrs["duda_pseudo_labels"] = FORMAT
+        _create_confidence(group, len(source), source.height, source.width)
+        levels = group["confidence"].with_config(_ARRAY_CONFIG)
+        for i in range(len(source)):
+            levels[i] = source.read_levels(i)
     store = PseudoLabelStore(dst, writable=True)
     store._set_attr("parent", manifest.ref(source.path).model_dump())
     return store

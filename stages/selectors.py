@@ -18,6 +18,8 @@ Inputs are numpy arrays or tensors of one group of images; nothing here reads fi
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 
@@ -72,54 +74,64 @@ class IastSelector:
         return self.thresholds.copy()
 
 
-class ConfidenceHistogram:
-    """Per-class confidence histograms over [0, 1] for CBST
-    (docs/method.md#cbst-class-balanced-thresholds).
+# The stored confidence: a level q in 0..255 stands for q / 255 (predict's confidence PNGs too).
+LEVELS = 255
 
-    `counts` (C, bins) int64 can be summed across processes (the result does not depend on the
-    order images were added in). Memory is C·bins integers, whatever the number of pixels.
+
+def quantize(confidence: np.ndarray | torch.Tensor) -> np.ndarray:
+    """Confidences in [0, 1] -> uint8 levels round(255 × p) (predict's confidence PNGs too)."""
+    if isinstance(confidence, torch.Tensor):
+        confidence = confidence.detach().cpu().numpy()
+    values = np.clip(np.asarray(confidence, np.float32), 0, 1)
+    return np.rint(values * np.float32(LEVELS)).astype(np.uint8)
+
+
+def threshold_levels(thresholds: Sequence[float] | np.ndarray) -> np.ndarray:
+    """(C,) float thresholds -> (C,) the lowest level whose value reaches each: a level q is
+    kept by θ exactly when q / 255 ≥ θ (a threshold that is itself a level keeps that level)."""
+    return np.ceil(np.asarray(thresholds, np.float64) * LEVELS - 1e-6).clip(0, LEVELS + 1
+                                                                           ).astype(np.int64)
+
+
+class LevelHistogram:
+    """Per-class counts of the stored confidence levels (0..255) for CBST
+    (docs/method.md#cbst-class-balanced-thresholds): the whole split's order statistics, exact.
+
+    `counts` (C, 256) int64 can be summed across processes (the result does not depend on the
+    order images were added in). Memory is 256·C integers, whatever the number of pixels.
     """
 
-    def __init__(self, num_classes: int, bins: int) -> None:
+    def __init__(self, num_classes: int, levels: int = 255) -> None:
         self.num_classes = num_classes
-        self.bins = bins
-        self.counts = np.zeros((num_classes, bins), dtype=np.int64)
+        self.levels = levels
+        self.counts = np.zeros((num_classes, levels + 1), dtype=np.int64)
 
-    def add(self, confidence: np.ndarray | torch.Tensor,
-            prediction: np.ndarray | torch.Tensor) -> None:
-        """Count the pixels of confidence (..., H, W) float in [0, 1], prediction ints."""
-        confidence = _as_tensor(confidence).reshape(-1).float()
+    def add(self, levels: np.ndarray | torch.Tensor, prediction: np.ndarray | torch.Tensor) -> None:
+        """Count the pixels of levels (..., H, W) uint8 in 0..levels, prediction ints."""
+        levels = _as_tensor(levels).reshape(-1).long()
         prediction = _as_tensor(prediction).reshape(-1).long()
-        # Bin b holds [b/B, (b+1)/B); a confidence of exactly 1 goes to the last bin.
-        bins = (confidence * self.bins).long().clamp(0, self.bins - 1)
         valid = (prediction >= 0) & (prediction < self.num_classes)
-        keys = prediction[valid] * self.bins + bins[valid]
-        counts = torch.bincount(keys, minlength=self.num_classes * self.bins)
-        self.counts += counts.cpu().numpy().reshape(self.num_classes, self.bins)
+        keys = prediction[valid] * (self.levels + 1) + levels[valid]
+        counts = torch.bincount(keys, minlength=self.num_classes * (self.levels + 1))
+        self.counts += counts.cpu().numpy().reshape(self.num_classes, self.levels + 1)
 
     def thresholds(self, portion: float, absent_value: float = 0.0) -> np.ndarray:
-        """(C,) float64: per class, the confidence at rank ⌊p·N_c⌋ from the top (0-based).
+        """(C,) float64: per class, the confidence at rank ⌊p·N_c⌋ from the top (0-based) of
+        its pixels, a stored level / 255. A class with no pixel gets `absent_value`.
 
-        The bin holding that rank is found from the cumulative counts; within it the
-        confidences are taken as evenly spread, so the result is within one bin width
-        (1 / bins) of the exact order statistic. A class with no pixel gets `absent_value`.
-        """
+        Every pixel at that level is kept, so a class keeps at least its portion (ties at the
+        threshold level included)."""
         if not 0.0 < portion <= 1.0:
             raise ValueError(f"portion {portion} is outside (0, 1]")
-        width = 1.0 / self.bins
         result = np.full(self.num_classes, absent_value, dtype=np.float64)
         for c in range(self.num_classes):
-            counts = self.counts[c]
-            total = int(counts.sum())
+            total = int(self.counts[c].sum())
             if total == 0:
                 continue
             rank = min(int(np.floor(portion * total)), total - 1)
-            # above[b] = pixels in bins strictly above b.
-            from_top = np.cumsum(counts[::-1])[::-1]
-            above = from_top - counts
-            b = int(np.flatnonzero((above <= rank) & (rank < from_top))[-1])
-            position = (rank - above[b] + 0.5) / counts[b]
-            result[c] = (b + 1) * width - position * width
+            from_top = np.cumsum(self.counts[c][::-1])  # pixels at or above each level, top down
+            level = self.levels - int(np.searchsorted(from_top, rank, side="right"))
+            result[c] = level / self.levels
         return result
 
 

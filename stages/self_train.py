@@ -63,14 +63,13 @@ from stages.data.index import DatasetIndex, load_dataset_index
 from stages.data.transforms import CropParams, crop_label
 from stages.distributed import Ranks, process_group
 from stages.inference import recalibrate_on_target, target_val_miou
-from stages.metrics import quality
+from stages.metrics import label_statistics, quality
 from stages.nn.model import build_model, parameter_groups
 from stages.nn.teacher import MeanTeacher, StudentAsTeacher, batchnorm_statistics
 from stages.pseudo_store import (
     STORE_METADATA,
     PseudoLabelStore,
     open_store,
-    open_unfinished,
 )
 from stages.reporting import Reporter
 from stages.schedules import alpha_schedule, beta_schedule
@@ -184,10 +183,11 @@ def _train(config: Config, index: DatasetIndex, checkpoint: Path,
         metrics.start()
         working.start(source_store)
     ranks.barrier()  # rank 0 has put the working store in place
-    store = open_unfinished(working.path)
+    store = working.open(cfg.runtime.prefetch)
     net = ranks.data_parallel(student, cfg.runtime.sync_batchnorm)  # what the step calls
 
     def save_state() -> None:
+        working.flush()
         ranks.barrier()  # every rank's store writes are done
         working.snapshot()
         state.save()
@@ -210,7 +210,8 @@ def _train(config: Config, index: DatasetIndex, checkpoint: Path,
                                      cfg.beta.offset, cfg.offline_start, cfg.beta.power)
                 updating = cfg.offline_update and it >= cfg.offline_start
                 batch, indices = _batch(config, next(source_loader), next(target_loader),
-                                        store, device)
+                                        working, device)
+                working.prefetch(target_loader.upcoming())
                 outputs = self_train_step(
                     net, teacher, batch, weights=cfg.loss, alpha=alpha, optimizer=optimizer,
                     scaler=scaler, precision=cfg.runtime.precision, offline_update=updating,
@@ -219,7 +220,8 @@ def _train(config: Config, index: DatasetIndex, checkpoint: Path,
                 teacher.update(student)
                 ranks.average(teacher_norms)
                 if updating:
-                    counts = offline_update(store, indices, outputs.teacher_probabilities, beta,
+                    counts = offline_update(working.writes, indices,
+                                            outputs.teacher_probabilities, beta,
                                             cfg.offline_cap, cfg.agree_requires_confidence)
                     # Summed over ranks; the all-reduce also waits for every rank's writes.
                     counts = changes.add(counts, ranks)
@@ -242,6 +244,7 @@ def _train(config: Config, index: DatasetIndex, checkpoint: Path,
                     figures = {k.removeprefix("loss/"): v for k, v in record.items()
                                if k.startswith("loss/") or k in ("alpha", "beta", "lr")}
                 if cfg.eval_every and iteration % cfg.eval_every == 0:
+                    working.flush()
                     ranks.barrier()  # the store is complete for the quality figures
                     if ranks.is_main:  # the others wait for its recalibrated teacher
                         figures["miou"] = _evaluate(config, index, student, teacher, store,
@@ -251,9 +254,11 @@ def _train(config: Config, index: DatasetIndex, checkpoint: Path,
                 task.advance(1, **figures)
                 if iteration % cfg.checkpoint_every == 0 and iteration != cfg.iterations:
                     save_state()
+        working.flush()
     finally:
         source_loader.close()
         target_loader.close()
+        working.close()
 
     ranks.barrier()  # every rank's store writes are done
     if not ranks.is_main:
@@ -296,7 +301,7 @@ def _reference_batch(config: Config, world_size: int) -> dict[str, Any]:
 
 
 def _batch(config: Config, source: dict[str, Any], target: dict[str, Any],
-           store: PseudoLabelStore, device: torch.device) -> tuple[StepInputs, list[int]]:
+           working: WorkingStore, device: torch.device) -> tuple[StepInputs, list[int]]:
     """One step's tensors on the device (the offline labels read from the working store and
     cropped like the student's view), and the target images' store indices."""
     indices = target["index"].tolist()
@@ -306,7 +311,7 @@ def _batch(config: Config, source: dict[str, Any], target: dict[str, Any],
         target_image=target["image"].to(device, non_blocking=True),
         target_params=target["params"],
         target_full=target["full_image"].to(device, non_blocking=True),
-        offline_label=_offline_crops(store, indices, target["params"],
+        offline_label=_offline_crops(working.labels(indices), target["params"],
                                      config.input.target_size).to(device),
     ), indices
 
@@ -338,7 +343,7 @@ def _finish(config: Config, index: DatasetIndex, student: torch.nn.Module, teach
                      model_config=config.model, class_names=index.classes.names,
                      iteration=progress.iteration)
     store_quality = quality(store, index)
-    store.set_statistics({**store.class_statistics(), "offline_changes": changes.per_class()})
+    store.set_statistics({**label_statistics(store), "offline_changes": changes.per_class()})
     summary: dict[str, Any] = {
         "iteration": progress.iteration,
         "backbone": config.model.backbone,
@@ -353,7 +358,7 @@ def _finish(config: Config, index: DatasetIndex, student: torch.nn.Module, teach
         **progress.summary(f"target-val mIoU-{index.classes.primary_protocol[0]} of the mean "
                            "teacher (model selection on the evaluation split)"),
     }
-    store_summary = {**store.class_statistics(), "offline_changes": changes.per_class(),
+    store_summary = {**label_statistics(store), "offline_changes": changes.per_class(),
                      "diagnostics": store_quality}
     return summary, store_summary
 
@@ -415,13 +420,12 @@ def _loader(config: Config, index: DatasetIndex, domain: str, batch_size: int, s
                           pin_memory=ranks.compute_device.type == "cuda")
 
 
-def _offline_crops(store: PseudoLabelStore, indices: list[int], params: torch.Tensor,
+def _offline_crops(labels: list[np.ndarray], params: torch.Tensor,
                    base_size: list[int]) -> torch.Tensor:
-    """The stored offline labels of `indices`, brought to the base size and cropped with the
-    student's recorded parameters: (B, h, w) int64."""
+    """Stored offline labels brought to the base size and cropped with the student's recorded
+    parameters: (B, h, w) int64."""
     crops = []
-    for i, row in zip(indices, params):
-        label = store.read_labels(i)
+    for label, row in zip(labels, params, strict=True):
         if list(label.shape) != list(base_size):
             label = resize_label(label, base_size)
         crops.append(crop_label(torch.from_numpy(label.astype(np.int64)),

@@ -31,7 +31,7 @@ from stages.data.full_images import FullImageDataset
 from stages.data.index import Sample, load_dataset_index
 from stages.distributed import Ranks, process_group
 from stages.inference import full_image_loader, predict, sliding_window
-from stages.metrics import quality
+from stages.metrics import label_statistics, quality
 from stages.nn.pseudo_labels import confidence_and_prediction, merge_offline, offline_thresholds
 from stages.pseudo_store import (
     STORE_METADATA,
@@ -41,6 +41,7 @@ from stages.pseudo_store import (
     open_unfinished,
 )
 from stages.reporting import Reporter
+from stages.store_io import StoreWriter
 
 CHANGES = ("kept", "added", "dropped")
 
@@ -92,7 +93,7 @@ def _run(config: Config, data: str | Path, checkpoint: str | Path, pseudo: str |
             store.set_selector({"name": "duda_offline_update", "beta": cfg.beta,
                                 "cap": cfg.cap, "model": loaded.which,
                                 "agree_requires_confidence": cfg.agree_requires_confidence})
-            statistics = store.class_statistics()
+            statistics = label_statistics(store)
             store.set_statistics({**statistics, "changes": changes.per_class()})
             store.check_complete()
             summary = _summary(index.classes.names, changes, statistics,
@@ -132,7 +133,8 @@ class OfflineChanges:
 
 
 @torch.no_grad()
-def offline_update(store: PseudoLabelStore, indices: list[int], probabilities: torch.Tensor,
+def offline_update(store: PseudoLabelStore | StoreWriter, indices: list[int],
+                   probabilities: torch.Tensor,
                    beta: float, cap: float, agree_requires_confidence: bool,
                    ) -> dict[str, np.ndarray]:
     """The offline update of a batch of store images (docs/method.md, the offline update): the
@@ -170,13 +172,14 @@ def _merge_pass(config: Config, model: torch.nn.Module, normalization: str,
     loader = full_image_loader(dataset, cfg.inference.batch_size, cfg.inference.num_workers)
     window = sliding_window(cfg.inference, config.input.crop_size)
     totals = OfflineChanges(store.num_classes)
-    with reporter.task("update-offline", total=len(samples)) as task:
+    with reporter.task("update-offline", total=len(samples)) as task, \
+            StoreWriter(store) as writes:
         for batch in loader:
             probabilities = predict(model, batch["image"].to(device),
                                     (store.height, store.width), flip=cfg.inference.flip,
                                     sliding_window=window)
             indices = [positions[p] for p in batch["index"].tolist()]
-            changes = offline_update(store, indices, probabilities, cfg.beta, cfg.cap,
+            changes = offline_update(writes, indices, probabilities, cfg.beta, cfg.cap,
                                      cfg.agree_requires_confidence)
             totals.add(changes)
             task.advance(len(indices))

@@ -16,10 +16,13 @@ import os
 import shutil
 from pathlib import Path
 
+import numpy as np
+
 from stages.artifacts import link_or_copy
 from stages.distributed import Ranks
 from stages.errors import DudaError
-from stages.pseudo_store import PseudoLabelStore, copy_store
+from stages.pseudo_store import PseudoLabelStore, copy_store, open_unfinished
+from stages.store_io import ReadAhead, StoreWriter
 from stages.training import Progress
 
 STORE_DIR = "pseudo"
@@ -36,6 +39,37 @@ class WorkingStore:
         self.progress = progress
         self.ranks = ranks
         self.name: str | None = None
+        self.store: PseudoLabelStore | None = None
+        self.writes: StoreWriter | None = None
+        self.reads: ReadAhead | None = None
+
+    def open(self, prefetch: bool) -> PseudoLabelStore:
+        """Open the working store (every rank): writes go through a background writer and the
+        next batch's labels are read ahead, unless `prefetch` is off (the same results)."""
+        self.store = open_unfinished(self.path)
+        self.writes = StoreWriter(self.store, background=prefetch)
+        self.reads = ReadAhead(self.writes.read_labels, self.writes.version, background=prefetch)
+        return self.store
+
+    def labels(self, indices: list[int]) -> list[np.ndarray]:
+        """The stored labels of `indices`, as the last queued writes left them."""
+        assert self.reads is not None
+        return self.reads.take(indices)
+
+    def prefetch(self, indices: list[int]) -> None:
+        assert self.reads is not None
+        self.reads.prefetch(indices)
+
+    def flush(self) -> None:
+        """Wait for this rank's queued writes (before a snapshot or a whole-store read)."""
+        if self.writes is not None:
+            self.writes.flush()
+
+    def close(self) -> None:
+        if self.reads is not None:
+            self.reads.close()
+        if self.writes is not None:
+            self.writes.__exit__(None, None, None)
 
     def start(self, source: PseudoLabelStore) -> None:
         """A new run: the working store is a fresh (hard-linked) copy of the input store."""

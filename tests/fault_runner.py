@@ -46,6 +46,7 @@ def install(point: str, count: int) -> None:
     import stages.checkpoint
     import stages.pseudo_store
     import stages.self_train
+    import stages.working_store
 
     hit, fire = _trigger(point, count)
     if point in ("step", "pause"):
@@ -59,15 +60,15 @@ def install(point: str, count: int) -> None:
         stages.self_train.self_train_step = step
     elif point == "store_write":
         store_class = stages.pseudo_store.PseudoLabelStore
-        original_write = store_class.write
+        original_write = store_class.write_validated
 
-        def write(self, i, labels, confidence):
+        def write(self, i, labels, levels):
             if hit():
-                self._array("labels")[i] = self._validate_labels(labels)
+                self._array("labels")[i] = labels
                 fire()
-            return original_write(self, i, labels, confidence)
+            return original_write(self, i, labels, levels)
 
-        store_class.write = write
+        store_class.write_validated = write
     elif point == "checkpoint_tmp":
         torch = stages.checkpoint.torch
         original_save = torch.save
@@ -80,14 +81,14 @@ def install(point: str, count: int) -> None:
 
         torch.save = save
     elif point == "snapshot":
-        original_link = stages.self_train.link_or_copy
+        original_link = stages.working_store.link_or_copy
 
         def link(src, dst):
             original_link(src, dst)
             if hit():
                 fire()
 
-        stages.self_train.link_or_copy = link
+        stages.working_store.link_or_copy = link
     else:
         raise SystemExit(f"unknown fault point {point!r}")
 

@@ -29,7 +29,7 @@ from stages.data.io import read_label
 from stages.inference import predict
 from stages.nn.model import build_model
 from stages.pseudo_store import copy_store, open_store
-from stages.selectors import IastSelector, apply_thresholds
+from stages.selectors import IastSelector
 from tests.conftest import make_index
 
 runner = CliRunner()
@@ -88,19 +88,21 @@ def test_labels_are_the_thresholded_prediction_with_diagnostics(
     store = open_store(result.path, load_dataset_index(tiny_index))
     probabilities = direct_probabilities(tiny_index, [checkpoint], flip=False)
     confidence, prediction = probabilities.max(1)
-    confidence = confidence.half().float().numpy()
+    levels = np.rint(confidence.numpy() * 255).astype(np.uint8)  # what the store keeps
     thresholds = np.array(store.thresholds)
     if selector == "fixed":
         np.testing.assert_array_equal(thresholds, 0.6)
-    else:  # about half of each predicted class is kept
+    else:  # CBST: the stored level at rank ⌊0.5·N_c⌋ from the top, exactly
         for c in np.unique(prediction.numpy()):
-            values = np.sort(confidence[prediction.numpy() == c])[::-1]
-            assert abs(thresholds[c] - values[int(0.5 * values.size)]) <= 1 / 2000
+            values = np.sort(levels[prediction.numpy() == c])[::-1]
+            assert thresholds[c] == values[int(0.5 * values.size)] / 255
     labelled = 0
     for i in range(6):
-        labels, stored_confidence = store.read(i)
-        np.testing.assert_allclose(stored_confidence, confidence[i], atol=1e-6)
-        expected = apply_thresholds(prediction[i].numpy(), confidence[i], thresholds)
+        labels, stored_levels = store.read(i)
+        np.testing.assert_array_equal(stored_levels, levels[i])
+        # a pixel is kept where its stored confidence reaches its class's threshold
+        kept = levels[i] / 255 >= thresholds[prediction[i].numpy()] - 1e-9
+        expected = np.where(kept, prediction[i].numpy(), 255)
         np.testing.assert_array_equal(labels, expected)
         labelled += int((labels != 255).sum())
     summary = result.manifest.summary
@@ -134,7 +136,9 @@ def test_iast_follows_d1_in_index_order(tiny_index: Path, tiny_config: Config,
                                  device="cpu")
     store = open_store(result.path)
     confidence, prediction = direct_probabilities(tiny_index, [checkpoint], flip=False).max(1)
-    confidence = confidence.half().float().numpy()
+    # IAST walks the stored confidences: levels round(255 × p), read back as level / 255
+    levels = np.rint(confidence.numpy() * 255).astype(np.uint8)
+    confidence = levels.astype(np.float32) / np.float32(255)
     prediction = prediction.numpy()
     selector = IastSelector(19, alpha=0.3, beta=0.9, gamma=8.0, theta0=0.9)
     groups = [selector.update(confidence[0:4], prediction[0:4]),
@@ -142,8 +146,8 @@ def test_iast_follows_d1_in_index_order(tiny_index: Path, tiny_config: Config,
     np.testing.assert_allclose(store.attrs["group_thresholds"], groups, atol=1e-12)
     np.testing.assert_allclose(store.thresholds, groups[-1], atol=1e-12)
     for i in range(6):
-        expected = apply_thresholds(prediction[i], confidence[i], groups[i // 4])
-        np.testing.assert_array_equal(store.read_labels(i), expected)
+        kept = levels[i] / 255 >= np.asarray(groups[i // 4])[prediction[i]]
+        np.testing.assert_array_equal(store.read_labels(i), np.where(kept, prediction[i], 255))
     assert store.selector["name"] == "iast"
 
 
@@ -158,7 +162,8 @@ def test_ensemble_with_flip_averages_probabilities(tiny_index: Path, tiny_config
     confidence, prediction = direct_probabilities(tiny_index, checkpoints, flip=True).max(1)
     store = open_store(result.path)
     for i in range(6):
-        np.testing.assert_allclose(store.read_confidence(i), confidence[i].numpy(), atol=1e-3)
+        np.testing.assert_allclose(store.read_confidence(i), confidence[i].numpy(),
+                                   atol=0.5 / 255 + 1e-6)
         np.testing.assert_array_equal(store.read_labels(i), prediction[i].numpy())
 
 
@@ -238,9 +243,9 @@ def test_import_round_trip(store_path: Path, tiny_index: Path, tmp_path: Path) -
     original, imported = open_store(store_path), open_store(tmp_path / "imported",
                                                            load_dataset_index(tiny_index))
     for i in range(len(original)):
-        labels, confidence = imported.read(i)
+        labels, levels = imported.read(i)
         np.testing.assert_array_equal(labels, original.read_labels(i))
-        np.testing.assert_array_equal(confidence, (labels != 255).astype(np.float32))
+        np.testing.assert_array_equal(levels, np.where(labels != 255, 255, 0))
 
 
 def test_import_matches_by_image_stem(tiny_index: Path, tmp_path: Path) -> None:

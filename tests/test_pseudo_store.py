@@ -15,7 +15,14 @@ from stages.artifacts import PSEUDO_LABELS
 from stages.classes import CITYSCAPES_CLASSES
 from stages.data.index import load_dataset_index
 from stages.errors import DudaError
-from stages.pseudo_store import copy_store, create_store, open_store, open_unfinished
+from stages.metrics import label_statistics
+from stages.pseudo_store import (
+    PseudoLabelStore,
+    copy_store,
+    create_store,
+    open_store,
+    open_unfinished,
+)
 from tests.conftest import make_index
 
 H, W = 16, 24
@@ -38,20 +45,23 @@ def finished_store(path: Path, count: int = 4, index_id: str = "index-1",
         for i in range(count):
             store.write(i, *label_map(i))
         store.set_thresholds([0.5] * len(names))
-        store.set_statistics(store.class_statistics())
+        store.set_statistics(label_statistics(store))
         writer.finish({}, content=["zarr.json"])
     return path
 
 
-def test_round_trip_keeps_labels_exactly_and_confidence_to_float16(tmp_path: Path) -> None:
+def test_round_trip_keeps_labels_exactly_and_confidence_to_a_level(tmp_path: Path) -> None:
     path = finished_store(tmp_path / "store")
     store = open_store(path)
+    assert store.manifest().schema_id == "duda.pseudo_labels/2"
     for i in range(4):
         labels, confidence = label_map(i)
-        got_labels, got_confidence = store.read(i)
+        got_labels, got_levels = store.read(i)
         np.testing.assert_array_equal(got_labels, labels)
-        assert got_labels.dtype == np.uint8
-        np.testing.assert_allclose(got_confidence, confidence, atol=1e-3)
+        assert got_labels.dtype == np.uint8 and got_levels.dtype == np.uint8
+        # round(255 × p): the confidence PNG's quantiser, within half a level
+        np.testing.assert_array_equal(got_levels, np.rint(confidence * 255).astype(np.uint8))
+        np.testing.assert_allclose(store.read_confidence(i), confidence, atol=0.5 / 255 + 1e-7)
     assert store.ids == ["img0", "img1", "img2", "img3"]
     assert store.thresholds == [0.5] * 19
     stats = store.statistics
@@ -61,7 +71,7 @@ def test_round_trip_keeps_labels_exactly_and_confidence_to_float16(tmp_path: Pat
     # Any zarr client reads it.
     group = zarr.open_group(path, mode="r")
     assert group["labels"].shape == (4, H, W) and group["labels"].dtype == np.uint8
-    assert group["confidence"].dtype == np.float16
+    assert group["confidence"].dtype == np.uint8
 
 
 def test_write_accepts_tensors_and_all_ignore_maps(tmp_path: Path) -> None:
@@ -176,7 +186,7 @@ def test_copy_is_a_new_version_naming_its_parent(tmp_path: Path) -> None:
     reopened = open_store(child_path)
     np.testing.assert_array_equal(reopened.read_labels(1), changed)
     np.testing.assert_array_equal(reopened.read_labels(0), label_map(0)[0])
-    np.testing.assert_allclose(reopened.read_confidence(1), label_map(1)[1], atol=1e-3)
+    np.testing.assert_allclose(reopened.read_confidence(1), label_map(1)[1], atol=0.5 / 255 + 1e-7)
 
 
 def test_store_for_another_index_or_class_table_is_refused(tmp_path: Path) -> None:
@@ -212,3 +222,54 @@ class _Items(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> np.ndarray:
         return self.store.read_labels(i)
+
+
+def format_1_store(path: Path, monkeypatch) -> Path:
+    """A store as duda wrote them before confidences were stored as levels: float16."""
+    import stages.artifacts
+
+    monkeypatch.setitem(stages.artifacts.VERSIONS, PSEUDO_LABELS, 1)
+    with ArtifactWriter(path, kind=PSEUDO_LABELS, stage="test", config={},
+                        config_hash="old") as writer:
+        group = zarr.open_group(path, mode="a", zarr_format=3)
+        group.attrs.update({"duda_pseudo_labels": 1, "ids": [f"img{i}" for i in range(3)],
+                            "class_names": NAMES, "palette": None, "index_id": "index-1",
+                            "height": H, "width": W, "thresholds": None, "selector": None,
+                            "statistics": None, "parent": None})
+        arrays = {"labels": ("uint8", 255), "confidence": ("float16", 0.0),
+                  "written": ("uint8", 0)}
+        for name, (dtype, fill) in arrays.items():
+            shape = (3,) if name == "written" else (3, H, W)
+            group.create_array(name, shape=shape, chunks=(1,) + shape[1:], dtype=dtype,
+                               fill_value=fill, chunk_key_encoding={"name": "default",
+                                                                    "separator": "/"})
+        for i in range(3):
+            labels, confidence = label_map(i)
+            group["labels"][i] = labels
+            group["confidence"][i] = confidence.astype(np.float16)
+            group["written"][i] = 1
+        writer.finish({}, content=["zarr.json"])
+    monkeypatch.undo()
+    return path
+
+
+def test_a_format_1_store_still_loads_and_its_copy_is_format_2(tmp_path: Path,
+                                                               monkeypatch) -> None:
+    old = open_store(format_1_store(tmp_path / "old", monkeypatch))
+    assert old.manifest().schema_id == "duda.pseudo_labels/1" and old.format == 1
+    labels, confidence = label_map(1)
+    np.testing.assert_array_equal(old.read_labels(1), labels)
+    np.testing.assert_array_equal(old.read_confidence(1), confidence.astype(np.float16))
+    stored = confidence.astype(np.float16).astype(np.float32)
+    np.testing.assert_array_equal(old.read_levels(1), np.rint(stored * 255).astype(np.uint8))
+    with pytest.raises(DudaError, match="format-1 store, which is read only"):
+        PseudoLabelStore(tmp_path / "old", writable=True)
+    with ArtifactWriter(tmp_path / "new", kind=PSEUDO_LABELS, stage="test", config={},
+                        config_hash="new") as writer:
+        copy = copy_store(old, tmp_path / "new")
+        assert copy.format == 2
+        np.testing.assert_array_equal(copy.read_levels(1), old.read_levels(1))
+        copy.write_labels(0, np.zeros((H, W), np.uint8))
+        manifest = writer.finish({}, content=["zarr.json"])
+    assert manifest.schema_id == "duda.pseudo_labels/2"
+    np.testing.assert_array_equal(open_store(tmp_path / "old").read_labels(0), label_map(0)[0])

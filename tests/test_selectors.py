@@ -7,7 +7,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from stages.selectors import ConfidenceHistogram, IastSelector, apply_thresholds, fixed_thresholds
+from stages.selectors import (
+    IastSelector,
+    LevelHistogram,
+    apply_thresholds,
+    fixed_thresholds,
+    quantize,
+    threshold_levels,
+)
 
 
 def iast_reference(groups, num_classes, alpha, beta, gamma, theta0):
@@ -61,51 +68,57 @@ def test_iast_caps_thresholds_that_reach_one() -> None:
 
 
 @pytest.mark.parametrize("portion", [0.2, 0.45, 0.9, 1.0])
-def test_cbst_histogram_thresholds_agree_with_numpy_percentiles_within_a_bin(
+def test_cbst_thresholds_are_the_exact_order_statistics_of_the_stored_levels(
         portion: float) -> None:
     rng = np.random.default_rng(2)
-    num_classes, bins = 5, 200
-    histogram = ConfidenceHistogram(num_classes, bins)
-    confidences, predictions = [], []
+    num_classes = 5
+    histogram = LevelHistogram(num_classes)
+    levels, predictions = [], []
     for _ in range(6):  # images added one at a time, never all held at once by the histogram
         prediction = rng.integers(0, num_classes - 1, (20, 30))
-        confidence = rng.beta(5, 1.5, (20, 30)).astype(np.float32)
-        histogram.add(confidence, prediction)
-        confidences.append(confidence)
+        level = quantize(rng.beta(5, 1.5, (20, 30)))
+        histogram.add(level, prediction)
+        levels.append(level)
         predictions.append(prediction)
-    confidence = np.concatenate(confidences).ravel()
+    level = np.concatenate(levels).ravel()
     prediction = np.concatenate(predictions).ravel()
     thresholds = histogram.thresholds(portion)
-    width = 1.0 / bins
     for c in range(num_classes - 1):
-        values = np.sort(confidence[prediction == c])[::-1]
+        values = np.sort(level[prediction == c])[::-1]
         rank = min(int(np.floor(portion * values.size)), values.size - 1)
-        assert abs(thresholds[c] - values[rank]) <= width
-        # and the numpy percentile keeping the top portion
-        assert abs(thresholds[c] - np.percentile(values, 100 * (1 - portion))) <= width + 1e-3
+        assert thresholds[c] == values[rank] / 255
     assert thresholds[num_classes - 1] == 0.0  # absent class
 
 
-def test_cbst_keeps_about_the_portion_of_each_class() -> None:
+def test_cbst_keeps_the_portion_of_each_class_and_its_ties() -> None:
     rng = np.random.default_rng(3)
-    histogram = ConfidenceHistogram(3, 2000)
+    histogram = LevelHistogram(3)
     prediction = rng.integers(0, 3, (100, 100))
-    confidence = rng.uniform(0.3, 1.0, (100, 100))
-    histogram.add(confidence, prediction)
-    labels = apply_thresholds(prediction, confidence, histogram.thresholds(0.45))
+    levels = quantize(rng.uniform(0.3, 1.0, (100, 100)))
+    histogram.add(levels, prediction)
+    thresholds = histogram.thresholds(0.45)
+    labels = apply_thresholds(prediction, levels, threshold_levels(thresholds))
     for c in range(3):
         kept = (labels == c).sum() / (prediction == c).sum()
-        assert kept == pytest.approx(0.45, abs=0.01)
+        assert 0.45 <= kept <= 0.45 + ((prediction == c) & (levels == round(thresholds[c] * 255))
+                                       ).sum() / (prediction == c).sum()
+
+
+def test_a_threshold_keeps_a_level_exactly_when_its_value_reaches_it() -> None:
+    level_values = np.arange(256) / 255
+    for theta in (0.0, 0.5, 0.9, 100 / 255, 229 / 255, 0.999, 1.0):
+        kept = np.arange(256) >= threshold_levels([theta])[0]
+        np.testing.assert_array_equal(kept, level_values >= theta - 1e-12)
 
 
 def test_histograms_sum_across_processes_to_the_whole_set() -> None:
     rng = np.random.default_rng(4)
-    whole, part_a, part_b = (ConfidenceHistogram(4, 50) for _ in range(3))
+    whole, part_a, part_b = (LevelHistogram(4) for _ in range(3))
     for i in range(4):
         prediction = rng.integers(0, 4, (8, 8))
-        confidence = rng.uniform(0, 1, (8, 8))
-        whole.add(confidence, prediction)
-        (part_a if i % 2 else part_b).add(confidence, prediction)
+        levels = quantize(rng.uniform(0, 1, (8, 8)))
+        whole.add(levels, prediction)
+        (part_a if i % 2 else part_b).add(levels, prediction)
     np.testing.assert_array_equal(whole.counts, part_a.counts + part_b.counts)
 
 

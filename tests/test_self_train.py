@@ -16,6 +16,7 @@ from stages import self_train
 from stages.artifacts import CHECKPOINT, PSEUDO_LABELS, load_artifact
 from stages.checkpoint import load_torch
 from stages.errors import DudaError
+from stages.pseudo_store import open_store
 from stages.reporting import Reporter, Task
 
 runner = CliRunner()
@@ -198,3 +199,26 @@ def test_a_batch_other_than_the_reference_is_said_at_the_start(prepared, tmp_pat
     same = self_train.run(tiny(), prepared["data"], prepared["checkpoint"], prepared["pseudo"],
                           tmp_path / "run", device="cpu")
     assert same.up_to_date
+
+
+def test_prefetching_changes_nothing_over_several_target_epochs(prepared, tmp_path) -> None:
+    # 6 target images in batches of 2: an epoch is 3 steps, so 9 steps are 3 epochs, and the
+    # offline update from step 1 rewrites images the next epoch reads again at its start.
+    results = {}
+    for prefetch in (True, False):
+        config = tiny(self_train__iterations=9, self_train__offline_start=1,
+                      self_train__checkpoint_every=4,
+                      self_train__runtime={"num_workers": 0, "prefetch": prefetch})
+        results[prefetch] = self_train.run(config, prepared["data"], prepared["checkpoint"],
+                                           prepared["pseudo"], tmp_path / f"run-{prefetch}",
+                                           device="cpu").path
+    on, off = (load_torch(results[p] / "model.pt") for p in (True, False))
+    for part in ("student", "teacher"):
+        for key in on[part]:
+            assert torch.equal(on[part][key], off[part][key]), f"{part}.{key}"
+    np.testing.assert_array_equal(store_labels(results[True] / "pseudo"),
+                                  store_labels(results[False] / "pseudo"))
+    levels = [np.stack([open_store(results[p] / "pseudo").read_levels(i) for i in range(6)])
+              for p in (True, False)]
+    np.testing.assert_array_equal(*levels)
+    assert (store_labels(results[True] / "pseudo") != store_labels(prepared["pseudo"])).any()

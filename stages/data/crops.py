@@ -227,6 +227,10 @@ class InfiniteLoader:
             self.epoch, self.batch = self.epoch + 1, 0
         return batch
 
+    def upcoming(self) -> list[int]:
+        """The sample indices of the batch the next `next()` returns (nothing is consumed)."""
+        return [int(key[0]) for key in self.epoch_batches(self.epoch)[self.batch]]
+
     def state_dict(self) -> dict[str, int]:
         """{"epoch", "position"}: the epoch and the number of its batches already consumed."""
         return {"epoch": self.epoch, "position": self.batch}
