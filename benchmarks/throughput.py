@@ -48,6 +48,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", type=Path, default=ROOT / "configs" / "synthetic.yaml",
                         help="model, sizes, batches and workers come from this config")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="KEY=VALUE", help="config overrides, as on the command line")
     parser.add_argument("--images", type=int, default=64)
     parser.add_argument("--steps", type=int, default=40, help="self-train iterations timed")
     parser.add_argument("--warm", type=int, default=5, help="self-train iterations not timed")
@@ -61,7 +63,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def bench_config(args: argparse.Namespace) -> Config:
     """The config's model and sizes, with every stage reading the scratch dataset's images."""
-    config = load_config(args.config)
+    config = load_config(args.config, args.overrides)
     height, width = config.input.target_size
     raw = config.model_dump(mode="json")
     raw["input"]["source_size"] = [height, width]
@@ -264,7 +266,9 @@ def profile(name: str, pairs: dict[str, Any], config: Config, args: argparse.Nam
     run()
     profiler.disable()
     stream = io.StringIO()
-    pstats.Stats(profiler, stream=stream).sort_stats("cumulative").print_stats(30)
+    stats = pstats.Stats(profiler, stream=stream)
+    stats.sort_stats("cumulative").print_stats(30)
+    stats.sort_stats("tottime").print_stats(25)
     print(stream.getvalue())
 
 

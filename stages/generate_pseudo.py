@@ -62,6 +62,7 @@ from stages.pseudo_store import (
 )
 from stages.reporting import Reporter
 from stages.selectors import (
+    LEVELS,
     IastSelector,
     LevelHistogram,
     apply_thresholds,
@@ -74,6 +75,7 @@ from stages.store_io import ReadAhead, StoreWriter
 logger = logging.getLogger("duda")
 
 READ_AHEAD = 4  # images read ahead of the selection pass
+IN_MEMORY_BYTES = 1 << 30  # the first pass stays in memory up to this size (one process)
 
 # ------------------------------------------------------------------------------- stage
 
@@ -127,13 +129,17 @@ def _run(config: Config, data: str | Path, checkpoint: str | Path | Sequence[str
         mine = ranks.mine(len(samples), cfg.inference.batch_size)
         size = tuple(cfg.inference.size or config.input.target_size)
 
-        histogram, predicted = _infer(config, models, samples, mine, size, store,
+        # One process keeps the first pass in memory when it fits: no store round trip.
+        kept_in_memory = ranks.world_size == 1 and (
+            len(mine) * height * width * 2 <= IN_MEMORY_BYTES)
+        first = FirstPass(store, kept_in_memory)
+        histogram, predicted = _infer(config, models, samples, mine, size, first,
                                       torch_device, reporter)
         ranks.barrier()
         predicted = ranks.sum(predicted)
-        thresholds, group_thresholds = _select(config, store, ranks, histogram, reporter)
+        thresholds, group_thresholds = _select(config, first, ranks, histogram, reporter)
         group_size = cfg.selector.group_size if isinstance(cfg.selector, IastConfig) else 1
-        kept, confusion = _threshold(store, samples, mine, thresholds, group_thresholds,
+        kept, confusion = _threshold(first, samples, mine, thresholds, group_thresholds,
                                      group_size, reporter)
         kept = ranks.sum(kept)
         confusion = ranks.sum(confusion)
@@ -204,12 +210,43 @@ def ensemble_probabilities(models: Sequence[LoadedModel], images: torch.Tensor,
     return total / len(models)
 
 
+class FirstPass:
+    """This rank's argmax and confidence levels from the inference pass, until the thresholds
+    are known: in memory (nothing is written twice), or in the store (labels replaced by the
+    second pass)."""
+
+    def __init__(self, store: PseudoLabelStore, in_memory: bool) -> None:
+        self.store = store
+        self.in_memory = in_memory
+        self.memory: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    def put(self, writes: StoreWriter, i: int, prediction: np.ndarray,
+            levels: np.ndarray) -> None:
+        if self.in_memory:
+            self.memory[i] = (prediction, levels)
+        else:
+            writes.write(i, prediction, levels)
+
+    def read(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """(prediction, levels) of image i."""
+        return self.memory[i] if self.in_memory else self.store.read(i)
+
+    def finish(self, writes: StoreWriter, i: int, labels: np.ndarray,
+               levels: np.ndarray) -> None:
+        """Store the thresholded labels of image i."""
+        if self.in_memory:
+            writes.write(i, labels, levels)
+        else:
+            writes.write_labels(i, labels)
+
+
 def _infer(config: Config, models: list[LoadedModel], samples: list[Sample], mine: list[int],
-           size: tuple[int, ...], store: PseudoLabelStore, device: torch.device,
+           size: tuple[int, ...], first: FirstPass, device: torch.device,
            reporter: Reporter) -> tuple[LevelHistogram | None, np.ndarray]:
-    """Pass 1: store argmax and confidence of this rank's images; for CBST, histogram the
-    stored confidence levels."""
+    """Pass 1: the argmax and confidence level of this rank's images; for CBST, histogram the
+    levels."""
     cfg = config.generate_pseudo
+    store = first.store
     num_classes = store.num_classes
     histogram = None
     if isinstance(cfg.selector, CbstConfig):
@@ -235,17 +272,17 @@ def _infer(config: Config, models: list[LoadedModel], samples: list[Sample], min
             predicted += np.bincount(prediction.ravel(), minlength=num_classes)
             for position, label, level in zip(batch["index"].tolist(), prediction, levels,
                                               strict=True):
-                writes.write(mine[position], label, level)
+                first.put(writes, mine[position], label, level)
             task.advance(len(images))
     return histogram, predicted
 
 
-def _select(config: Config, store: PseudoLabelStore, ranks: Ranks,
+def _select(config: Config, first: FirstPass, ranks: Ranks,
             histogram: LevelHistogram | None, reporter: Reporter,
             ) -> tuple[np.ndarray, np.ndarray | None]:
     """The class thresholds (C,), and for IAST the thresholds of every group (G, C)."""
     selector = config.generate_pseudo.selector
-    num_classes = store.num_classes
+    num_classes = first.store.num_classes
     if isinstance(selector, FixedConfig):
         return fixed_thresholds(num_classes, selector.threshold), None
     if isinstance(selector, CbstConfig):
@@ -258,13 +295,15 @@ def _select(config: Config, store: PseudoLabelStore, ranks: Ranks,
     if ranks.is_main:
         iast = IastSelector(num_classes, selector.alpha, selector.beta, selector.gamma,
                             selector.theta0)
-        count = len(store)
+        count = len(first.store)
         history = []
         with reporter.task("pseudo labels: IAST thresholds", total=count) as task:
             for start in range(0, count, selector.group_size):
-                members = range(start, min(start + selector.group_size, count))
-                prediction = np.stack([store.read_labels(i) for i in members])
-                confidence = np.stack([store.read_confidence(i) for i in members])
+                members = [first.read(i) for i in range(start,
+                                                        min(start + selector.group_size, count))]
+                prediction = np.stack([member[0] for member in members])
+                confidence = np.stack([member[1] for member in members]).astype(
+                    np.float32) / np.float32(LEVELS)
                 history.append(iast.update(confidence, prediction))
                 task.advance(len(members))
         groups = np.stack(history)
@@ -272,30 +311,33 @@ def _select(config: Config, store: PseudoLabelStore, ranks: Ranks,
     return groups[-1], groups
 
 
-def _threshold(store: PseudoLabelStore, samples: list[Sample], mine: list[int],
+def _threshold(first: FirstPass, samples: list[Sample], mine: list[int],
                thresholds: np.ndarray, group_thresholds: np.ndarray | None, group_size: int,
                reporter: Reporter) -> tuple[np.ndarray, np.ndarray]:
-    """Pass 2: replace this rank's stored argmax by thresholded labels.
+    """Pass 2: this rank's thresholded labels, stored.
 
     Returns the kept pixels per class (C,) and, over images with ground truth, the confusion
     counts (C, C + 1) of ground truth × pseudo label (the last column: ignored).
     """
-    num_classes = store.num_classes
+    num_classes = first.store.num_classes
     kept = np.zeros(num_classes, np.int64)
     confusion = np.zeros((num_classes, num_classes + 1), np.int64)
+    def read(i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        truth = samples[i].label  # diagnostics only
+        return (*first.read(i), read_label(truth) if truth is not None else None)
+
     with reporter.task("pseudo labels: selection", total=len(mine)) as task, \
-            StoreWriter(store) as writes, ReadAhead(store.read) as reads:
+            StoreWriter(first.store) as writes, ReadAhead(read) as reads:
         for position, i in enumerate(mine):
             reads.prefetch(mine[position + 1:position + 1 + READ_AHEAD])
-            prediction, levels = reads.take([i])[0]
+            prediction, levels, truth = reads.take([i])[0]
             theta = thresholds if group_thresholds is None else group_thresholds[i // group_size]
             # On the stored levels: a level is kept when level / 255 ≥ θ.
             labels = apply_thresholds(prediction, levels, threshold_levels(theta))
-            writes.write_labels(i, labels)
+            first.finish(writes, i, labels, levels)
             kept += np.bincount(labels.ravel(), minlength=256)[:num_classes]
-            if samples[i].label is not None:
-                confusion += confusion_counts(labels, read_label(samples[i].label),
-                                              num_classes)
+            if truth is not None:
+                confusion += confusion_counts(labels, truth, num_classes)
             task.advance(1)
     return kept, confusion
 

@@ -11,7 +11,9 @@ the model's own upsampling) to the requested output size, e.g. the ground truth'
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
+import queue
+import threading
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,10 +54,64 @@ def sliding_window(settings: InferenceConfig, crop_size: Size) -> SlidingWindow 
     return SlidingWindow((window[0], window[1]), settings.window_overlap)
 
 
-def full_image_loader(dataset: Dataset, batch_size: int, num_workers: int) -> DataLoader:
-    """Batches of whole images in index order (`FullImageDataset` items)."""
-    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                      collate_fn=collate_full_images)
+def full_image_loader(dataset: Dataset, batch_size: int, num_workers: int,
+                      collate: Callable[[list[Any]], Any] = collate_full_images,
+                      ) -> Iterable[Any]:
+    """Batches of whole images in index order (`FullImageDataset` items), decoded ahead of the
+    model: in `num_workers` loader processes, or with 0 on one background thread (where
+    processes cannot help, as on a CPU whose cores the model already uses)."""
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        collate_fn=collate, pin_memory=torch.cuda.is_available())
+    return loader if num_workers > 0 else ThreadAhead(loader)
+
+
+class ThreadAhead:
+    """Iterates `iterable` on a background thread, `depth` items ahead of the consumer (what
+    the loop does meanwhile overlaps the loading); errors are raised where the item is taken."""
+
+    def __init__(self, iterable: Iterable[Any], depth: int = 2) -> None:
+        self.iterable = iterable
+        self.depth = depth
+
+    def __len__(self) -> int:
+        return len(self.iterable)  # type: ignore[arg-type]
+
+    def __iter__(self) -> Iterator[Any]:
+        items: queue.Queue[tuple[bool, Any]] = queue.Queue(self.depth)
+        stop = threading.Event()
+
+        def put(entry: tuple[bool, Any]) -> bool:
+            """Hand an entry over unless the consumer has stopped (then: False)."""
+            while not stop.is_set():
+                try:
+                    items.put(entry, timeout=0.1)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        def produce() -> None:
+            try:
+                for item in self.iterable:
+                    if not put((True, item)):
+                        return
+                put((False, None))
+            except BaseException as error:  # noqa: BLE001 - handed to the consumer
+                put((False, error))
+
+        thread = threading.Thread(target=produce, name="duda-load", daemon=True)
+        thread.start()
+        try:
+            while True:
+                more, item = items.get()
+                if not more:
+                    if item is not None:
+                        raise item
+                    return
+                yield item
+        finally:
+            stop.set()
+            thread.join()
 
 
 def window_starts(length: int, window: int, overlap: float) -> list[int]:

@@ -133,11 +133,11 @@ def confusion_counts(labels: np.ndarray, truth: np.ndarray, num_classes: int) ->
     if truth.shape != labels.shape:
         truth = np.asarray(Image.fromarray(truth).resize((labels.shape[1], labels.shape[0]),
                                                          Image.Resampling.NEAREST))
-    valid = truth < num_classes
-    pseudo = np.minimum(labels[valid].astype(np.int64), num_classes)
-    counts = np.bincount(truth[valid].astype(np.int64) * (num_classes + 1) + pseudo,
-                         minlength=num_classes * (num_classes + 1))
-    return counts.reshape(num_classes, num_classes + 1)
+    # One key per pixel; a ground truth outside the classes lands past the (C, C + 1) block.
+    keys = (truth.astype(np.intp) * (num_classes + 1)
+            + np.minimum(labels, num_classes).astype(np.intp))
+    counts = np.bincount(keys.ravel(), minlength=num_classes * (num_classes + 1))
+    return counts[:num_classes * (num_classes + 1)].reshape(num_classes, num_classes + 1)
 
 
 def diagnostics(confusion: np.ndarray, class_names: Sequence[str], images: int,

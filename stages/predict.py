@@ -13,8 +13,8 @@ of its input image. One PNG per image and format, named by the input image's fil
 
 Keeping the input stem means a split of a prepared Cityscapes index gives
 `<city>_<seq>_<frame>_leftImg8bit.png`, which cityscapesscripts' evaluator matches to its
-`<city>_<seq>_<frame>_gtFine_labelIds.png` ground truth. Images are decoded in DataLoader worker
-processes and PNGs are encoded on background threads, so neither stalls the model; a writer's
+`<city>_<seq>_<frame>_gtFine_labelIds.png` ground truth. Images are decoded ahead of the model (in
+loader processes, or on a background thread with `num_workers: 0`) and PNGs are encoded on background threads, so neither stalls the model; a writer's
 error is raised before the manifest is written. The artifact (`duda.predictions`) lists the
 images and formats in `predictions.json`. Unreadable images are collected over the whole input
 and named together; like every other refusal, they leave no output behind.
@@ -35,7 +35,7 @@ from typing import Any, Self
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from stages.artifact_writer import ArtifactWriter
 from stages.artifacts import PREDICTIONS, ArtifactRef, StageResult, atomic_write_json
@@ -55,7 +55,13 @@ from stages.data.io import read_image
 from stages.data.transforms import Normalization, normalize
 from stages.devices import resolve_device
 from stages.errors import DudaError
-from stages.inference import SlidingWindow, predict_scores, recalibrate_on_target, sliding_window
+from stages.inference import (
+    SlidingWindow,
+    full_image_loader,
+    predict_scores,
+    recalibrate_on_target,
+    sliding_window,
+)
 from stages.reporting import Reporter
 from stages.selectors import quantize
 
@@ -380,8 +386,8 @@ def _predict(model: torch.nn.Module, images: list[InputImage], size: tuple[int, 
 
     Unreadable images do not stop the loop: the rest are still decoded (not segmented) so that
     the error names them all."""
-    loader = DataLoader(_Images(images, size, normalization), batch_size=batch_size,
-                        shuffle=False, num_workers=num_workers, collate_fn=_collate)
+    loader = full_image_loader(_Images(images, size, normalization), batch_size, num_workers,
+                               collate=_collate)
     sizes: list[tuple[int, int]] = [(0, 0)] * len(images)
     unreadable: list[str] = []
     # Beside a CPU model, whose own threads take every core, one encoding thread is enough;

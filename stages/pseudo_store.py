@@ -5,28 +5,26 @@ The artifact directory is itself the zarr group, so any zarr client opens it dir
 - `labels`: uint8 (N, H, W) trainIds, 255 = ignore (fill value 255);
 - `confidence`: uint8 (N, H, W), round(255 × the confidence) of every pixel (fill value 0), the
   quantiser of predict's confidence PNGs; every threshold is applied to this stored value;
-- `written`: uint8 (N,), 1 once image i has been written;
+- (format 1 only: `written`, uint8 (N,), a marker per written image);
 
 each array chunked one image per chunk, zstd with its checksum on (labels level 9, which
 stores them in fewer bytes than PNG files; the rest level 3). Group attributes
 hold the image ids in dataset-index order, the class names (and palette), the dataset index id,
 the class thresholds, the selector, per-class statistics and the parent version.
 
-zarr fails silently in several ways (docs/design.md#zarr), which this module guards against:
-every write is validated (a uint8 array would wrap 300 to 44); `written` marks every image and
-opening a store checks the markers and every chunk file (a missing chunk reads back as the fill
-value); readers open with `mode="r"` (the default creates a missing store); consolidated
-metadata, which goes stale, is never used.
+zarr fails silently in several ways (docs/design.md#zarr), guarded against here: every write
+is validated (a uint8 array would wrap 300 to 44); every image is one chunk file per array,
+written even when it holds only the fill value, and opening a store checks that every chunk file
+exists (a missing chunk reads back as the fill value); readers open with `mode="r"` (the default
+creates a missing store); consolidated metadata, which goes stale, is never used. Chunks are read
+and written directly (`stages.chunk_files`: the same files, without zarr's per-call overhead).
 
-Write-once: a store is writable only until its `manifest.json` exists; `open_store` returns a
-read-only store (zarr `mode="r"`), and `write` refuses once the manifest is there. An update
-makes a new version with `copy_store`, whose attributes (and the caller's manifest
-`inputs["parent"]`) name its parent. zarr's local store replaces chunk files atomically (temp
-file + rename), so `copy_store` hard-links the parent's chunk files instead of copying them:
-a later write to the copy replaces its own directory entry and never touches the parent.
-
-A `PseudoLabelStore` can be handed to DataLoader worker processes: the zarr handles are opened
-lazily in each process and are not pickled.
+Write-once: a store is writable only until its `manifest.json` exists. An update makes a new
+version with `copy_store`, whose attributes (and the caller's manifest `inputs["parent"]`) name
+its parent. Chunk files are replaced atomically (temp file + rename), so `copy_store` hard-links
+the parent's chunk files: a write to the copy replaces its own directory entry and never touches
+the parent. A `PseudoLabelStore` can be handed to DataLoader worker processes: the zarr handles
+are opened lazily in each process and are not pickled.
 """
 
 from __future__ import annotations
@@ -41,7 +39,6 @@ from typing import Any
 import numpy as np
 import torch
 import zarr
-from zarr.codecs import ZstdCodec
 
 from stages.artifact_writer import write_marker
 from stages.artifacts import (
@@ -52,6 +49,7 @@ from stages.artifacts import (
     link_or_copy,
     load_artifact,
 )
+from stages.chunk_files import ARRAY_CONFIG, ChunkFiles, chunk_path, create_image_array
 from stages.classes import IGNORE_INDEX
 from stages.errors import DudaError
 from stages.reporting import Reporter
@@ -59,12 +57,8 @@ from stages.selectors import LEVELS, quantize
 
 FORMAT = 2  # 1: float16 confidence (still read; every new store is 2)
 READABLE_FORMATS = (1, 2)
-ARRAYS = ("labels", "confidence", "written")
+ARRAYS = ("labels", "confidence")
 STORE_METADATA = "zarr.json"  # the group's attributes: the content a manifest's digest covers
-_CHUNK_KEY_ENCODING = {"name": "default", "separator": "/"}
-# An all-ignore label map or an all-zero confidence map must still be stored as a chunk file,
-# or it could not be told apart from a missing one.
-_ARRAY_CONFIG = {"write_empty_chunks": True}
 
 ArrayLike = np.ndarray | torch.Tensor
 
@@ -74,10 +68,6 @@ ArrayLike = np.ndarray | torch.Tensor
 # (benchmarks/pseudo_store_size.py); confidences stay at level 3 (17 ms instead of 100 ms).
 LABEL_ZSTD_LEVEL = 9
 ZSTD_LEVEL = 3
-
-
-def _compressor(level: int = ZSTD_LEVEL) -> ZstdCodec:
-    return ZstdCodec(level=level, checksum=True)
 
 
 def _to_numpy(value: ArrayLike) -> np.ndarray:
@@ -95,6 +85,7 @@ class PseudoLabelStore:
         self._pid: int | None = None
         self._group: zarr.Group | None = None
         self._arrays: dict[str, zarr.Array] = {}
+        self._direct: dict[str, ChunkFiles | None] = {}
         attrs = self._open_group().attrs.asdict()
         self.format = attrs.get("duda_pseudo_labels")
         if self.format not in READABLE_FORMATS:
@@ -135,12 +126,25 @@ class PseudoLabelStore:
                 raise DudaError(f"pseudo-label store {self.path} has no '{name}' array: it is "
                                 "truncated", "rebuild it with --force") from None
             # write_empty_chunks is a runtime setting, not stored in the metadata.
-            self._arrays[name] = array.with_config(_ARRAY_CONFIG)  # type: ignore[union-attr]
+            self._arrays[name] = array.with_config(ARRAY_CONFIG)  # type: ignore[union-attr]
         return self._arrays[name]
+
+    def _files(self, name: str) -> ChunkFiles | None:
+        """Direct chunk-file I/O for array `name` where its layout allows (else: zarr)."""
+        if name not in self._direct:
+            self._direct[name] = ChunkFiles.open(self.path / name)
+        return self._direct[name]
+
+    def _put(self, name: str, i: int, image: np.ndarray) -> None:
+        files = self._files(name)
+        if files is not None:
+            files.write(i, image)
+        else:
+            self._array(name)[i] = image
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state.update(_group=None, _arrays={}, _pid=None)
+        state.update(_group=None, _arrays={}, _direct={}, _pid=None)
         return state
 
     # ------------------------------------------------------------------ properties
@@ -231,7 +235,7 @@ class PseudoLabelStore:
         """Store image i: labels (H, W) integers in 0..C−1 or 255, confidence (H, W) floats in
         [0, 1] (quantised to levels) or uint8 levels.
 
-        Validated before anything is written; the `written` marker is set last.
+        Validated before anything is written.
         """
         i, labels, levels = self.validate_write(i, labels, confidence)
         self.write_validated(i, labels, levels)
@@ -245,18 +249,17 @@ class PseudoLabelStore:
 
     def write_validated(self, i: int, labels: np.ndarray, levels: np.ndarray) -> None:
         """The chunk writes of `write`, for arrays `validate_write` returned."""
-        self._array("labels")[i] = labels
-        self._array("confidence")[i] = levels
-        self._array("written")[i] = 1
+        self._put("labels", i, labels)
+        self._put("confidence", i, levels)
 
     def write_labels(self, i: int, labels: ArrayLike) -> None:
         """Replace the labels of an already written image i, keeping its confidence."""
         self._check_writable()
         i = self._check_index(i)
         label_array = self.validate_labels(labels)
-        if int(self._array("written")[i]) != 1:
+        if not chunk_path(self.path / "confidence", i).is_file():
             raise ValueError(f"image {i} has not been written yet: write() it first")
-        self._array("labels")[i] = label_array
+        self._put("labels", i, label_array)
 
     def _set_attr(self, key: str, value: Any) -> None:
         self._check_writable()
@@ -314,7 +317,8 @@ class PseudoLabelStore:
     def _read_chunk(self, name: str, i: int) -> np.ndarray:
         i = self._check_index(i)
         try:
-            return self._array(name)[i]
+            files = self._files(name)
+            return files.read(i) if files is not None else self._array(name)[i]
         except DudaError:
             raise
         except Exception as error:  # noqa: BLE001 - zarr/numcodecs raise many types
@@ -336,17 +340,16 @@ class PseudoLabelStore:
                 task.advance(1)
 
     def missing(self) -> list[int]:
-        """The images not (completely) on disk: no `written` marker or a chunk file missing.
-
-        A missing chunk would read back as the fill value, so the files themselves are checked.
-        """
-        written = np.asarray(self._array("written")[:])
-        missing = set(np.flatnonzero(written != 1).tolist())
-        for name in ("labels", "confidence"):
-            chunks = self.path / name / "c"
-            for i in range(len(self.ids)):
-                if i not in missing and not (chunks / str(i) / "0" / "0").is_file():
-                    missing.add(i)
+        """The images not (completely) on disk: a chunk file missing (or, in a format-1 store,
+        no `written` marker). A missing chunk would read back as the fill value, so the files
+        themselves are checked."""
+        missing: set[int] = set()
+        if self.format == 1:
+            written = np.asarray(self._array("written")[:])
+            missing.update(np.flatnonzero(written != 1).tolist())
+        for name in ARRAYS:
+            missing.update(i for i in range(len(self.ids))
+                           if not chunk_path(self.path / name, i).is_file())
         return sorted(missing)
 
     def check_complete(self) -> None:
@@ -397,20 +400,9 @@ def create_store(path: str | Path, *, ids: Sequence[str], height: int, width: in
         "index_id": index_id, "height": int(height), "width": int(width), "thresholds": None,
         "selector": None, "statistics": None,
         "parent": parent.model_dump() if parent is not None else None})))
-    common = {"chunk_key_encoding": _CHUNK_KEY_ENCODING, "config": _ARRAY_CONFIG}
-    group.create_array("labels", shape=(count, height, width), chunks=(1, height, width),
-                       dtype="uint8", fill_value=IGNORE_INDEX,
-                       compressors=_compressor(LABEL_ZSTD_LEVEL), **common)
-    _create_confidence(group, count, height, width)
-    group.create_array("written", shape=(count,), chunks=(1,), dtype="uint8", fill_value=0,
-                       compressors=_compressor(), **common)
+    create_image_array(group, "labels", count, height, width, IGNORE_INDEX, LABEL_ZSTD_LEVEL)
+    create_image_array(group, "confidence", count, height, width, 0, ZSTD_LEVEL)
     return PseudoLabelStore(path, writable=True)
-
-
-def _create_confidence(group: zarr.Group, count: int, height: int, width: int) -> None:
-    group.create_array("confidence", shape=(count, height, width), chunks=(1, height, width),
-                       dtype="uint8", fill_value=0, compressors=_compressor(),
-                       chunk_key_encoding=_CHUNK_KEY_ENCODING, config=_ARRAY_CONFIG)
 
 
 def open_unfinished(path: str | Path) -> PseudoLabelStore:
@@ -436,8 +428,7 @@ def open_store(path: str | Path, index: Any | None = None) -> PseudoLabelStore:
     store = PseudoLabelStore(path, writable=False)
     for name in ARRAYS:
         array = store._array(name)
-        expected = (len(store.ids), store.height, store.width) if name != "written" else (
-            len(store.ids),)
+        expected = (len(store.ids), store.height, store.width)
         if tuple(array.shape) != expected:
             raise DudaError(f"pseudo-label store {path}: array '{name}' has shape "
                             f"{tuple(array.shape)}, expected {expected}",
@@ -484,17 +475,20 @@ def copy_store(src: str | Path | PseudoLabelStore, dst: str | Path) -> PseudoLab
     for entry in sorted(source.path.iterdir()):
         if entry.name == MANIFEST or entry.name.startswith("."):
             continue
-        if entry.is_dir() and not (converting and entry.name == "confidence"):
-            shutil.copytree(entry, dst / entry.name, copy_function=link_or_copy)
+        if entry.is_dir() and not (converting and entry.name in ("confidence", "written")):
+            shutil.copytree(entry, dst / entry.name, copy_function=link_or_copy,
+                            ignore=shutil.ignore_patterns("*.partial"))
         elif entry.name == "zarr.json":
             shutil.copy2(entry, dst / entry.name)
     if converting:
         group = zarr.open_group(dst, mode="r+", zarr_format=3)
         group.attrs["duda_pseudo_labels"] = FORMAT
-        _create_confidence(group, len(source), source.height, source.width)
-        levels = group["confidence"].with_config(_ARRAY_CONFIG)
+        create_image_array(group, "confidence", len(source), source.height, source.width, 0,
+                           ZSTD_LEVEL)
+        levels = ChunkFiles.open(dst / "confidence")
+        assert levels is not None
         for i in range(len(source)):
-            levels[i] = source.read_levels(i)
+            levels.write(i, source.read_levels(i))
     store = PseudoLabelStore(dst, writable=True)
     store._set_attr("parent", manifest.ref(source.path).model_dump())
     return store

@@ -148,7 +148,14 @@ def apply_thresholds(prediction: np.ndarray, confidence: np.ndarray, thresholds:
     thresholds: (C,). Returns (H, W) uint8.
     """
     prediction = np.asarray(prediction)
-    valid = prediction != ignore_index
-    safe = np.where(valid, prediction, 0).astype(np.int64)
-    keep = valid & (np.asarray(confidence, dtype=np.float64) >= np.asarray(thresholds)[safe])
+    thresholds = np.asarray(thresholds)
+    # A lookup table of every label value's threshold: `ignore_index` (and any other value that
+    # is no class) is never kept. Integer levels compare as integers, anything else as float64.
+    integral = np.issubdtype(thresholds.dtype, np.integer)
+    limits = np.full(max(256, len(thresholds) + 1, ignore_index + 1),
+                     np.iinfo(np.int32).max if integral else np.inf,
+                     np.int32 if integral else np.float64)
+    limits[:len(thresholds)] = thresholds
+    limits[ignore_index] = limits[-1]
+    keep = np.asarray(confidence) >= limits[prediction]
     return np.where(keep, prediction, ignore_index).astype(np.uint8)

@@ -1,8 +1,8 @@
 """Pseudo-label store reads and writes off the model's path: writes on a background thread,
 reads ahead of need.
 
-`StoreWriter` queues writes for one thread (at most `limit` pending; the caller waits beyond
-that) and answers reads of an image whose write is still pending from the pending arrays, so a
+`StoreWriter` queues writes for a few threads (at most `limit` pending; the caller waits beyond
+that; the writes of one image stay in order) and answers reads of an image whose write is still pending from the pending arrays, so a
 reader never sees a stale image. `flush()` waits for every write and raises the first error; the
 stages flush before any manifest, checkpoint, snapshot or whole-store read. `ReadAhead` reads
 the images of the next batch on a thread while the current batch is computed; an image written
@@ -31,13 +31,16 @@ class StoreWriter:
     Offers the store's `read_labels`, `write`, `write_labels` and sizes, so code written for a
     store works on it."""
 
-    def __init__(self, store: PseudoLabelStore, background: bool = True, limit: int = 8) -> None:
+    def __init__(self, store: PseudoLabelStore, background: bool = True, limit: int = 8,
+                 threads: int = 2) -> None:
         self.store = store
         self.background = background
         self.limit = limit
         self.height, self.width, self.num_classes = store.height, store.width, store.num_classes
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="duda-store") if (
-            background) else None
+        # One single-thread pool per lane, an image always in the same lane: the writes of an
+        # image stay in order, those of different images run side by side.
+        self._lanes = [ThreadPoolExecutor(max_workers=1, thread_name_prefix="duda-store")
+                       for _ in range(threads)] if background else []
         self._queue: deque[tuple[int, Future[None]]] = deque()
         self._pending: dict[int, tuple[object, np.ndarray]] = {}  # image -> (token, labels)
         self._versions: dict[int, int] = {}
@@ -63,12 +66,13 @@ class StoreWriter:
         with self._lock:
             self._pending[i] = (token, labels)
             self._versions[i] = self._versions.get(i, 0) + 1
-        if self._pool is None:
+        if not self._lanes:
             self._run(i, token, write)
             return
         while len(self._queue) >= self.limit or (self._queue and self._queue[0][1].done()):
             self._collect()
-        self._queue.append((i, self._pool.submit(self._run, i, token, write)))
+        lane = self._lanes[i % len(self._lanes)]
+        self._queue.append((i, lane.submit(self._run, i, token, write)))
 
     def _run(self, i: int, token: object, write: Callable[[], None]) -> None:
         try:
@@ -113,8 +117,8 @@ class StoreWriter:
             if exc_type is None:
                 self.flush()
         finally:
-            if self._pool is not None:
-                self._pool.shutdown(wait=True, cancel_futures=exc_type is not None)
+            for lane in self._lanes:
+                lane.shutdown(wait=True, cancel_futures=exc_type is not None)
 
 
 class ReadAhead:

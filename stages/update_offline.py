@@ -16,6 +16,7 @@ counts are summed across ranks and rank 0 writes the manifest.
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,14 +30,19 @@ from stages.checkpoint import check_compatible, load_checkpoint_manifest, load_m
 from stages.config import Config, config_hash, stage_config
 from stages.data.full_images import FullImageDataset
 from stages.data.index import Sample, load_dataset_index
+from stages.data.io import read_label
 from stages.distributed import Ranks, process_group
 from stages.inference import full_image_loader, predict, sliding_window
-from stages.metrics import label_statistics, quality
-from stages.nn.pseudo_labels import confidence_and_prediction, merge_offline, offline_thresholds
+from stages.metrics import confusion_counts, diagnostics, statistics_from_counts
+from stages.nn.pseudo_labels import (
+    confidence_and_prediction,
+    merge_offline,
+    offline_thresholds_of,
+)
 from stages.pseudo_store import (
     STORE_METADATA,
     PseudoLabelStore,
-    copy_store,
+    create_store,
     open_store,
     open_unfinished,
 )
@@ -77,27 +83,30 @@ def _run(config: Config, data: str | Path, checkpoint: str | Path, pseudo: str |
             return writer.result()
         loaded = load_model(checkpoint, cfg.inference.model, torch_device)
         check_compatible(loaded, index.classes.names, what=f"dataset index {index.path}")
-        ranks.on_main(lambda: copy_store(parent, writer.work).path)
-        store = open_unfinished(writer.work)  # rank 0 copied it; every rank writes its images
+        # Every image is rewritten, so the new version starts empty (not a copy of its parent).
+        ranks.on_main(lambda: create_store(
+            writer.work, ids=parent.ids, height=parent.height, width=parent.width,
+            class_names=parent.class_names, index_id=parent.index_id, palette=parent.palette,
+            parent=parent_ref).path)
+        store = open_unfinished(writer.work)  # rank 0 created it; every rank writes its images
 
-        samples = [dataclasses.replace(sample, label=None)  # ground truth is never read here
-                   for sample in index.samples("target", "train")]
+        samples = index.samples("target", "train")
         mine = ranks.mine(len(samples), cfg.inference.batch_size)
-        mine_changes = _merge_pass(config, loaded.model, loaded.model_config.normalization,
-                                   [samples[i] for i in mine], mine, store, torch_device, reporter)
-        changes = OfflineChanges(store.num_classes)
-        changes.add(mine_changes.counts, ranks)  # summed over ranks, once every write is done
+        counts = _merge_pass(config, loaded.model, loaded.model_config.normalization,
+                             [samples[i] for i in mine], mine, parent, store, torch_device,
+                             reporter)
+        counts.sum_over(ranks)  # once every rank's writes are done
         summary: dict[str, Any] = {}
         if ranks.is_main:
             store.set_thresholds(None)
             store.set_selector({"name": "duda_offline_update", "beta": cfg.beta,
                                 "cap": cfg.cap, "model": loaded.which,
                                 "agree_requires_confidence": cfg.agree_requires_confidence})
-            statistics = label_statistics(store)
-            store.set_statistics({**statistics, "changes": changes.per_class()})
+            statistics = statistics_from_counts(counts.kept, len(store) * store.height
+                                                * store.width)
+            store.set_statistics({**statistics, "changes": counts.changes.per_class()})
             store.check_complete()
-            summary = _summary(index.classes.names, changes, statistics,
-                               quality(parent, index), quality(store, index), loaded.which)
+            summary = _summary(index.classes.names, counts, statistics, loaded.which)
         writer.finish(summary, content=[STORE_METADATA])
     return writer.result()
 
@@ -132,70 +141,120 @@ class OfflineChanges:
         self.counts = {key: np.asarray(state[key], np.int64) for key in CHANGES}
 
 
+@dataclass
+class UpdatedBatch:
+    """What one offline update did: the change counts per class, and the labels before and
+    after, (B, H, W) uint8 each."""
+
+    changes: dict[str, np.ndarray]
+    stored: np.ndarray
+    merged: np.ndarray
+
+
 @torch.no_grad()
 def offline_update(store: PseudoLabelStore | StoreWriter, indices: list[int],
-                   probabilities: torch.Tensor,
-                   beta: float, cap: float, agree_requires_confidence: bool,
-                   ) -> dict[str, np.ndarray]:
+                   probabilities: torch.Tensor, beta: float, cap: float,
+                   agree_requires_confidence: bool,
+                   parent: PseudoLabelStore | None = None) -> UpdatedBatch:
     """The offline update of a batch of store images (docs/method.md, the offline update): the
     thresholds τ^β over the batch's images jointly (capped), the four-case merge of the new
     prediction with the stored labels, written back to `store`. Both the self-train loop and
-    the update-offline stage call this.
+    the update-offline stage call this. The stored labels are read from `parent` when given
+    (a new version that does not copy its parent's images, as every image is rewritten).
 
     probabilities: (B, C, H, W) float softmax of images `indices` (resized to the store's size
-    if they differ). Returns the kept/added/dropped pixel counts per class, (C,) int64 each.
+    if they differ). Returns the kept/added/dropped pixel counts per class, (C,) int64 each,
+    and the labels before and after.
     """
     size = (store.height, store.width)
     if tuple(probabilities.shape[-2:]) != size:
         probabilities = F.interpolate(probabilities, size=size, mode="bilinear",
                                       align_corners=True)
-    thresholds = offline_thresholds(probabilities, beta, cap)
     confidence, prediction = confidence_and_prediction(probabilities)
-    stored = torch.stack([torch.from_numpy(store.read_labels(i)) for i in indices])
+    thresholds = offline_thresholds_of(confidence, prediction, probabilities.shape[1], beta, cap)
+    source = store if parent is None else parent
+    stored = torch.stack([torch.from_numpy(source.read_labels(i)) for i in indices])
     merged, changes = merge_offline(stored.to(prediction.device), prediction, confidence,
                                     thresholds, agree_requires_confidence)
     merged, confidence = merged.cpu().numpy(), confidence.clamp(0, 1).cpu().numpy()
     for b, i in enumerate(indices):
         store.write(i, merged[b], confidence[b])
-    return {key: changes[key].cpu().numpy() for key in CHANGES}
+    return UpdatedBatch({key: changes[key].cpu().numpy() for key in CHANGES},
+                        stored.numpy(), merged.astype(np.uint8, copy=False))
+
+
+class PassCounts:
+    """What a whole-set update counts as it goes: the changes, the labelled pixels per class
+    after it, and (diagnostics only) the labels before and after against ground truth."""
+
+    def __init__(self, num_classes: int) -> None:
+        self.num_classes = num_classes
+        self.changes = OfflineChanges(num_classes)
+        self.kept = np.zeros(num_classes, np.int64)
+        self.before = np.zeros((num_classes, num_classes + 1), np.int64)
+        self.after = np.zeros_like(self.before)
+        self.images_with_truth = 0
+
+    def add(self, batch: UpdatedBatch, truths: list[Path | None]) -> None:
+        self.changes.add(batch.changes)
+        for stored, merged, truth in zip(batch.stored, batch.merged, truths, strict=True):
+            self.kept += np.bincount(merged.ravel(), minlength=256)[:self.num_classes]
+            if truth is not None:
+                ground_truth = read_label(truth)
+                self.before += confusion_counts(stored, ground_truth, self.num_classes)
+                self.after += confusion_counts(merged, ground_truth, self.num_classes)
+                self.images_with_truth += 1
+
+    def sum_over(self, ranks: Ranks) -> None:
+        """Every rank's counts summed (a collective)."""
+        summed = OfflineChanges(self.num_classes)
+        summed.add(self.changes.counts, ranks)
+        self.changes = summed
+        self.kept = ranks.sum(self.kept)
+        self.before, self.after = ranks.sum(self.before), ranks.sum(self.after)
+        self.images_with_truth = int(ranks.sum(np.array([self.images_with_truth]))[0])
 
 
 @torch.no_grad()
 def _merge_pass(config: Config, model: torch.nn.Module, normalization: str,
-                samples: list[Sample], positions: list[int], store: PseudoLabelStore,
-                device: torch.device, reporter: Reporter) -> OfflineChanges:
-    """Predict every image of this rank and apply the offline update batch by batch; this
-    rank's change counts."""
+                samples: list[Sample], positions: list[int], parent: PseudoLabelStore,
+                store: PseudoLabelStore, device: torch.device, reporter: Reporter) -> PassCounts:
+    """Predict every image of this rank and apply the offline update to its labels in
+    `parent`, batch by batch, into `store`; this rank's counts."""
     cfg = config.update_offline
-    dataset = FullImageDataset(samples, cfg.inference.size or config.input.target_size,
+    # The ground truth is read only for the diagnostics, never by the update.
+    unlabelled = [dataclasses.replace(sample, label=None) for sample in samples]
+    dataset = FullImageDataset(unlabelled, cfg.inference.size or config.input.target_size,
                                normalization)
     loader = full_image_loader(dataset, cfg.inference.batch_size, cfg.inference.num_workers)
     window = sliding_window(cfg.inference, config.input.crop_size)
-    totals = OfflineChanges(store.num_classes)
+    counts = PassCounts(store.num_classes)
     with reporter.task("update-offline", total=len(samples)) as task, \
             StoreWriter(store) as writes:
         for batch in loader:
             probabilities = predict(model, batch["image"].to(device),
                                     (store.height, store.width), flip=cfg.inference.flip,
                                     sliding_window=window)
-            indices = [positions[p] for p in batch["index"].tolist()]
-            changes = offline_update(writes, indices, probabilities, cfg.beta, cfg.cap,
-                                     cfg.agree_requires_confidence)
-            totals.add(changes)
-            task.advance(len(indices))
-    return totals
+            rows = batch["index"].tolist()
+            updated = offline_update(writes, [positions[p] for p in rows], probabilities,
+                                     cfg.beta, cfg.cap, cfg.agree_requires_confidence,
+                                     parent=parent)
+            counts.add(updated, [samples[p].label for p in rows])
+            task.advance(len(rows))
+    return counts
 
 
-def _summary(names: tuple[str, ...], changes: OfflineChanges, statistics: dict[str, Any],
-             before: dict[str, Any] | None, after: dict[str, Any] | None,
+def _summary(names: tuple[str, ...], counts: PassCounts, statistics: dict[str, Any],
              which: str) -> dict[str, Any]:
     summary: dict[str, Any] = {
         "model": which,
         "labelled_fraction": statistics["labelled_fraction"],
-        "changes": changes.totals(),
-        "per_class": {name: {key: int(changes.counts[key][c]) for key in CHANGES}
+        "changes": counts.changes.totals(),
+        "per_class": {name: {key: int(counts.changes.counts[key][c]) for key in CHANGES}
                       for c, name in enumerate(names)},
     }
-    if before is not None and after is not None:
-        summary["diagnostics"] = {"before": before, "after": after}
+    if counts.images_with_truth:
+        summary["diagnostics"] = {
+            "before": diagnostics(counts.before, names, counts.images_with_truth),
+            "after": diagnostics(counts.after, names, counts.images_with_truth)}
     return summary

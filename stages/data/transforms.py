@@ -177,14 +177,10 @@ def normalize(image: np.ndarray | torch.Tensor, mode: Normalization) -> torch.Te
     if isinstance(image, np.ndarray):
         if image.ndim != 3 or image.shape[2] != 3:
             raise ValueError(f"a numpy image must be (H, W, 3), got {image.shape}")
-        if not image.flags.writeable:  # PIL-backed arrays are read-only; torch warns on them
-            image = image.copy()
-        tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
-    else:
-        if image.dim() != 3 or image.shape[0] != 3:
-            raise ValueError(f"an image tensor must be (3, H, W), got {tuple(image.shape)}")
-        tensor = image
-    tensor = tensor.to(torch.float32)
+        return torch.from_numpy(_normalize_array(image, mode))
+    if image.dim() != 3 or image.shape[0] != 3:
+        raise ValueError(f"an image tensor must be (3, H, W), got {tuple(image.shape)}")
+    tensor = image.to(torch.float32)
     if mode == "caffe_bgr":
         mean = torch.tensor(CAFFE_BGR_MEAN, dtype=torch.float32).view(3, 1, 1)
         return tensor.flip(0) - mean
@@ -192,6 +188,23 @@ def normalize(image: np.ndarray | torch.Tensor, mode: Normalization) -> torch.Te
         mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(3, 1, 1)
         std = torch.tensor(IMAGENET_STD, dtype=torch.float32).view(3, 1, 1)
         return (tensor / 255.0 - mean) / std
+    raise ValueError(f"normalization {mode!r} is not one of 'caffe_bgr', 'imagenet_rgb'")
+
+
+def _normalize_array(image: np.ndarray, mode: Normalization) -> np.ndarray:
+    """`normalize` of an (H, W, 3) uint8 array in numpy, in place on one copy: the same float32
+    operations in the same order (so the same values), without torch's intra-op threads, which
+    in a loader thread would compete with the model's."""
+    if mode == "caffe_bgr":
+        array = image[:, :, ::-1].transpose(2, 0, 1).astype(np.float32)
+        array -= np.asarray(CAFFE_BGR_MEAN, np.float32).reshape(3, 1, 1)
+        return array
+    if mode == "imagenet_rgb":
+        array = image.transpose(2, 0, 1).astype(np.float32)
+        array /= np.float32(255.0)
+        array -= np.asarray(IMAGENET_MEAN, np.float32).reshape(3, 1, 1)
+        array /= np.asarray(IMAGENET_STD, np.float32).reshape(3, 1, 1)
+        return array
     raise ValueError(f"normalization {mode!r} is not one of 'caffe_bgr', 'imagenet_rgb'")
 
 

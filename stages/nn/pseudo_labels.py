@@ -172,10 +172,17 @@ def offline_thresholds(
     probabilities: (B, C, H, W) float, the eval-mode teacher's softmax on the full images.
     Returns (C,) float32.
     """
+    confidence, prediction = confidence_and_prediction(probabilities)
+    return offline_thresholds_of(confidence, prediction, probabilities.shape[1], beta, cap)
+
+
+def offline_thresholds_of(
+    confidence: torch.Tensor, prediction: torch.Tensor, num_classes: int, beta: float,
+    cap: float = 0.99
+) -> torch.Tensor:
+    """`offline_thresholds` from the per-pixel max probability and argmax already taken."""
     if not 0.0 <= beta <= 1.0:
         raise ValueError(f"beta = {beta} is outside [0, 1]")
-    num_classes = probabilities.shape[1]
-    confidence, prediction = confidence_and_prediction(probabilities)
     thresholds = class_percentile_thresholds(
         confidence, prediction, num_classes, 100.0 * (1.0 - beta)
     )

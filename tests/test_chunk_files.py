@@ -1,0 +1,82 @@
+"""Direct chunk-file I/O reads and writes exactly the files zarr does."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+from zarr.codecs import ZstdCodec
+
+from stages.chunk_files import ChunkFiles, create_image_array
+
+
+def _array(root: Path, name: str = "labels", dtype: str = "uint8",
+           chunks: tuple[int, int, int] = (1, 6, 10)) -> zarr.Array:
+    group = zarr.open_group(root, mode="a")
+    return group.create_array(name, shape=(3, 6, 10), chunks=chunks, dtype=dtype,
+                              fill_value=255, compressors=ZstdCodec(level=9, checksum=True),
+                              chunk_key_encoding={"name": "default", "separator": "/"},
+                              config={"write_empty_chunks": True})
+
+
+def _image(seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 20, (6, 10), dtype=np.uint8)
+
+
+def test_direct_writes_are_read_by_zarr_and_zarr_writes_are_read_directly(tmp_path: Path):
+    array = _array(tmp_path)
+    files = ChunkFiles.open(tmp_path / "labels")
+    assert files is not None
+    files.write(0, _image(0))
+    np.testing.assert_array_equal(array[0], _image(0))
+    array[1] = _image(1)
+    np.testing.assert_array_equal(files.read(1), _image(1))
+    # Byte for byte the file zarr writes for the same image.
+    zarr_bytes = files.path(1).read_bytes()
+    files.write(1, _image(1))
+    assert files.path(1).read_bytes() == zarr_bytes
+    assert not list((tmp_path / "labels").rglob("*.partial"))
+
+
+def test_an_unwritten_chunk_reads_as_the_fill_value_and_a_damaged_one_raises(tmp_path: Path):
+    _array(tmp_path)
+    files = ChunkFiles.open(tmp_path / "labels")
+    assert files is not None
+    assert not files.exists(2)
+    assert (files.read(2) == 255).all()
+    files.write(2, _image(2))
+    data = bytearray(files.path(2).read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    files.path(2).write_bytes(bytes(data))
+    with pytest.raises((RuntimeError, ValueError)):
+        files.read(2)
+
+
+def test_other_layouts_are_left_to_zarr(tmp_path: Path):
+    _array(tmp_path, "float", dtype="float16")
+    _array(tmp_path, "blocks", chunks=(2, 6, 10))
+    assert ChunkFiles.open(tmp_path / "float") is None
+    assert ChunkFiles.open(tmp_path / "blocks") is None
+    assert ChunkFiles.open(tmp_path / "absent") is None
+
+
+def test_a_wrong_image_is_refused_before_anything_is_written(tmp_path: Path):
+    _array(tmp_path)
+    files = ChunkFiles.open(tmp_path / "labels")
+    assert files is not None
+    with pytest.raises(ValueError, match="uint8"):
+        files.write(0, _image(0).astype(np.int64))
+    assert not files.exists(0)
+
+
+def test_the_store_layout_is_read_and_written_directly(tmp_path: Path):
+    group = zarr.open_group(tmp_path, mode="a")
+    create_image_array(group, "labels", 3, 6, 10, fill_value=255, level=9)
+    create_image_array(group, "confidence", 3, 6, 10, fill_value=0, level=3)
+    for name in ("labels", "confidence"):
+        files = ChunkFiles.open(tmp_path / name)
+        assert files is not None, name
+        files.write(0, _image(0))
+        np.testing.assert_array_equal(zarr.open_array(tmp_path / name, mode="r")[0], _image(0))
