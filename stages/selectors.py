@@ -7,10 +7,9 @@ confidence < θ_prediction` (`apply_thresholds`):
 - `IastSelector`: IAST's instance-adaptive thresholds
   (docs/method.md#iast-instance-adaptive-thresholds), updated group by group in a fixed
   order, the previous threshold always part of the percentile's set;
-- `ConfidenceHistogram`: CBST's class-balanced thresholds over the whole set
-  (docs/method.md#cbst-class-balanced-thresholds) in bounded
-  memory: per-class histograms of the confidences, the threshold read at rank ⌊p·N_c⌋ from the
-  top and interpolated within its bin, so it lies within one bin width of the exact value;
+- `LevelHistogram`: CBST's class-balanced thresholds over the whole set
+  (docs/method.md#cbst-class-balanced-thresholds) in bounded memory: per-class counts of the
+  stored confidence levels (0..255), the threshold read exactly at rank ⌊p·N_c⌋ from the top;
 - `fixed_thresholds`: one confidence threshold for every class.
 
 Inputs are numpy arrays or tensors of one group of images; nothing here reads files.
