@@ -67,6 +67,7 @@ __all__ = [
     "IastSelector",
     "InferenceConfig",
     "InputConfig",
+    "LoggingConfig",
     "LossWeights",
     "MeanTeacherConfig",
     "ModelConfig",
@@ -92,6 +93,18 @@ __all__ = [
 ]
 
 
+class LoggingConfig(Section):
+    """What warmup and self-train log besides `metrics.jsonl`. No stage depends on this section:
+    changing it never makes an artifact out of date or refuses a resume."""
+
+    tensorboard: bool = Field(default=False, description="also write TensorBoard event files "
+                              "to <run>/tensorboard (needs the [report] extra)")
+    label_quality: bool = Field(default=True, description="self-train: log the per-class "
+                                "accuracy and coverage of the online and offline labels against "
+                                "target-train ground truth where the index has it (never used "
+                                "for training)")
+
+
 class PipelineConfig(Section):
     """`duda run`: how many self-train → update-offline rounds."""
 
@@ -110,6 +123,7 @@ class Config(Section):
     update_offline: UpdateOfflineConfig = UpdateOfflineConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     pipeline: PipelineConfig = PipelineConfig()
+    logging: LoggingConfig = LoggingConfig()
 
 
 # Which sections each stage depends on: the part of the config its artifact records and hashes.

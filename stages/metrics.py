@@ -14,6 +14,7 @@ so reports can flag them.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -26,6 +27,7 @@ from stages.reporting import Reporter
 
 if TYPE_CHECKING:
     from stages.data.index import DatasetIndex
+    from stages.distributed import Ranks
     from stages.pseudo_store import PseudoLabelStore
 
 EPSILON = 1e-10
@@ -172,20 +174,80 @@ def diagnostics(confusion: np.ndarray, class_names: Sequence[str], images: int,
     }
 
 
+def truth_paths(ids: Sequence[str], index: DatasetIndex) -> list[Path | None]:
+    """The target-train ground-truth file of each image id (None where the index has none)."""
+    samples = {sample.id: sample for sample in index.samples("target", "train")}
+    return [getattr(samples.get(sample_id), "label", None) for sample_id in ids]
+
+
 def quality(store: PseudoLabelStore, index: DatasetIndex, reporter: Reporter | None = None,
             ) -> dict[str, Any] | None:
     """`diagnostics` of the store against the ground truth of the index's target-train
     images that have one (matched by id); None if none has."""
-    samples = {sample.id: sample for sample in index.samples("target", "train")}
     confusion = np.zeros((store.num_classes, store.num_classes + 1), np.int64)
     images = 0
     reporter = reporter or Reporter()
     with reporter.task("pseudo labels: quality", total=len(store)) as task:
-        for i, sample_id in enumerate(store.ids):
-            sample = samples.get(sample_id)
-            if sample is not None and sample.label is not None:
-                confusion += confusion_counts(store.read_labels(i), read_label(sample.label),
+        for i, truth in enumerate(truth_paths(store.ids, index)):
+            if truth is not None:
+                confusion += confusion_counts(store.read_labels(i), read_label(truth),
                                               store.num_classes)
                 images += 1
             task.advance(1)
     return diagnostics(confusion, store.class_names, images) if images else None
+
+
+class LabelQuality:
+    """How good the labels a training run trained on were: ground truth × label counts of each
+    kind of label (online, offline) over the crops of the steps since the last log step.
+
+    The ground truth is read here, from the index, and never reaches training; `truth` gives
+    it for a step's images (None unless all of them have one) and `add` counts one kind's
+    labels against it, crop by crop."""
+
+    KINDS = ("online", "offline")
+
+    def __init__(self, truths: list[Path | None], class_names: Sequence[str]) -> None:
+        self.truths = truths
+        self.class_names = list(class_names)
+        self.counts = self._zeros()
+
+    @classmethod
+    def of(cls, store: PseudoLabelStore, index: DatasetIndex) -> LabelQuality | None:
+        """For a store's images; None if none of them has ground truth."""
+        truths = truth_paths(store.ids, index)
+        return cls(truths, store.class_names) if any(truths) else None
+
+    def _zeros(self) -> dict[str, np.ndarray]:
+        size = len(self.class_names)
+        return {kind: np.zeros((size, size + 1), np.int64) for kind in self.KINDS}
+
+    def truth(self, indices: Sequence[int]) -> list[np.ndarray] | None:
+        paths = [self.truths[i] for i in indices]
+        if any(path is None for path in paths):
+            return None
+        return [read_label(path) for path in paths]
+
+    def add(self, kind: str, labels: torch.Tensor, truth: torch.Tensor) -> None:
+        """labels, truth: (B, h, w) crops of one step (255 = no label / no ground truth)."""
+        for label, true in zip(labels.cpu().numpy(), truth.numpy(), strict=True):
+            self.counts[kind] += confusion_counts(label.astype(np.uint8),
+                                                  true.astype(np.uint8), len(self.class_names))
+
+    def record(self, ranks: Ranks | None = None) -> dict[str, Any]:
+        """`<kind>/label_accuracy`, `<kind>/label_coverage` and per class `<kind>/class_accuracy`
+        (precision) and `<kind>/class_coverage` (share of the class's pixels labelled), over every
+        rank's crops since the last call (a collective under torchrun); then starts over."""
+        record: dict[str, Any] = {}
+        for kind, counts in self.counts.items():
+            counts = ranks.sum(counts) if ranks is not None else counts
+            if not counts.any():
+                continue
+            found = diagnostics(counts, self.class_names, images=0)
+            record[f"{kind}/label_accuracy"] = found["accuracy"]
+            record[f"{kind}/label_coverage"] = found["coverage"]
+            per_class = found["per_class"].values()
+            record[f"{kind}/class_accuracy"] = [c["precision"] for c in per_class]
+            record[f"{kind}/class_coverage"] = [c["coverage"] for c in per_class]
+        self.counts = self._zeros()
+        return record

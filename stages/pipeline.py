@@ -1,7 +1,8 @@
 """`duda run`: the whole pipeline, stage by stage, skipping what is already current.
 
 warmup → generate-pseudo → (self-train → update-offline) × rounds → evaluate, after
-prepare-data. Every stage writes its usual artifact under `runs/<experiment>/`; a stage whose
+prepare-data; the warmup model is also evaluated as trained (source-only) and with its BN
+statistics recomputed on target-train (AdaBN), and the report of the run is drawn last. Every stage writes its usual artifact under `runs/<experiment>/`; a stage whose
 artifact is up to date is a no-op, and an interrupted training stage is resumed, so running the
 same command again continues where it stopped.
 """
@@ -11,10 +12,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from stages import evaluate, generate_pseudo, prepare_data, self_train, update_offline, warmup
+from stages import (
+    evaluate,
+    generate_pseudo,
+    plots,
+    prepare_data,
+    report,
+    self_train,
+    update_offline,
+    warmup,
+)
 from stages.artifact_writer import unfinished
 from stages.artifacts import StageResult, default_name
 from stages.config import Config
+from stages.errors import DudaError
 from stages.reporting import Reporter
 
 
@@ -55,6 +66,14 @@ def run(config: Config, root: Path, *, init: Path | None = None, force: bool = F
     note("evaluate_warmup", evaluate.run(baseline, data.path, checkpoint,
                                          root / default_name("evaluate_warmup"), force=force,
                                          device=device, reporter=reporter))
+    # The same model with its BN statistics recomputed on target-train (AdaBN): what the
+    # adaptation gains beyond new normalisation statistics alone.
+    adabn = config.model_copy(update={"evaluate": config.evaluate.model_copy(
+        update={"recalibration": config.evaluate.recalibration.model_copy(
+            update={"enabled": True})})})
+    note("evaluate_adabn", evaluate.run(adabn, data.path, checkpoint,
+                                        root / default_name("evaluate_adabn"), force=force,
+                                        device=device, reporter=reporter))
     pseudo = note("pseudo", generate_pseudo.run(
         config, data.path, checkpoint, root / default_name("generate_pseudo"), force=force,
         device=device, reporter=reporter)).path
@@ -69,4 +88,23 @@ def run(config: Config, root: Path, *, init: Path | None = None, force: bool = F
             force=force, device=device, reporter=reporter)).path
     note("evaluate", evaluate.run(config, data.path, checkpoint, root / default_name("evaluate"),
                                   force=force, device=device, reporter=reporter))
+    _report(root, results, force, reporter)
     return PipelineResult(results)
+
+
+def _report(root: Path, results: dict[str, StageResult], force: bool,
+            reporter: Reporter) -> None:
+    """The run's report (`duda report` of its training runs and evaluations) under `root`;
+    skipped, with one line, without matplotlib."""
+    try:
+        plots.require_matplotlib()
+    except DudaError:
+        reporter.info("report skipped: matplotlib is not installed (pip install -e '.[report]' "
+                      "and rerun to draw it)")
+        return
+    drawn = [result.path for name, result in results.items()
+             if name == "warmup" or name.startswith("evaluate") or (
+                 name.startswith("round") and not name.endswith("_offline"))]
+    results["report"] = report.run(drawn, root / default_name("report"), force=force,
+                                   reporter=reporter)
+    reporter.info(f"[report] {results['report'].path / report.HTML_FILE}")

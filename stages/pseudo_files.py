@@ -3,7 +3,7 @@
 `run()` is the import stage: it builds a finished store artifact from one label PNG per
 target-train image (published initial labels, say), with confidence 1 where labelled. `export`
 writes a store's labels as PNGs, into a new folder or an earlier export only, after checking
-every chunk.
+every chunk; `overlays` draws the first images' labels and confidence over them for a look.
 """
 
 from __future__ import annotations
@@ -18,14 +18,16 @@ from PIL import Image
 from stages.artifact_writer import ArtifactWriter, check_not_input, is_ours, write_marker
 from stages.artifacts import PSEUDO_LABELS, StageResult, atomic_open
 from stages.classes import IGNORE_INDEX
-from stages.data.index import load_dataset_index
-from stages.data.io import open_image, open_label_image
+from stages.data.index import DatasetIndex, load_dataset_index
+from stages.data.io import open_image, open_label_image, read_label
 from stages.errors import DudaError
 from stages.metrics import label_statistics
+from stages.predict import colorize
 from stages.pseudo_store import STORE_METADATA, PseudoLabelStore, create_store
 from stages.reporting import Reporter
 
 LABEL_EXPORT = "duda.label_export"
+LABEL_OVERLAYS = "duda.label_overlays"
 
 
 def export(store: PseudoLabelStore, directory: str | Path, colour: bool = False,
@@ -35,12 +37,8 @@ def export(store: PseudoLabelStore, directory: str | Path, colour: bool = False,
 
     `directory` must be new, empty, or an earlier export (it carries the project's marker);
     every chunk is checked before the first PNG is written."""
-    directory = Path(directory)
-    check_not_input(directory, [store.path])
-    if directory.exists() and not (directory.is_dir() and (
-            not any(directory.iterdir()) or is_ours(directory))):
-        raise DudaError(f"{directory} exists and is not an earlier label export; its files are "
-                        "left untouched", "export into a new or empty folder")
+    directory = _claimable(directory, [store.path], "an earlier label export",
+                           "export into a new or empty folder")
     store.validate(reporter)
     write_marker(directory, LABEL_EXPORT, "pseudo_export")
     palette = None
@@ -62,6 +60,60 @@ def export(store: PseudoLabelStore, directory: str | Path, colour: bool = False,
                 image.save(handle, format="PNG")
             task.advance(1)
     return len(store)
+
+
+def overlays(store: PseudoLabelStore, index: DatasetIndex, directory: str | Path,
+             images: int, reporter: Reporter | None = None) -> list[Path]:
+    """Write `<id>.png` panels for the store's first `images` images: the image | its stored
+    labels over it (unlabelled pixels dimmed) | the stored confidence (white = 1) | the
+    ground truth where target-train has one. Returns the files written.
+
+    `directory` must be new, empty, or an earlier overlay folder (it carries the project's
+    marker)."""
+    directory = _claimable(directory, [store.path, index.path], "an earlier overlay folder",
+                           "write the overlays into a new or empty folder")
+    samples = {sample.id: sample for sample in index.samples("target", "train")}
+    missing = [sample_id for sample_id in store.ids[:images] if sample_id not in samples]
+    if missing:
+        raise DudaError(f"{index.path} has no target-train image {missing[0]} of store "
+                        f"{store.path}", "pass the dataset index the store was made from")
+    write_marker(directory, LABEL_OVERLAYS, "pseudo_overlays")
+    palette = store.palette or _default_palette(store.num_classes)
+    written = []
+    reporter = reporter or Reporter()
+    with reporter.task("overlays", total=min(images, len(store))) as task:
+        for i, sample_id in enumerate(store.ids[:images]):
+            sample = samples[sample_id]
+            labels, levels = store.read_labels(i), store.read_levels(i)
+            size = (labels.shape[1], labels.shape[0])
+            image = np.asarray(open_image(sample.image).convert("RGB").resize(
+                size, Image.Resampling.BILINEAR))
+            coloured = colorize(labels, palette)
+            labelled = (labels != IGNORE_INDEX)[..., None]
+            blended = np.where(labelled, (0.4 * image + 0.6 * coloured), 0.35 * image)
+            parts = [image, blended.astype(np.uint8), np.repeat(levels[..., None], 3, axis=2)]
+            if sample.label is not None:
+                truth = Image.fromarray(read_label(sample.label)).resize(
+                    size, Image.Resampling.NEAREST)
+                parts.append(colorize(np.asarray(truth), palette))
+            path = directory / f"{sample_id}.png"
+            with atomic_open(path) as handle:
+                Image.fromarray(np.concatenate(parts, axis=1)).save(handle, format="PNG")
+            written.append(path)
+            task.advance(1)
+    return written
+
+
+def _claimable(directory: str | Path, inputs: list[Path], what: str, fix: str) -> Path:
+    """`directory`, if it is none of `inputs` and is new, empty or carries the project's marker
+    (an earlier output of the same command); otherwise a DudaError, nothing touched."""
+    directory = Path(directory)
+    check_not_input(directory, inputs)
+    if directory.exists() and not (directory.is_dir() and (
+            not any(directory.iterdir()) or is_ours(directory))):
+        raise DudaError(f"{directory} exists and is not {what}; its files are left untouched",
+                        fix)
+    return directory
 
 
 def _default_palette(count: int) -> list[tuple[int, int, int]]:

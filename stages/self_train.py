@@ -63,7 +63,7 @@ from stages.data.index import DatasetIndex, load_dataset_index
 from stages.data.transforms import CropParams, crop_label
 from stages.distributed import Ranks, process_group
 from stages.inference import recalibrate_on_target, target_val_miou
-from stages.metrics import label_statistics, quality
+from stages.metrics import LabelQuality, label_statistics, quality
 from stages.nn.model import build_model, parameter_groups
 from stages.nn.teacher import MeanTeacher, StudentAsTeacher, batchnorm_statistics
 from stages.pseudo_store import (
@@ -73,7 +73,7 @@ from stages.pseudo_store import (
 )
 from stages.reporting import Reporter
 from stages.schedules import alpha_schedule, beta_schedule
-from stages.self_train_step import StepInputs, label_agreement, self_train_step
+from stages.self_train_step import StepInputs, StepOutputs, label_agreement, self_train_step
 from stages.training import (
     LogWindow,
     MetricsLog,
@@ -168,7 +168,8 @@ def _train(config: Config, index: DatasetIndex, checkpoint: Path,
     ranks.seed_apart(config.seed)  # models built alike; from here each rank its own dropout
 
     progress, changes = Progress(), OfflineChanges(index.num_classes)
-    metrics = MetricsLog(out / METRICS_FILE, progress, writer=ranks.is_main)
+    metrics = MetricsLog(out / METRICS_FILE, progress, writer=ranks.is_main,
+                         tensorboard=config.logging.tensorboard, class_names=index.classes.names)
     working = WorkingStore(out, progress, ranks)
     state = TrainState(out / TRAIN_STATE_FILE, identity, ranks, {
         "student": student, "teacher": teacher, "optimizer": optimizer, "scaler": scaler,
@@ -185,6 +186,7 @@ def _train(config: Config, index: DatasetIndex, checkpoint: Path,
     ranks.barrier()  # rank 0 has put the working store in place
     store = working.open(cfg.runtime.prefetch)
     net = ranks.data_parallel(student, cfg.runtime.sync_batchnorm)  # what the step calls
+    labels_seen = LabelQuality.of(store, index) if config.logging.label_quality else None
 
     def save_state() -> None:
         working.flush()
@@ -229,17 +231,13 @@ def _train(config: Config, index: DatasetIndex, checkpoint: Path,
                     for key, per_class in counts.items():
                         window.add(f"offline/{key}", float(per_class.sum()))
                 window.add_all(outputs.terms)
-                if outputs.online_label is not None:
-                    online, offline, agreement = label_agreement(outputs.online_label.cpu(),
-                                                                 batch.offline_label.cpu())
-                    window.add_all({"online/coverage": online,
-                                    "online/offline_agreement": agreement,
-                                    "offline/crop_coverage": offline})
+                _watch_labels(window, labels_seen, config, indices, batch, outputs)
 
                 progress.iteration = iteration = it + 1
                 figures: dict[str, Any] = {}
                 if iteration % cfg.log_every == 0 or iteration == cfg.iterations:
                     record = _log_record(window, outputs.online_thresholds, ranks, iteration)
+                    record.update(labels_seen.record(ranks) if labels_seen else {})
                     record.update(lr=lr, alpha=alpha, beta=beta)
                     metrics.append({"iteration": iteration, **record})
                     figures = {k.removeprefix("loss/"): v for k, v in record.items()
@@ -260,6 +258,7 @@ def _train(config: Config, index: DatasetIndex, checkpoint: Path,
         source_loader.close()
         target_loader.close()
         working.close()
+        metrics.close()
 
     ranks.barrier()  # every rank's store writes are done
     if not ranks.is_main:
@@ -315,6 +314,25 @@ def _batch(config: Config, source: dict[str, Any], target: dict[str, Any],
         offline_label=_offline_crops(working.labels(indices), target["params"],
                                      config.input.target_size).to(device),
     ), indices
+
+
+def _watch_labels(window: LogWindow, labels_seen: LabelQuality | None, config: Config,
+                  indices: list[int], batch: StepInputs, outputs: StepOutputs) -> None:
+    """The step's label figures for the log: online coverage and agreement with the offline
+    labels and, with `labels_seen`, both kinds of label crops counted against the ground truth,
+    cropped alike. Nothing here reaches the step."""
+    if outputs.online_label is not None:
+        online, offline, agreement = label_agreement(outputs.online_label.cpu(),
+                                                     batch.offline_label.cpu())
+        window.add_all({"online/coverage": online, "online/offline_agreement": agreement,
+                        "offline/crop_coverage": offline})
+    truth = labels_seen.truth(indices) if labels_seen is not None else None
+    if labels_seen is None or truth is None:
+        return
+    truth_crops = _offline_crops(truth, batch.target_params, config.input.target_size)
+    labels_seen.add("offline", batch.offline_label, truth_crops)
+    if outputs.online_label is not None:
+        labels_seen.add("online", outputs.online_label, truth_crops)
 
 
 def _log_record(window: LogWindow, thresholds: torch.Tensor | None, ranks: Ranks,

@@ -14,6 +14,8 @@ from __future__ import annotations
 import json
 import math
 import random
+import shutil
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -24,6 +26,8 @@ import torch
 from stages.config import OptimizerConfig
 from stages.errors import DudaError
 from stages.schedules import lr_factor
+
+TENSORBOARD_DIR = "tensorboard"
 
 if TYPE_CHECKING:
     from stages.distributed import Ranks
@@ -222,23 +226,62 @@ class Progress:
 
 
 class MetricsLog:
-    """`metrics.jsonl`: one JSON line per log step, written by rank 0. Its state is the
-    iteration of the run's progress when saved; restoring drops the lines logged after it,
-    which a resumed run logs again."""
+    """`metrics.jsonl`: one JSON line per log step, written by rank 0, and with `tensorboard`
+    the same values as TensorBoard scalars in `tensorboard/` beside it (a per-class list becomes
+    one scalar per class). Its state is the iteration of the run's progress when saved;
+    restoring drops the lines logged after it, which a resumed run logs again, and the event
+    writer of a resumed run purges the events after it (`purge_step`)."""
 
-    def __init__(self, path: Path, progress: Progress, writer: bool) -> None:
+    def __init__(self, path: Path, progress: Progress, writer: bool, tensorboard: bool = False,
+                 class_names: Sequence[str] = ()) -> None:
         self.path = path
         self.progress = progress
         self.writer = writer
+        self.tensorboard = tensorboard and writer
+        self.class_names = list(class_names)
+        self.events: Any = None  # the SummaryWriter, opened at the first record
+        self.purge_step: int | None = None
+        if self.tensorboard:
+            summary_writer()  # a missing package is named before training starts
+
+    @property
+    def events_dir(self) -> Path:
+        return self.path.parent / TENSORBOARD_DIR
 
     def start(self) -> None:
-        """A new run: an old file (of an earlier, replaced run) is removed."""
+        """A new run: the files of an earlier, replaced run are removed."""
         if self.writer:
             self.path.unlink(missing_ok=True)
+            shutil.rmtree(self.events_dir, ignore_errors=True)
 
     def append(self, record: dict[str, Any]) -> None:
-        if self.writer:
-            append_metrics(self.path, record)
+        if not self.writer:
+            return
+        append_metrics(self.path, record)
+        if self.tensorboard:
+            self._scalars(record)
+
+    def _scalars(self, record: dict[str, Any]) -> None:
+        if self.events is None:
+            self.events = summary_writer()(str(self.events_dir), purge_step=self.purge_step)
+        step = int(record["iteration"])
+        for key, value in record.items():
+            if key == "iteration":
+                continue
+            if isinstance(value, list):
+                names = self.class_names if len(value) == len(self.class_names) else (
+                    [str(i) for i in range(len(value))])
+                for name, item in zip(names, value, strict=True):
+                    if isinstance(item, int | float):
+                        self.events.add_scalar(f"{key}/{name}", item, step)
+            elif isinstance(value, int | float) and not isinstance(value, bool):
+                self.events.add_scalar(key, value, step)
+        self.events.flush()
+
+    def close(self) -> None:
+        if self.events is not None:
+            self.events.close()
+            self.events = None
 
     def state_dict(self) -> dict[str, int]:
         return {"iteration": self.progress.iteration}
@@ -246,6 +289,18 @@ class MetricsLog:
     def load_state_dict(self, state: dict[str, int]) -> None:
         if self.writer:
             truncate_metrics(self.path, int(state["iteration"]))
+            self.purge_step = int(state["iteration"]) + 1
+
+
+def summary_writer() -> Any:
+    """TensorBoard's SummaryWriter class, or a DudaError naming the extra that provides it."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise DudaError("logging.tensorboard needs the tensorboard package, which is not "
+                        "installed", "pip install -e '.[report]' (or set "
+                        "logging.tensorboard=false)") from None
+    return SummaryWriter
 
 
 class TrainState:

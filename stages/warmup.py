@@ -158,7 +158,9 @@ def _train(config: Config, index: DatasetIndex, out: Path, *, ranks: Ranks, resu
     ranks.seed_apart(config.seed)
 
     progress = Progress()
-    metrics = MetricsLog(out / METRICS_FILE, progress, writer=ranks.is_main)
+    metrics = MetricsLog(out / METRICS_FILE, progress, writer=ranks.is_main,
+                         tensorboard=config.logging.tensorboard,
+                         class_names=index.classes.names)
     state = TrainState(out / TRAIN_STATE_FILE, identity, ranks, {
         "model": model, "optimizer": optimizer, "scaler": scaler,
         "source_loader": source_loader,
@@ -205,6 +207,7 @@ def _train(config: Config, index: DatasetIndex, out: Path, *, ranks: Ranks, resu
         source_loader.close()
         if adversarial is not None:
             adversarial.target_loader.close()
+        metrics.close()
 
     if not ranks.is_main:
         return None

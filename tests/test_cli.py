@@ -138,7 +138,8 @@ def test_run_options_reach_the_pipeline(monkeypatch, tiny_config_file, tmp_path)
         seen.update(config=config, root=root, **kwargs)
         result = fake_result(root / "evaluate", {"miou": 0.5, "miou_by_protocol": {"19": 0.5},
                                                  "per_class": {}})
-        return stages.pipeline.PipelineResult({"evaluate_warmup": result, "evaluate": result})
+        return stages.pipeline.PipelineResult({"evaluate_warmup": result,
+                                               "evaluate_adabn": result, "evaluate": result})
 
     monkeypatch.setattr(stages.pipeline, "run", pipeline_run)
     result = invoke("run", "-c", tiny_config_file, "--out", tmp_path / "r", "--init",

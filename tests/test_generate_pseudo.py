@@ -363,3 +363,30 @@ def test_two_processes_equal_one(tiny_index: Path, tiny_config_file: Path,
     assert summary_one["per_class"] == summary_two["per_class"]
     assert summary_one["diagnostics"] == summary_two["diagnostics"]
     open_store(tmp_path / "two")
+
+
+def test_show_draws_overlays_of_the_first_images(store_path: Path, tiny_index: Path,
+                                                 tmp_path: Path) -> None:
+    out = tmp_path / "overlays"
+    result = runner.invoke(app, ["pseudo", "show", str(store_path), "--data", str(tiny_index),
+                                 "--images", "2", "--out", str(out), "--json"])
+    assert result.exit_code == 0, result.stderr
+    drawn = [Path(p) for p in json.loads(result.stdout)["overlays"]]
+    store = open_store(store_path)
+    assert [p.name for p in drawn] == [f"{i}.png" for i in store.ids[:2]]
+    panel = np.asarray(Image.open(drawn[0]))
+    height, width = store.height, store.width
+    # image | labels | confidence | ground truth, each at the store's size
+    assert panel.shape == (height, 4 * width, 3)
+    levels = store.read_levels(0)
+    np.testing.assert_array_equal(panel[:, 2 * width:3 * width, 0], levels)
+    # A folder of the user's is refused, untouched; --out needs --data.
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    result = runner.invoke(app, ["pseudo", "show", str(store_path), "--data", str(tiny_index),
+                                 "--out", str(mine)])
+    assert result.exit_code == 2 and "left untouched" in result.stderr
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+    result = runner.invoke(app, ["pseudo", "show", str(store_path), "--out", str(out)])
+    assert result.exit_code == 2 and "--data" in result.stderr

@@ -45,8 +45,22 @@ def test_run_builds_every_artifact_and_resumes_after_ctrl_c(tiny_config_file, tm
     assert "resuming" in said and "at iteration 2" in said
     report = json.loads(second.stdout)
     assert report["artifact"] == str(out / "evaluate")
-    assert set(report["stages"]) == {"data", "warmup", "evaluate_warmup", "pseudo", "round1",
-                                     "round1_offline", "evaluate"}
+    assert set(report["stages"]) == {"data", "warmup", "evaluate_warmup", "evaluate_adabn",
+                                     "pseudo", "round1", "round1_offline", "evaluate", "report"}
+    assert set(report["comparison"]) == {"source-only", "source-only + AdaBN",
+                                         "DUDA (mean teacher)"}
+    adabn = json.loads((out / "evaluate_adabn" / "report.json").read_text())
+    protocol = str(adabn["primary_protocol"])  # the benchmark's 14 classes
+    for row in report["comparison"].values():
+        assert len(row["per_class"]) == 19 and set(row["miou_by_protocol"]) == {protocol}
+    assert adabn["protocol"]["bn_recalibration"] is not None  # target BN statistics
+    assert report["adabn_miou"] == adabn["miou"]
+    assert report["comparison"]["source-only + AdaBN"]["miou_by_protocol"][protocol] == adabn[
+        "miou"]
+    # The run's report draws the training runs and the three evaluations.
+    html = (out / "report" / "index.html").read_text()
+    for name in ("warmup", "round1", "evaluate_warmup", "evaluate_adabn", "evaluate"):
+        assert name in html, name
     final = json.loads((out / "evaluate" / "manifest.json").read_text())
     assert final["inputs"]["checkpoint"]["path"] == str((out / "round1").resolve())
     assert 0.0 <= report["summary"]["miou"] <= 1.0
@@ -56,3 +70,9 @@ def test_run_builds_every_artifact_and_resumes_after_ctrl_c(tiny_config_file, tm
 
     third = runner.invoke(app, args)
     assert third.exit_code == 0 and "[round1] up to date" in " ".join(third.stderr.split())
+    # The closing table: one column per model, a row per class and the mIoU.
+    table = third.stderr
+    for column in ("source-only", "AdaBN", "DUDA"):
+        assert column in table, column
+    assert "road" in table and f"mIoU-{protocol}" in table
+    assert f"{100 * adabn['miou']:.2f}" in table

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -222,3 +223,89 @@ def test_prefetching_changes_nothing_over_several_target_epochs(prepared, tmp_pa
               for p in (True, False)]
     np.testing.assert_array_equal(*levels)
     assert (store_labels(results[True] / "pseudo") != store_labels(prepared["pseudo"])).any()
+
+
+def _records(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_label_quality_is_logged_against_the_ground_truth(prepared, tmp_path) -> None:
+    # A store holding the ground truth itself: every offline label it gives is right.
+    from stages import pseudo_files
+    from stages.data.index import load_dataset_index
+
+    folder = tmp_path / "truth"
+    folder.mkdir()
+    for sample in load_dataset_index(prepared["data"]).samples("target", "train"):
+        shutil.copy(sample.label, folder / f"{sample.id}.png")
+    truth = pseudo_files.run(folder, prepared["data"], tmp_path / "truth_store").path
+    config = tiny(self_train__offline_start=1000)
+    result = self_train.run(config, prepared["data"], prepared["checkpoint"], truth,
+                            tmp_path / "run", device="cpu")
+    records = _records(result.path)
+    assert [r["iteration"] for r in records] == [1, 2, 3, 4]
+    for record in records:
+        assert record["offline/label_accuracy"] == 1.0
+        assert record["offline/label_coverage"] == 1.0
+        per_class = record["offline/class_accuracy"]
+        assert len(per_class) == 19 and {a for a in per_class if a is not None} == {1.0}
+        assert 0.0 <= record["online/label_accuracy"] <= 1.0
+        assert 0.0 <= record["online/label_coverage"] <= 1.0
+        assert len(record["online/class_coverage"]) == 19
+
+
+def test_logging_changes_no_weight_and_no_artifact_hash(prepared, tmp_path) -> None:
+    runs = {}
+    for on in (False, True):
+        config = tiny(logging={"label_quality": on, "tensorboard": on})
+        runs[on] = self_train.run(config, prepared["data"], prepared["checkpoint"],
+                                  prepared["pseudo"], tmp_path / f"run-{on}", device="cpu").path
+    on, off = (load_torch(runs[flag] / "model.pt") for flag in (True, False))
+    for part in ("student", "teacher"):
+        for key in on[part]:
+            assert torch.equal(on[part][key], off[part][key]), f"{part}.{key}"
+    np.testing.assert_array_equal(store_labels(runs[True] / "pseudo"),
+                                  store_labels(runs[False] / "pseudo"))
+    assert "offline/label_accuracy" in _records(runs[True])[-1]
+    assert "offline/label_accuracy" not in _records(runs[False])[-1]
+    assert not (runs[False] / "tensorboard").exists()
+    # Switching logging on does not make the finished run out of date.
+    again = self_train.run(tiny(logging={"tensorboard": True}), prepared["data"],
+                           prepared["checkpoint"], prepared["pseudo"], runs[False], device="cpu")
+    assert again.up_to_date
+
+
+def _scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(folder))
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)]
+            for tag in events.Tags()["scalars"]}
+
+
+def test_tensorboard_events_match_the_metrics_across_a_resume(prepared, tmp_path) -> None:
+    def config(label_quality: bool):
+        return tiny(self_train__iterations=6, self_train__checkpoint_every=2,
+                    logging={"tensorboard": True, "label_quality": label_quality})
+
+    inputs = (prepared["data"], prepared["checkpoint"], prepared["pseudo"])
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):  # after logging step 3, checkpoint at 2
+        self_train.run(config(False), *inputs, out, device="cpu", reporter=InterruptAt(3))
+    # Another logging setting does not refuse the resume.
+    self_train.run(config(True), *inputs, out, device="cpu", resume=True)
+
+    scalars = _scalars(out / "tensorboard")
+    records = _records(out)
+    assert [r["iteration"] for r in records] == [1, 2, 3, 4, 5, 6]
+    for key in ("loss/source_ce", "loss/offline_sce", "lr", "alpha", "online/coverage",
+                "online/label_accuracy"):
+        logged = [(r["iteration"], r[key]) for r in records if key in r]
+        assert [step for step, _ in scalars[key]] == [step for step, _ in logged], key
+        np.testing.assert_allclose([v for _, v in scalars[key]], [v for _, v in logged],
+                                   rtol=1e-6, err_msg=key)
+    # logged from the resume at the checkpoint (iteration 2) on
+    assert [step for step, _ in scalars["online/label_accuracy"]] == [3, 4, 5, 6]
+    # Per-class lists become one scalar per class, named by the class.
+    assert [step for step, _ in scalars["online/thresholds/road"]] == [1, 2, 3, 4, 5, 6]

@@ -268,3 +268,17 @@ def test_a_paper_config_names_its_init_file_and_says_which_is_missing(tmp_path, 
     assert "DeepLab_resnet_pretrained_init-f81d91e8.pth" in error.value.message
     assert "model.init=none" in error.value.fix
     assert not (tmp_path / "w").exists()
+
+
+def test_tensorboard_events_beside_the_metrics(tiny_index, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    config = _config().model_copy(update={"logging": _config().logging.model_copy(
+        update={"tensorboard": True})})
+    out = warmup.run(config, tiny_index, tmp_path / "w", device="cpu").path
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    scalars = events.Scalars("loss/source_ce")
+    assert [e.step for e in scalars] == [line["iteration"] for line in lines]
+    assert [e.value for e in scalars] == pytest.approx([line["loss/source_ce"] for line in lines])

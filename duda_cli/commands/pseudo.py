@@ -78,19 +78,33 @@ def import_(directory: Annotated[Path, typer.Argument(
 def show(store: Store, data: Annotated[Path | None, typer.Option(
              "--data", help="Dataset index: check the store against it and, where target-train "
              "has ground truth, report the labels' quality.", show_default=False)] = None,
+         images: Annotated[int, typer.Option(
+             "--images", min=1, help="With --data and --out: draw the first N images.")] = 8,
+         out: Annotated[Path | None, typer.Option(
+             "--out", "-o", help="With --data: write image | labels | confidence | ground "
+             "truth panels of the first --images images here (a new or empty folder).",
+             show_default=False)] = None,
          as_json: options.Json = False, quiet: options.Quiet = False) -> None:
-    """Print a store's lineage, thresholds, per-class coverage and (with --data) quality."""
+    """Print a store's lineage, thresholds, per-class coverage and (with --data) quality;
+    with --out, draw its labels and confidence over the first images."""
     from dataclasses import asdict
 
     from stages.artifacts import PSEUDO_LABELS, lineage
     from stages.data.index import load_dataset_index
+    from stages.errors import DudaError
     from stages.metrics import quality
+    from stages.pseudo_files import overlays
     from stages.pseudo_store import open_store
 
     setup_logging(quiet)
     with user_errors():
+        if out is not None and data is None:
+            raise DudaError("--out draws the images, which needs the dataset index",
+                            "add --data DATA (the prepare-data artifact)")
         index = load_dataset_index(data) if data is not None else None
         opened = open_store(store, index)
+        drawn = (overlays(opened, index, out, images, ConsoleReporter(quiet))
+                 if out is not None and index is not None else [])
         chain = [asdict(entry) for entry in lineage(store, PSEUDO_LABELS)]
         report = {
             "store": str(store), "images": len(opened), "label_size": [opened.height,
@@ -99,6 +113,7 @@ def show(store: Store, data: Annotated[Path | None, typer.Option(
             "thresholds": opened.thresholds, "statistics": opened.statistics,
             "lineage": chain,
             "quality": quality(opened, index, ConsoleReporter(True)) if index else None,
+            "overlays": [str(path) for path in drawn],
         }
     if as_json:
         print(json.dumps(report))
@@ -142,3 +157,7 @@ def _print_report(report: dict, names: list[str]) -> None:
                       for key in ("precision", "recall", "coverage")]
         table.add_row(*cells)
     stderr.print(table)
+    if report["overlays"]:
+        folder = Path(report["overlays"][0]).parent
+        stderr.print(f"{len(report['overlays'])} overlays (image | labels | confidence | ground "
+                     f"truth) in {folder}", highlight=False, soft_wrap=True)

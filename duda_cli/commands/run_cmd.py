@@ -48,24 +48,42 @@ def run(config: options.Config, out: Root = None, init: Init = None, set_: optio
         root = out if out is not None else Path("runs") / cfg.experiment
         result = pipeline.run(cfg, root, init=init, force=force, device=device,
                               reporter=ConsoleReporter(quiet))
-    final = result.final.manifest.summary
-    warm = result.stages["evaluate_warmup"].manifest.summary
+    rows = {"source-only": result.stages["evaluate_warmup"],
+            "source-only + AdaBN": result.stages["evaluate_adabn"],
+            "DUDA (mean teacher)": result.final}
+    summaries = {name: stage.manifest.summary for name, stage in rows.items()}
     if as_json:
-        print(json.dumps({"artifact": str(result.final.path), "summary": final,
-                          "stages": {name: str(r.path) for name, r in result.stages.items()},
-                          "warmup_miou": warm["miou"]}))
+        print(json.dumps({
+            "artifact": str(result.final.path), "summary": summaries["DUDA (mean teacher)"],
+            "stages": {name: str(r.path) for name, r in result.stages.items()},
+            "warmup_miou": summaries["source-only"]["miou"],
+            "adabn_miou": summaries["source-only + AdaBN"]["miou"],
+            "comparison": {name: {"miou_by_protocol": summary["miou_by_protocol"],
+                                  "per_class": summary["per_class"]}
+                           for name, summary in summaries.items()}}))
         return
     if not quiet:
-        stderr.print(_table(cfg.data.protocols, warm, final, result.final.path))
+        stderr.print(_table(summaries, _protocol_classes(result.final.path)))
 
 
-def _table(protocols: list[int], warm: dict, final: dict, path: Path) -> Table:
-    table = Table(title=f"target-val mIoU ({path})")
-    table.add_column("model")
-    for name in warm["miou_by_protocol"]:
-        table.add_column(f"mIoU-{name}", justify="right")
-    table.add_row("warmup (source only)",
-                  *(f"{100 * v:.2f}" for v in warm["miou_by_protocol"].values()))
-    table.add_row("DUDA (mean teacher)",
-                  *(f"{100 * v:.2f}" for v in final["miou_by_protocol"].values()))
+def _protocol_classes(evaluation: Path) -> list[str]:
+    """The classes of the evaluation's headline protocol, from its report."""
+    from stages.evaluate import REPORT_FILE
+
+    report = json.loads((evaluation / REPORT_FILE).read_text())
+    return report["protocols"][str(report["primary_protocol"])]
+
+
+def _table(summaries: dict[str, dict], classes: list[str]) -> Table:
+    """Target-val IoU per class and mIoU per protocol, one column per model."""
+    table = Table(title="target-val IoU (%)")
+    table.add_column("class")
+    for name in summaries:
+        table.add_column(name, justify="right")
+    for name in classes:
+        table.add_row(name, *(f"{100 * s['per_class'][name]:.1f}" for s in summaries.values()))
+    table.add_section()
+    for protocol in next(iter(summaries.values()))["miou_by_protocol"]:
+        table.add_row(f"[bold]mIoU-{protocol}[/]", *(
+            f"[bold]{100 * s['miou_by_protocol'][protocol]:.2f}[/]" for s in summaries.values()))
     return table
