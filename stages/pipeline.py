@@ -58,22 +58,15 @@ def run(config: Config, root: Path, *, init: Path | None = None, force: bool = F
     checkpoint = note("warmup", warmup.run(
         config, data.path, out, init=init, resume=unfinished(out), force=force, device=device,
         reporter=reporter)).path
-    # The source-only baseline as trained: no BN recalibration on the target (that is part of
-    # the adaptation being measured).
-    baseline = config.model_copy(update={"evaluate": config.evaluate.model_copy(
-        update={"recalibration": config.evaluate.recalibration.model_copy(
-            update={"enabled": False})})})
-    note("evaluate_warmup", evaluate.run(baseline, data.path, checkpoint,
-                                         root / default_name("evaluate_warmup"), force=force,
-                                         device=device, reporter=reporter))
-    # The same model with its BN statistics recomputed on target-train (AdaBN): what the
-    # adaptation gains beyond new normalisation statistics alone.
-    adabn = config.model_copy(update={"evaluate": config.evaluate.model_copy(
-        update={"recalibration": config.evaluate.recalibration.model_copy(
-            update={"enabled": True})})})
-    note("evaluate_adabn", evaluate.run(adabn, data.path, checkpoint,
-                                        root / default_name("evaluate_adabn"), force=force,
-                                        device=device, reporter=reporter))
+    # The source-only baseline as trained (BN recalibration on the target is part of the
+    # adaptation being measured), and the same model with its BN statistics recomputed on
+    # target-train (AdaBN): what the adaptation gains beyond new normalisation statistics.
+    for name, recalibrated in (("evaluate_warmup", False), ("evaluate_adabn", True)):
+        settings = config.model_copy(update={"evaluate": config.evaluate.model_copy(
+            update={"recalibration": config.evaluate.recalibration.model_copy(
+                update={"enabled": recalibrated})})})
+        note(name, evaluate.run(settings, data.path, checkpoint, root / default_name(name),
+                                force=force, device=device, reporter=reporter))
     pseudo = note("pseudo", generate_pseudo.run(
         config, data.path, checkpoint, root / default_name("generate_pseudo"), force=force,
         device=device, reporter=reporter)).path

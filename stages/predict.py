@@ -25,9 +25,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Self
@@ -64,6 +63,7 @@ from stages.inference import (
 )
 from stages.reporting import Reporter
 from stages.selectors import quantize
+from stages.store_io import PendingWrites
 
 logger = logging.getLogger("duda")
 
@@ -152,27 +152,17 @@ class BackgroundWriter:
 
     def __init__(self, threads: int = 2, limit: int = 16) -> None:
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="duda-png")
-        self._pending: deque[tuple[str, Future[None]]] = deque()
-        self._limit = limit
+        self._pending = PendingWrites(limit, lambda stem, error: DudaError(
+            f"cannot write the predictions of {stem} ({error.strerror or error})",
+            "choose an --out on a disk with room that you can write to"))
 
     def submit(self, stem: str, write: Callable[..., None], *arguments: Any) -> None:
         """Run `write(*arguments)` on a writer thread (`stem` names the image in errors)."""
-        while len(self._pending) >= self._limit or (self._pending and self._pending[0][1].done()):
-            self._collect()
-        self._pending.append((stem, self._pool.submit(write, *arguments)))
-
-    def _collect(self) -> None:
-        stem, future = self._pending.popleft()
-        try:
-            future.result()
-        except OSError as error:
-            raise DudaError(f"cannot write the predictions of {stem} "
-                            f"({error.strerror or error})",
-                            "choose an --out on a disk with room that you can write to") from None
+        self._pending.make_room()
+        self._pending.add(stem, self._pool.submit(write, *arguments))
 
     def flush(self) -> None:
-        while self._pending:
-            self._collect()
+        self._pending.flush()
 
     def __enter__(self) -> Self:
         return self

@@ -25,6 +25,39 @@ from stages.errors import DudaError
 from stages.pseudo_store import ArrayLike, PseudoLabelStore
 
 
+class PendingWrites:
+    """The futures of background writes, oldest first, keyed by what they write. `make_room`
+    collects the finished ones and waits while `limit` are pending; `flush` waits for all. A
+    write's OSError becomes the DudaError that `failure(key, error)` makes, raised by the call
+    that collects it."""
+
+    def __init__(self, limit: int, failure: Callable[[Any, OSError], DudaError]) -> None:
+        self.limit = limit
+        self.failure = failure
+        self._queue: deque[tuple[Any, Future[None]]] = deque()
+
+    def __len__(self) -> int:
+        return len(self._queue)
+
+    def make_room(self) -> None:
+        while len(self._queue) >= self.limit or (self._queue and self._queue[0][1].done()):
+            self._collect()
+
+    def add(self, key: Any, future: Future[None]) -> None:
+        self._queue.append((key, future))
+
+    def _collect(self) -> None:
+        key, future = self._queue.popleft()
+        try:
+            future.result()
+        except OSError as error:
+            raise self.failure(key, error) from None
+
+    def flush(self) -> None:
+        while self._queue:
+            self._collect()
+
+
 class StoreWriter:
     """A writable store whose writes run on a background thread (see the module docstring).
 
@@ -41,7 +74,9 @@ class StoreWriter:
         # image stay in order, those of different images run side by side.
         self._lanes = [ThreadPoolExecutor(max_workers=1, thread_name_prefix="duda-store")
                        for _ in range(threads)] if background else []
-        self._queue: deque[tuple[int, Future[None]]] = deque()
+        self._queue = PendingWrites(limit, lambda i, error: DudaError(
+            f"cannot write image {i} of pseudo-label store {store.path} "
+            f"({error.strerror or error})", "make room on the disk, or write to another place"))
         self._pending: dict[int, tuple[object, np.ndarray]] = {}  # image -> (token, labels)
         self._versions: dict[int, int] = {}
         self._lock = threading.Lock()
@@ -69,10 +104,9 @@ class StoreWriter:
         if not self._lanes:
             self._run(i, token, write)
             return
-        while len(self._queue) >= self.limit or (self._queue and self._queue[0][1].done()):
-            self._collect()
+        self._queue.make_room()
         lane = self._lanes[i % len(self._lanes)]
-        self._queue.append((i, lane.submit(self._run, i, token, write)))
+        self._queue.add(i, lane.submit(self._run, i, token, write))
 
     def _run(self, i: int, token: object, write: Callable[[], None]) -> None:
         try:
@@ -82,19 +116,9 @@ class StoreWriter:
                 if self._pending.get(i, (None,))[0] is token:
                     del self._pending[i]
 
-    def _collect(self) -> None:
-        i, future = self._queue.popleft()
-        try:
-            future.result()
-        except OSError as error:
-            raise DudaError(f"cannot write image {i} of pseudo-label store {self.store.path} "
-                            f"({error.strerror or error})",
-                            "make room on the disk, or write to another place") from None
-
     def flush(self) -> None:
         """Wait for every queued write; raise the first error."""
-        while self._queue:
-            self._collect()
+        self._queue.flush()
 
     # ---------------------------------------------------------------- reading
 
