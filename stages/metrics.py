@@ -129,8 +129,9 @@ DIAGNOSTICS_NOTE = ("computed against the target-train ground truth for inspecti
 def confusion_counts(labels: np.ndarray, truth: np.ndarray, num_classes: int) -> np.ndarray:
     """(C, C + 1) int64 counts of ground truth × pseudo label; the last column: ignored.
 
-    labels: (H, W) pseudo labels (255 = ignore); truth: ground truth (any size: resized by
-    nearest neighbour to the labels'), pixels with ground truth 255 are left out.
+    labels: (H, W) pseudo labels (255 = ignore), or a stack (B, H, W); truth: ground truth of the
+    same shape, or for one (H, W) image of any size (resized by nearest neighbour to the labels'),
+    pixels with ground truth 255 are left out.
     """
     if truth.shape != labels.shape:
         truth = np.asarray(Image.fromarray(truth).resize((labels.shape[1], labels.shape[0]),
@@ -230,9 +231,9 @@ class LabelQuality:
 
     def add(self, kind: str, labels: torch.Tensor, truth: torch.Tensor) -> None:
         """labels, truth: (B, h, w) crops of one step (255 = no label / no ground truth)."""
-        for label, true in zip(labels.cpu().numpy(), truth.numpy(), strict=True):
-            self.counts[kind] += confusion_counts(label.astype(np.uint8),
-                                                  true.astype(np.uint8), len(self.class_names))
+        self.counts[kind] += confusion_counts(labels.cpu().numpy().astype(np.uint8),
+                                              truth.numpy().astype(np.uint8),
+                                              len(self.class_names))
 
     def record(self, ranks: Ranks | None = None) -> dict[str, Any]:
         """`<kind>/label_accuracy`, `<kind>/label_coverage` and per class `<kind>/class_accuracy`

@@ -23,7 +23,7 @@ from stages import (
     warmup,
 )
 from stages.artifact_writer import unfinished
-from stages.artifacts import StageResult, default_name
+from stages.artifacts import CHECKPOINT, EVALUATION, StageResult, default_name
 from stages.config import Config
 from stages.errors import DudaError
 from stages.reporting import Reporter
@@ -95,9 +95,8 @@ def _report(root: Path, results: dict[str, StageResult], force: bool,
         reporter.info("report skipped: matplotlib is not installed (pip install -e '.[report]' "
                       "and rerun to draw it)")
         return
-    drawn = [result.path for name, result in results.items()
-             if name == "warmup" or name.startswith("evaluate") or (
-                 name.startswith("round") and not name.endswith("_offline"))]
+    drawn = [result.path for result in results.values()
+             if result.manifest.kind in (CHECKPOINT, EVALUATION)]
     results["report"] = report.run(drawn, root / default_name("report"), force=force,
                                    reporter=reporter)
     reporter.info(f"[report] {results['report'].path / report.HTML_FILE}")

@@ -326,8 +326,10 @@ def _watch_labels(window: LogWindow, labels_seen: LabelQuality | None, config: C
                                                      batch.offline_label.cpu())
         window.add_all({"online/coverage": online, "online/offline_agreement": agreement,
                         "offline/crop_coverage": offline})
-    truth = labels_seen.truth(indices) if labels_seen is not None else None
-    if labels_seen is None or truth is None:
+    if labels_seen is None:
+        return
+    truth = labels_seen.truth(indices)
+    if truth is None:
         return
     truth_crops = _offline_crops(truth, batch.target_params, config.input.target_size)
     labels_seen.add("offline", batch.offline_label, truth_crops)

@@ -68,7 +68,6 @@ class StoreWriter:
                  threads: int = 2) -> None:
         self.store = store
         self.background = background
-        self.limit = limit
         self.height, self.width, self.num_classes = store.height, store.width, store.num_classes
         # One single-thread pool per lane, an image always in the same lane: the writes of an
         # image stay in order, those of different images run side by side.

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import math
 import random
-import shutil
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -28,6 +27,7 @@ from stages.errors import DudaError
 from stages.schedules import lr_factor
 
 TENSORBOARD_DIR = "tensorboard"
+EVENT_FILES = "events.out.tfevents.*"  # the names TensorBoard's event writer gives its files
 
 if TYPE_CHECKING:
     from stages.distributed import Ranks
@@ -252,7 +252,8 @@ class MetricsLog:
         """A new run: the files of an earlier, replaced run are removed."""
         if self.writer:
             self.path.unlink(missing_ok=True)
-            shutil.rmtree(self.events_dir, ignore_errors=True)
+            for events in self.events_dir.glob(EVENT_FILES):  # only what the writer makes
+                events.unlink()
 
     def append(self, record: dict[str, Any]) -> None:
         if not self.writer:

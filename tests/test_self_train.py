@@ -52,6 +52,16 @@ def test_self_train_writes_run_and_its_own_store(prepared, tmp_path) -> None:
     assert len(last["online/thresholds"]) == 19
 
 
+def assert_same_runs(a: Path, b: Path) -> None:
+    """Two self-train runs ended with the same student and teacher, and the same store labels."""
+    first, second = load_torch(a / "model.pt"), load_torch(b / "model.pt")
+    for part in ("student", "teacher"):
+        assert first[part].keys() == second[part].keys()
+        for key in first[part]:
+            assert torch.equal(first[part][key], second[part][key]), f"{part}.{key}"
+    np.testing.assert_array_equal(store_labels(a / "pseudo"), store_labels(b / "pseudo"))
+
+
 class InterruptAt(Reporter):
     """Raise KeyboardInterrupt once the training task reaches `iteration` (a Ctrl-C)."""
 
@@ -85,13 +95,7 @@ def test_resume_after_interrupt_is_bit_identical(prepared, tmp_path) -> None:
         self_train.run(*args, tmp_path / "resumed", device="cpu")
     resumed = self_train.run(*args, tmp_path / "resumed", device="cpu", resume=True)
 
-    a, b = load_torch(straight.path / "model.pt"), load_torch(resumed.path / "model.pt")
-    for part in ("student", "teacher"):
-        assert a[part].keys() == b[part].keys()
-        for key in a[part]:
-            assert torch.equal(a[part][key], b[part][key]), f"{part}.{key}"
-    np.testing.assert_array_equal(store_labels(straight.path / "pseudo"),
-                                  store_labels(resumed.path / "pseudo"))
+    assert_same_runs(straight.path, resumed.path)
     assert straight.manifest.summary["offline_changes"] == resumed.manifest.summary[
         "offline_changes"]
 
@@ -213,12 +217,7 @@ def test_prefetching_changes_nothing_over_several_target_epochs(prepared, tmp_pa
         results[prefetch] = self_train.run(config, prepared["data"], prepared["checkpoint"],
                                            prepared["pseudo"], tmp_path / f"run-{prefetch}",
                                            device="cpu").path
-    on, off = (load_torch(results[p] / "model.pt") for p in (True, False))
-    for part in ("student", "teacher"):
-        for key in on[part]:
-            assert torch.equal(on[part][key], off[part][key]), f"{part}.{key}"
-    np.testing.assert_array_equal(store_labels(results[True] / "pseudo"),
-                                  store_labels(results[False] / "pseudo"))
+    assert_same_runs(results[True], results[False])
     levels = [np.stack([open_store(results[p] / "pseudo").read_levels(i) for i in range(6)])
               for p in (True, False)]
     np.testing.assert_array_equal(*levels)
@@ -260,12 +259,7 @@ def test_logging_changes_no_weight_and_no_artifact_hash(prepared, tmp_path) -> N
         config = tiny(logging={"label_quality": on, "tensorboard": on})
         runs[on] = self_train.run(config, prepared["data"], prepared["checkpoint"],
                                   prepared["pseudo"], tmp_path / f"run-{on}", device="cpu").path
-    on, off = (load_torch(runs[flag] / "model.pt") for flag in (True, False))
-    for part in ("student", "teacher"):
-        for key in on[part]:
-            assert torch.equal(on[part][key], off[part][key]), f"{part}.{key}"
-    np.testing.assert_array_equal(store_labels(runs[True] / "pseudo"),
-                                  store_labels(runs[False] / "pseudo"))
+    assert_same_runs(runs[True], runs[False])
     assert "offline/label_accuracy" in _records(runs[True])[-1]
     assert "offline/label_accuracy" not in _records(runs[False])[-1]
     assert not (runs[False] / "tensorboard").exists()

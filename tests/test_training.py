@@ -13,6 +13,8 @@ import torch
 from stages.config import OptimizerConfig
 from stages.errors import DudaError
 from stages.training import (
+    MetricsLog,
+    Progress,
     append_metrics,
     apply_lr_factor,
     build_optimizer,
@@ -149,3 +151,14 @@ def test_train_state_round_trips_every_entry(tmp_path) -> None:
     with pytest.raises(DudaError, match="lacks extra"):
         TrainState(tmp_path / "train_state.pt", identity, restored["rng"].ranks,
                    {**objects(), "extra": Counter()}).load(tmp_path)
+
+
+def test_a_new_run_removes_only_the_event_files_of_the_run_it_replaces(tmp_path) -> None:
+    events = tmp_path / "tensorboard"
+    events.mkdir()
+    (events / "events.out.tfevents.1700000000.host.1.0").write_bytes(b"old run")
+    (events / "notes.txt").write_text("the user's")
+    (tmp_path / "metrics.jsonl").write_text('{"iteration": 50}\n')
+    MetricsLog(tmp_path / "metrics.jsonl", Progress(), writer=True).start()
+    assert [p.name for p in events.iterdir()] == ["notes.txt"]
+    assert not (tmp_path / "metrics.jsonl").exists()
