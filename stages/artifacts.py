@@ -2,10 +2,10 @@
 
 Every stage output is a directory whose `manifest.json` is written last and atomically. A
 directory without a valid manifest is unfinished and refused as input. This module owns what
-an artifact is and how it is read: the manifest model, the content-derived id, the check on
-load that the id and the content files still match the manifest (an edited manifest or a
-changed `model.pt` is refused), atomic file writes, and lineage. Writing an artifact, with its
-safety rules, is `stages.artifact_writer`.
+an artifact is and how it is read: the manifest model, the content-derived id and the
+manifest's own digest, the check on load that both and the content files still match the
+manifest (an edited manifest or a changed `model.pt` is refused), atomic file writes, and
+lineage. Writing an artifact, with its safety rules, is `stages.artifact_writer`.
 """
 
 from __future__ import annotations
@@ -43,6 +43,14 @@ VERSIONS: dict[str, int] = {DATASET_INDEX: 1, CHECKPOINT: 1, PSEUDO_LABELS: 2, E
 # Older versions still read (a version-1 pseudo-label store stores float16 confidences).
 READABLE: dict[str, tuple[int, ...]] = {PSEUDO_LABELS: (1, 2)}
 
+# How a manifest vouches for itself, whatever the artifact's kind (docs/design.md#content-digests-
+# and-ids). 1: the id hashes the kind, config, config hash, input ids and content digests, and
+# nothing else is checked. 2: the id also hashes the stage, the round and which input is which,
+# and `digest` hashes every other field (summary, inputs' paths, created, environment), so no
+# field a command prints can be edited unnoticed. Format-1 manifests are still verified by their
+# own rule, so finished runs stay usable; every new manifest is format 2.
+MANIFEST_FORMAT = 2
+
 
 class ArtifactRef(BaseModel):
     """A pointer to an input artifact: its kind, id and where it was read from."""
@@ -69,6 +77,7 @@ class Manifest(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
     schema_id: str = Field(alias="schema", description="kind/version, e.g. duda.checkpoint/1")
+    manifest_format: int = Field(1, description="how id and digest are derived (1: absent)")
     id: str
     created: str
     stage: str
@@ -80,6 +89,7 @@ class Manifest(BaseModel):
     summary: dict[str, Any] = Field(default_factory=dict)
     content: dict[str, str] = Field(
         default_factory=dict, description="SHA-256 of each content file, by relative path")
+    digest: str | None = Field(None, description="SHA-256 of every other field (format 2)")
 
     @property
     def kind(self) -> str:
@@ -182,27 +192,55 @@ def load_artifact(path: str | Path, kind: str) -> Manifest:
     return manifest
 
 
-def artifact_id(kind: str, config: dict[str, Any], config_hash: str,
-                inputs: dict[str, ArtifactRef], content: dict[str, str]) -> str:
-    """The content-derived id: kind, config and its hash, the inputs' ids and the content
-    digests."""
-    identity = json.dumps({"kind": kind, "config": config, "config_hash": config_hash,
-                           "inputs": sorted(ref.id for ref in inputs.values()),
-                           "content": content}, sort_keys=True)
-    return hashlib.sha256(identity.encode()).hexdigest()[:16]
+def artifact_id(manifest: Manifest) -> str:
+    """The content-derived id, by the rule of the manifest's format (see MANIFEST_FORMAT).
+    It leaves out what differs between two identical runs (times, paths, speed figures), so
+    rebuilding an artifact with the same content keeps its id and its consumers up to date."""
+    identity: dict[str, Any] = {"kind": manifest.kind, "config": manifest.config,
+                                "config_hash": manifest.config_hash,
+                                "content": manifest.content}
+    if manifest.manifest_format == 1:
+        identity["inputs"] = sorted(ref.id for ref in manifest.inputs.values())
+    else:
+        identity.update(manifest_format=manifest.manifest_format, stage=manifest.stage,
+                        round=manifest.round,
+                        inputs={key: ref.id for key, ref in manifest.inputs.items()})
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def manifest_digest(manifest: Manifest) -> str:
+    """SHA-256 of every field of a format-2 manifest but `digest` itself."""
+    fields = manifest.model_dump(mode="json", by_alias=True, exclude={"digest"})
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+
+
+def seal(manifest: Manifest) -> Manifest:
+    """`manifest` in the current format, with its id and digest computed on what reading it
+    back gives (JSON writes a NaN in a summary as null)."""
+    current = Manifest.model_validate_json(manifest.model_copy(
+        update={"manifest_format": MANIFEST_FORMAT}).model_dump_json(by_alias=True))
+    current = current.model_copy(update={"id": artifact_id(current)})
+    return current.model_copy(update={"digest": manifest_digest(current)})
 
 
 def verify(path: Path, manifest: Manifest) -> None:
-    """Refuse an artifact whose manifest was edited or whose content files were changed.
-
-    Manifests written before content digests were recorded carry none and are not checked.
-    """
-    if not manifest.content:
-        return
-    if artifact_id(manifest.kind, manifest.config, manifest.config_hash, manifest.inputs,
-                   manifest.content) != manifest.id:
-        raise DudaError(f"artifact {path}: {MANIFEST} was edited (its id does not match its "
-                        "recorded fields)", "rebuild the artifact with --force")
+    """Refuse an artifact whose manifest was edited or whose content files were changed,
+    checking the manifest by the rule of its own format (see MANIFEST_FORMAT)."""
+    edited = DudaError(f"artifact {path}: {MANIFEST} was edited (its id or digest does not match "
+                       "its recorded fields)", "rebuild the artifact with --force")
+    if manifest.manifest_format not in (1, MANIFEST_FORMAT):
+        raise DudaError(f"artifact {path} has manifest format {manifest.manifest_format}; this "
+                        f"version of duda reads formats 1 and {MANIFEST_FORMAT}",
+                        "rebuild it with this version of duda (--force)")
+    if manifest.manifest_format == 1 and not manifest.content:
+        # Every format-1 writer recorded content digests: none left means they were removed.
+        raise DudaError(f"artifact {path}: {MANIFEST} records no content digests (edited, or "
+                        "written by a duda too old to check)", "rebuild the artifact with --force")
+    if artifact_id(manifest) != manifest.id:
+        raise edited
+    if manifest.manifest_format == MANIFEST_FORMAT and manifest.digest != manifest_digest(
+            manifest):
+        raise edited
     for name, recorded in manifest.content.items():
         file = path / name
         if not file.is_file():
@@ -284,11 +322,14 @@ def lineage(path: str | Path, kind: str, limit: int = 50) -> list[LineageEntry]:
     chain: list[LineageEntry] = []
     current: Path | None = Path(path)
     seen: set[str] = set()
+    expected: str | None = None  # the id the child recorded for its parent
     while current is not None and len(chain) < limit:
         try:
             manifest = load_artifact(current, kind)
         except DudaError:
-            chain.append(LineageEntry(path=str(current), found=False))
+            manifest = None
+        if manifest is None or expected not in (None, manifest.id):
+            chain.append(LineageEntry(path=str(current), found=False))  # gone or replaced
             break
         if manifest.id in seen:
             break
@@ -301,4 +342,5 @@ def lineage(path: str | Path, kind: str, limit: int = 50) -> list[LineageEntry]:
                               if key.startswith("checkpoint")),
             parent=parent.id if parent else None))
         current = Path(parent.path) if parent is not None else None
+        expected = parent.id if parent is not None else None
     return chain

@@ -8,9 +8,16 @@ The artifact directory is itself the zarr group, so any zarr client opens it dir
 - (format 1 only: `written`, uint8 (N,), a marker per written image);
 
 each array chunked one image per chunk, zstd with its checksum on (labels level 9, which
-stores them in fewer bytes than PNG files; the rest level 3). Group attributes
+stores them in fewer bytes than PNG files; the rest level 3), and each chunk bound to its image
+by a digest in `<array>/digests/<i>` (`stages.chunk_files`; a store's `chunk_digests` attribute
+says it has them: stores written before they existed are read unchecked). Group attributes
 hold the image ids in dataset-index order, the class names (and palette), the dataset index id,
 the class thresholds, the selector, per-class statistics and the parent version.
+
+Every `zarr.json` of the store (the group's and each array's) is a content file whose digest the
+manifest records, and opening a store checks that each array's metadata describes the layout
+written here: metadata that does not parse or was edited (an `int8` data type) is a damaged
+store, not a zarr error.
 
 zarr fails silently in several ways (docs/design.md#zarr), guarded against here: every write
 is validated (a uint8 array would wrap 300 to 44); every image is one chunk file per array,
@@ -49,7 +56,15 @@ from stages.artifacts import (
     link_or_copy,
     load_artifact,
 )
-from stages.chunk_files import ARRAY_CONFIG, ChunkFiles, chunk_path, create_image_array
+from stages.chunk_files import (
+    ARRAY_CONFIG,
+    ChunkDigestError,
+    ChunkFiles,
+    ChunkLayoutError,
+    chunk_path,
+    create_image_array,
+    read_array_metadata,
+)
 from stages.classes import IGNORE_INDEX
 from stages.errors import DudaError
 from stages.reporting import Reporter
@@ -58,7 +73,13 @@ from stages.selectors import LEVELS, quantize
 FORMAT = 2  # 1: float16 confidence (still read; every new store is 2)
 READABLE_FORMATS = (1, 2)
 ARRAYS = ("labels", "confidence")
-STORE_METADATA = "zarr.json"  # the group's attributes: the content a manifest's digest covers
+# Every zarr.json of a store (the group's attributes, each array's layout): the content files
+# whose digests a store's manifest records (docs/design.md#content-digests-and-ids).
+STORE_METADATA = ("zarr.json", "labels/zarr.json", "confidence/zarr.json")
+# The group attribute saying that every chunk has its digest file (see `stages.chunk_files`).
+DIGESTS_ATTRIBUTE, DIGEST_SCHEME = "chunk_digests", "blake2b-128(array/image/chunk bytes)"
+FIXED_ATTRIBUTES = ("duda_pseudo_labels", "ids", "class_names", "index_id", "height", "width",
+                    DIGESTS_ATTRIBUTE)
 
 ArrayLike = np.ndarray | torch.Tensor
 
@@ -95,18 +116,25 @@ class PseudoLabelStore:
         if writable and self.format != FORMAT:
             raise DudaError(f"{self.path} is a format-{self.format} store, which is read only",
                             "write into a new store (copy_store converts it)")
-        self.ids: list[str] = list(attrs["ids"])
-        self.class_names: list[str] = list(attrs["class_names"])
-        self.palette: list[list[int]] | None = attrs.get("palette")
-        self.index_id: str = attrs["index_id"]
-        self.height: int = int(attrs["height"])
-        self.width: int = int(attrs["width"])
+        try:
+            self.ids: list[str] = list(attrs["ids"])
+            self.class_names: list[str] = list(attrs["class_names"])
+            self.palette: list[list[int]] | None = attrs.get("palette")
+            self.index_id: str = attrs["index_id"]
+            self.height: int = int(attrs["height"])
+            self.width: int = int(attrs["width"])
+        except (KeyError, TypeError, ValueError) as error:
+            raise self._damaged_metadata("zarr.json", f"its attributes lack or mangle {error}")
+        self.digests = attrs.get(DIGESTS_ATTRIBUTE) == DIGEST_SCHEME
+        self._check_layout()
 
     # ------------------------------------------------------------------ zarr handles
 
     def _open_group(self) -> zarr.Group:
         """The zarr group, opened once per process (DataLoader workers reopen it)."""
         if self._group is None or self._pid != os.getpid():
+            if (self.path / "zarr.json").is_file():
+                read_group_metadata(self.path)  # a damaged zarr.json named, not a zarr error
             try:
                 self._group = zarr.open_group(self.path, mode="r+" if self.writable else "r",
                                               use_consolidated=False)
@@ -130,10 +158,42 @@ class PseudoLabelStore:
         return self._arrays[name]
 
     def _files(self, name: str) -> ChunkFiles | None:
-        """Direct chunk-file I/O for array `name` where its layout allows (else: zarr)."""
+        """Direct chunk-file I/O for array `name` (zarr only for a format-1 store's float16
+        confidence); metadata that does not parse or does not describe that layout is a
+        damaged store."""
         if name not in self._direct:
-            self._direct[name] = ChunkFiles.open(self.path / name)
+            try:
+                files = ChunkFiles.open(self.path / name, digests=self.digests)
+            except ChunkLayoutError as error:
+                raise self._damaged_metadata(f"{name}/zarr.json", str(error)) from None
+            if files is None and not (self.format == 1 and name == "confidence"):
+                raise self._damaged_metadata(f"{name}/zarr.json", "it does not describe the "
+                                             "layout duda writes (" + _layout(self.path / name)
+                                             + ")")
+            self._direct[name] = files
         return self._direct[name]
+
+    def _check_layout(self) -> None:
+        """Every array of the store's format holds (N, H, W) images, one per chunk."""
+        expected = (len(self.ids), self.height, self.width)
+        for name in ARRAYS + (("written",) if self.format == 1 else ()):
+            files = self._files(name) if name in ARRAYS else None
+            try:
+                shape = ((files.count, *files.shape) if files is not None
+                         else tuple(self._array(name).shape))
+            except DudaError:
+                raise
+            except Exception as error:  # noqa: BLE001 - zarr raises many types for bad metadata
+                raise self._damaged_metadata(f"{name}/zarr.json", str(error)) from None
+            if name != "written" and shape != expected:
+                raise self._damaged_metadata(f"{name}/zarr.json",
+                                             f"array '{name}' has shape {shape}, expected "
+                                             f"{expected}")
+
+    def _damaged_metadata(self, file: str, what: str) -> DudaError:
+        return DudaError(f"pseudo-label store {self.path} is damaged: {file}: {what}",
+                         "rebuild the store (rerun the stage that wrote it with --force); a "
+                         "store must not be edited by hand")
 
     def _put(self, name: str, i: int, image: np.ndarray) -> None:
         files = self._files(name)
@@ -282,7 +342,7 @@ class PseudoLabelStore:
 
     def set_attribute(self, key: str, value: Any) -> None:
         """Any other JSON-ready attribute (e.g. a selector's per-group thresholds)."""
-        if key in ("duda_pseudo_labels", "ids", "class_names", "index_id", "height", "width"):
+        if key in FIXED_ATTRIBUTES:
             raise ValueError(f"attribute {key!r} is fixed when the store is created")
         self._set_attr(key, value)
 
@@ -321,6 +381,8 @@ class PseudoLabelStore:
             return files.read(i) if files is not None else self._array(name)[i]
         except DudaError:
             raise
+        except ChunkDigestError as error:
+            raise self._damaged(i, f"{name}: {error}") from None
         except Exception as error:  # noqa: BLE001 - zarr/numcodecs raise many types
             raise self._damaged(i, f"its {name} chunk does not decode ({error})") from None
 
@@ -348,8 +410,10 @@ class PseudoLabelStore:
             written = np.asarray(self._array("written")[:])
             missing.update(np.flatnonzero(written != 1).tolist())
         for name in ARRAYS:
-            missing.update(i for i in range(len(self.ids))
-                           if not chunk_path(self.path / name, i).is_file())
+            files = self._files(name)
+            exists = files.exists if files is not None else (
+                lambda i, name=name: chunk_path(self.path / name, i).is_file())
+            missing.update(i for i in range(len(self.ids)) if not exists(i))
         return sorted(missing)
 
     def check_complete(self) -> None:
@@ -398,7 +462,7 @@ def create_store(path: str | Path, *, ids: Sequence[str], height: int, width: in
         "duda_pseudo_labels": FORMAT, "ids": list(ids), "class_names": list(class_names),
         "palette": [list(colour) for colour in palette] if palette is not None else None,
         "index_id": index_id, "height": int(height), "width": int(width), "thresholds": None,
-        "selector": None, "statistics": None,
+        "selector": None, "statistics": None, DIGESTS_ATTRIBUTE: DIGEST_SCHEME,
         "parent": parent.model_dump() if parent is not None else None})))
     create_image_array(group, "labels", count, height, width, IGNORE_INDEX, LABEL_ZSTD_LEVEL)
     create_image_array(group, "confidence", count, height, width, 0, ZSTD_LEVEL)
@@ -425,14 +489,7 @@ def open_store(path: str | Path, index: Any | None = None) -> PseudoLabelStore:
     """
     path = Path(path)
     manifest = load_artifact(path, PSEUDO_LABELS)
-    store = PseudoLabelStore(path, writable=False)
-    for name in ARRAYS:
-        array = store._array(name)
-        expected = (len(store.ids), store.height, store.width)
-        if tuple(array.shape) != expected:
-            raise DudaError(f"pseudo-label store {path}: array '{name}' has shape "
-                            f"{tuple(array.shape)}, expected {expected}",
-                            "the store was edited or is corrupt; rebuild it with --force")
+    store = PseudoLabelStore(path, writable=False)  # checks each array's layout
     store.check_complete()
     if index is not None:
         check_store_matches(store, index, manifest)
@@ -480,15 +537,51 @@ def copy_store(src: str | Path | PseudoLabelStore, dst: str | Path) -> PseudoLab
                             ignore=shutil.ignore_patterns("*.partial"))
         elif entry.name == "zarr.json":
             shutil.copy2(entry, dst / entry.name)
+    group = zarr.open_group(dst, mode="r+", zarr_format=3)
     if converting:
-        group = zarr.open_group(dst, mode="r+", zarr_format=3)
         group.attrs["duda_pseudo_labels"] = FORMAT
         create_image_array(group, "confidence", len(source), source.height, source.width, 0,
                            ZSTD_LEVEL)
-        levels = ChunkFiles.open(dst / "confidence")
+        levels = ChunkFiles.open(dst / "confidence", digests=True)
         assert levels is not None
         for i in range(len(source)):
             levels.write(i, source.read_levels(i))
+    if not source.digests:  # a store written before chunk digests: bind its chunks now
+        _add_digests(dst, len(source), skip=("confidence",) if converting else ())
+        group.attrs[DIGESTS_ATTRIBUTE] = DIGEST_SCHEME
     store = PseudoLabelStore(dst, writable=True)
     store._set_attr("parent", manifest.ref(source.path).model_dump())
     return store
+
+
+def _add_digests(path: Path, count: int, skip: Sequence[str] = ()) -> None:
+    """Write the digest file of every chunk of the store at `path` (a copy of a store written
+    before chunk digests existed; its chunks were checked by zstd when the copy was opened)."""
+    for name in ARRAYS:
+        files = ChunkFiles.open(path / name, digests=True)
+        if name in skip or files is None:
+            continue
+        for i in range(count):
+            if files.path(i).is_file():
+                files.write_digest(i)
+
+
+def read_group_metadata(path: Path) -> dict[str, Any]:
+    """The parsed group `zarr.json` of the store at `path`, or a DudaError naming it."""
+    try:
+        return read_array_metadata(path)
+    except ChunkLayoutError as error:
+        raise DudaError(f"pseudo-label store {path} is damaged: {error}",
+                        "rebuild the store (rerun the stage that wrote it with --force); a "
+                        "store must not be edited by hand") from None
+
+
+def _layout(folder: Path) -> str:
+    """The data type, shape and codecs an array's zarr.json records, in words."""
+    meta = read_array_metadata(folder)
+    codecs = meta.get("codecs")
+    names = [c.get("name") for c in codecs if isinstance(c, dict)] if isinstance(
+        codecs, list) else codecs
+    return (f"data_type {meta.get('data_type')!r}, shape {meta.get('shape')}, codecs {names}, "
+            f"fill_value {meta.get('fill_value')!r}; expected uint8, one image per chunk, "
+            "bytes → zstd")

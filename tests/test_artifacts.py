@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pytest
@@ -93,3 +94,74 @@ def test_future_version_is_refused(tmp_path) -> None:
     path.write_text(json.dumps(data))
     with pytest.raises(DudaError, match="reads duda.dataset_index/1"):
         load_artifact(tmp_path / "a", DATASET_INDEX)
+
+
+# ------------------------------------------------------------------ manifest formats
+
+
+def as_format_1(path) -> dict:
+    """Rewrite the manifest at `path` as duda wrote it before manifest format 2: no format
+    field, no digest, the id by the format-1 rule (kind, config, its hash, sorted input ids,
+    content digests)."""
+    data = json.loads((path / MANIFEST).read_text())
+    del data["manifest_format"], data["digest"]
+    identity = {"kind": data["schema"].split("/")[0], "config": data["config"],
+                "config_hash": data["config_hash"], "content": data["content"],
+                "inputs": sorted(ref["id"] for ref in data["inputs"].values())}
+    data["id"] = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+    (path / MANIFEST).write_text(json.dumps(data, indent=2))
+    return data
+
+
+def test_a_format_1_manifest_still_verifies_and_stays_up_to_date(tmp_path) -> None:
+    build(tmp_path / "a")
+    old = as_format_1(tmp_path / "a")
+    manifest = load_artifact(tmp_path / "a", DATASET_INDEX)
+    assert manifest.manifest_format == 1 and manifest.id == old["id"]
+    again = build(tmp_path / "a")
+    assert again.up_to_date and again.manifest.id == old["id"]
+    # Its consumers, which recorded the old id, stay up to date too.
+    ref = manifest.ref(tmp_path / "a")
+    build(tmp_path / "b", inputs={"data": ref})
+    assert build(tmp_path / "b", inputs={"data": ref}).up_to_date
+    # An old manifest whose content digests were removed is refused, not waved through.
+    data = json.loads((tmp_path / "a" / MANIFEST).read_text())
+    (tmp_path / "a" / MANIFEST).write_text(json.dumps({**data, "content": {}}))
+    with pytest.raises(DudaError, match="records no content digests"):
+        load_artifact(tmp_path / "a", DATASET_INDEX)
+
+
+@pytest.mark.parametrize("edit", [
+    lambda m: m["summary"].update(pairs=4),
+    lambda m: m.update(stage="update_offline"),
+    lambda m: m.update(round=2),
+    lambda m: m.update(content={}),
+    lambda m: m.update(created="2020-01-01T00:00:00+00:00"),
+    lambda m: m["environment"].update(device="cuda"),
+    lambda m: m["inputs"]["data"].update(path="/elsewhere"),
+    lambda m: m.pop("manifest_format"),  # posing as format 1: the old rule gives another id
+    lambda m: m.pop("digest"),
+], ids=["summary", "stage", "round", "content emptied", "created", "environment",
+        "input path", "format removed", "digest removed"])
+def test_an_edit_to_any_field_of_a_format_2_manifest_is_refused(tmp_path, edit) -> None:
+    base = build(tmp_path / "base").manifest
+    build(tmp_path / "a", inputs={"data": base.ref(tmp_path / "base")})
+    assert load_artifact(tmp_path / "a", DATASET_INDEX).manifest_format == 2
+    data = json.loads((tmp_path / "a" / MANIFEST).read_text())
+    edit(data)
+    (tmp_path / "a" / MANIFEST).write_text(json.dumps(data))
+    with pytest.raises(DudaError, match="was edited|records no content"):
+        load_artifact(tmp_path / "a", DATASET_INDEX)
+    with pytest.raises(DudaError):  # an up-to-date rerun checks it too
+        build(tmp_path / "a", inputs={"data": base.ref(tmp_path / "base")})
+
+
+def test_ids_stay_content_derived_and_a_summary_nan_reads_back(tmp_path) -> None:
+    first = build(tmp_path / "a").manifest
+    second = build(tmp_path / "b").manifest  # another time and place, same content
+    assert first.id == second.id
+    with ArtifactWriter(tmp_path / "c", kind=DATASET_INDEX, stage="prepare_data",
+                        config={"a": 1}, config_hash="h") as writer:
+        (writer.work / "payload.txt").write_text("x")
+        writer.finish({"miou": float("nan")}, content=["payload.txt"])
+    assert load_artifact(tmp_path / "c", DATASET_INDEX).summary == {"miou": None}

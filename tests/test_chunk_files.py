@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +10,12 @@ import pytest
 import zarr
 from zarr.codecs import ZstdCodec
 
-from stages.chunk_files import ChunkFiles, create_image_array
+from stages.chunk_files import (
+    ChunkDigestError,
+    ChunkFiles,
+    ChunkLayoutError,
+    create_image_array,
+)
 
 
 def _array(root: Path, name: str = "labels", dtype: str = "uint8",
@@ -59,7 +65,61 @@ def test_other_layouts_are_left_to_zarr(tmp_path: Path):
     _array(tmp_path, "blocks", chunks=(2, 6, 10))
     assert ChunkFiles.open(tmp_path / "float") is None
     assert ChunkFiles.open(tmp_path / "blocks") is None
-    assert ChunkFiles.open(tmp_path / "absent") is None
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda meta: meta.unlink(), "is missing"),
+    (lambda meta: meta.write_text(meta.read_text()[:40]), "not valid JSON"),
+    (lambda meta: meta.write_bytes(b"\xff\xfe"), "not valid JSON"),
+    (lambda meta: meta.write_text("[1, 2]"), "not a JSON object"),
+])
+def test_metadata_that_does_not_parse_raises_a_layout_error(tmp_path: Path, damage, message):
+    _array(tmp_path)
+    meta = tmp_path / "labels" / "zarr.json"
+    damage(meta)
+    with pytest.raises(ChunkLayoutError, match=message):
+        ChunkFiles.open(tmp_path / "labels")
+
+
+def test_an_edited_data_type_or_fill_value_is_not_read_directly(tmp_path: Path):
+    _array(tmp_path)
+    meta_path = tmp_path / "labels" / "zarr.json"
+    original = json.loads(meta_path.read_text())
+    for edit in ({"data_type": "int8"}, {"fill_value": 300}, {"fill_value": "255"}):
+        meta_path.write_text(json.dumps({**original, **edit}))
+        assert ChunkFiles.open(tmp_path / "labels") is None, edit
+
+
+def test_digests_bind_each_chunk_to_its_image(tmp_path: Path):
+    """Two chunks exchanged (with or without their digest files) are refused, even when both
+    hold the same bytes; zarr reads the array as before."""
+    array = _array(tmp_path)
+    files = ChunkFiles.open(tmp_path / "labels", digests=True)
+    assert files is not None
+    for i in range(3):
+        files.write(i, _image(0) if i < 2 else _image(2))
+    assert files.digest_path(0).read_text() != files.digest_path(1).read_text()
+    np.testing.assert_array_equal(files.read(1), _image(0))
+    np.testing.assert_array_equal(array[2], _image(2))  # plain zarr ignores digests/
+    assert array.nchunks_initialized == 3
+    for swap_digests in (False, True):
+        paths = [files.path(1), files.path(2)] + (
+            [files.digest_path(1), files.digest_path(2)] if swap_digests else [])
+        for a, b in zip(paths[::2], paths[1::2], strict=True):
+            data_a, data_b = a.read_bytes(), b.read_bytes()
+            a.write_bytes(data_b)
+            b.write_bytes(data_a)
+        with pytest.raises(ChunkDigestError, match="not the one written for this image"):
+            files.read(1)
+    # Identical bytes under another index are refused too: the index is part of the digest.
+    files.path(0).write_bytes(files.path(1).read_bytes())
+    files.digest_path(0).write_bytes(files.digest_path(1).read_bytes())
+    with pytest.raises(ChunkDigestError):
+        files.read(0)
+    files.digest_path(0).unlink()
+    with pytest.raises(ChunkDigestError, match="no digest file"):
+        files.read(0)
+    assert not files.exists(0)
 
 
 def test_a_wrong_image_is_refused_before_anything_is_written(tmp_path: Path):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import pickle
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +19,7 @@ from stages.data.index import load_dataset_index
 from stages.errors import DudaError
 from stages.metrics import label_statistics
 from stages.pseudo_store import (
+    STORE_METADATA,
     PseudoLabelStore,
     copy_store,
     create_store,
@@ -37,7 +40,8 @@ def label_map(seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def finished_store(path: Path, count: int = 4, index_id: str = "index-1",
-                   names: list[str] = NAMES) -> Path:
+                   names: list[str] = NAMES,
+                   content: tuple[str, ...] = STORE_METADATA) -> Path:
     with ArtifactWriter(path, kind=PSEUDO_LABELS, stage="test", config={},
                         config_hash="h") as writer:
         store = create_store(path, ids=[f"img{i}" for i in range(count)], height=H, width=W,
@@ -46,7 +50,7 @@ def finished_store(path: Path, count: int = 4, index_id: str = "index-1",
             store.write(i, *label_map(i))
         store.set_thresholds([0.5] * len(names))
         store.set_statistics(label_statistics(store))
-        writer.finish({}, content=["zarr.json"])
+        writer.finish({}, content=content)
     return path
 
 
@@ -270,3 +274,80 @@ def test_a_format_1_store_still_loads_and_its_copy_is_format_2(tmp_path: Path,
         manifest = writer.finish({}, content=["zarr.json"])
     assert manifest.schema_id == "duda.pseudo_labels/2"
     np.testing.assert_array_equal(open_store(tmp_path / "old").read_labels(0), label_map(0)[0])
+
+
+# ------------------------------------------------------------------ integrity
+
+
+def _swap(a: Path, b: Path) -> None:
+    data_a, data_b = a.read_bytes(), b.read_bytes()
+    a.write_bytes(data_b)
+    b.write_bytes(data_a)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda meta: meta.write_text(meta.read_text().replace('"uint8"', '"int8"')),
+     "labels/zarr.json: it does not describe the layout duda writes (data_type 'int8'"),
+    (lambda meta: meta.write_text(meta.read_text()[:60]), "labels/zarr.json: zarr.json is not "
+                                                          "valid JSON"),
+])
+def test_edited_array_metadata_is_a_damaged_store(tmp_path: Path, edit, message) -> None:
+    """The manifest covers each array's zarr.json; a store whose manifest predates that (only
+    the group's zarr.json recorded) is still refused by the layout check, naming the file."""
+    covered = finished_store(tmp_path / "covered")
+    edit(covered / "labels" / "zarr.json")
+    with pytest.raises(DudaError, match="labels/zarr.json differs from the file its manifest"):
+        open_store(covered)
+    older = finished_store(tmp_path / "older", content=("zarr.json",))
+    edit(older / "labels" / "zarr.json")
+    with pytest.raises(DudaError) as error:
+        open_store(older)
+    assert message in str(error.value) and "is damaged" in str(error.value)
+    assert "rerun the stage that wrote it with --force" in str(error.value)
+
+
+def test_a_truncated_group_metadata_is_a_damaged_store(tmp_path: Path) -> None:
+    path = finished_store(tmp_path / "store", content=("labels/zarr.json",))
+    (path / "zarr.json").write_text((path / "zarr.json").read_text()[:50])
+    with pytest.raises(DudaError, match=r"store .*store is damaged: zarr.json is not valid JSON"):
+        open_store(path)
+
+
+@pytest.mark.parametrize("array", ["labels", "confidence"])
+def test_swapped_chunks_are_refused_naming_the_image(tmp_path: Path, array: str) -> None:
+    path = finished_store(tmp_path / "store")
+    folder = path / array
+    _swap(folder / "c" / "0" / "0" / "0", folder / "c" / "1" / "0" / "0")
+    _swap(folder / "digests" / "0", folder / "digests" / "1")
+    store = open_store(path)
+    with pytest.raises(DudaError, match=rf"image 0 \(img0\): {array}: its chunk is not the one "
+                                        "written for this image"):
+        store.validate()
+    np.testing.assert_array_equal(store.read_labels(2), label_map(2)[0])  # the others read
+
+
+def test_a_store_without_chunk_digests_is_read_and_its_copy_gains_them(tmp_path: Path) -> None:
+    """Stores written before chunk digests stay readable; a copy (what self-train and
+    update-offline work on) binds every chunk, so a later swap in it is refused."""
+    path = finished_store(tmp_path / "old", content=())
+    for name in ("labels", "confidence"):
+        shutil.rmtree(path / name / "digests")
+    attrs = json.loads((path / "zarr.json").read_text())
+    del attrs["attributes"]["chunk_digests"]
+    (path / "zarr.json").write_text(json.dumps(attrs))
+    old = open_store(path)
+    assert not old.digests
+    np.testing.assert_array_equal(old.read_labels(1), label_map(1)[0])
+    with ArtifactWriter(tmp_path / "new", kind=PSEUDO_LABELS, stage="test", config={},
+                        config_hash="new") as writer:
+        copy = copy_store(old, tmp_path / "new")
+        assert copy.digests
+        copy.write_labels(3, np.zeros((H, W), np.uint8))
+        writer.finish({}, content=STORE_METADATA)
+    new = open_store(tmp_path / "new")
+    assert (new.read_labels(3) == 0).all()
+    np.testing.assert_array_equal(new.read_labels(1), label_map(1)[0])
+    labels = tmp_path / "new" / "labels"
+    _swap(labels / "c" / "1" / "0" / "0", labels / "c" / "2" / "0" / "0")
+    with pytest.raises(DudaError, match=r"image 1 \(img1\)"):
+        new.read_labels(1)
