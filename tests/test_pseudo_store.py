@@ -288,8 +288,8 @@ def _swap(a: Path, b: Path) -> None:
 @pytest.mark.parametrize("edit, message", [
     (lambda meta: meta.write_text(meta.read_text().replace('"uint8"', '"int8"')),
      "labels/zarr.json: it does not describe the layout duda writes (data_type 'int8'"),
-    (lambda meta: meta.write_text(meta.read_text()[:60]), "labels/zarr.json: zarr.json is not "
-                                                          "valid JSON"),
+    (lambda meta: meta.write_text(meta.read_text()[:60]),
+     "labels/zarr.json: zarr.json is not valid JSON"),
 ])
 def test_edited_array_metadata_is_a_damaged_store(tmp_path: Path, edit, message) -> None:
     """The manifest covers each array's zarr.json; a store whose manifest predates that (only
