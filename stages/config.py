@@ -93,6 +93,12 @@ __all__ = [
 ]
 
 
+# The range of every seed: numpy's generators refuse a negative seed and torch's one of 2**64 or
+# more; 2**32 is numpy's legacy range and leaves room for the offsets the stages add to it
+# (`seed + 1`, `seed + 2`) (docs/method.md#optimisation).
+SEED_LIMIT = 2**32
+
+
 class LoggingConfig(Section):
     """What warmup and self-train log besides `metrics.jsonl`. No stage depends on this section:
     changing it never makes an artifact out of date or refuses a resume."""
@@ -113,7 +119,8 @@ class PipelineConfig(Section):
 
 class Config(Section):
     experiment: str
-    seed: int = 888
+    seed: int = Field(default=888, ge=0, lt=SEED_LIMIT,
+                      description="seeds python, numpy and torch: 0 <= seed < 2**32")
     data: DataConfig
     input: InputConfig = InputConfig()
     model: ModelConfig = ModelConfig()
@@ -208,6 +215,9 @@ def _describe_error(item: Any, key: str) -> str:
         return f"{key} must be {expected}, got the string {item['input']!r}{hint}"
     if kind == "missing":
         return f"missing key {key}"
+    if kind == "union_tag_not_found":
+        tag = item["ctx"]["discriminator"].strip("'")
+        return f"{key} must say which variant it is with its '{tag}' key (got {item['input']!r})"
     return f"{key}: {item['msg']} (got {item['input']!r})"
 
 
@@ -231,7 +241,8 @@ def _allowed_keys(location: tuple[Any, ...]) -> str:
         else:
             return ""
     variant = _variant_name(model)
-    owner = f" of {location[-2]} '{variant}'" if variant and len(location) > 1 else ""
+    # pydantic names a union's variant in the location: [..., section, variant tag, key]
+    owner = f" of {location[-3]} '{variant}'" if variant and len(location) > 2 else ""
     return f"; allowed keys{owner}: " + ", ".join(model.model_fields)
 
 
@@ -308,7 +319,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not path:
         raise DudaError(f"--set {text!r} has an empty key", "write --set section.key=value")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = read_yaml(raw, f"--set {text!r}") if raw.strip() else None
     except yaml.YAMLError as error:
         raise DudaError(f"--set {text!r}: the value is not valid YAML ({error})") from None
     return path, value
@@ -318,29 +329,62 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     """Return a copy of the raw config dict with every `--set` override applied.
 
     A mapping value merges into the section it names (`--set 'warmup.optimizer={lr: 0.1}'`
-    changes only `lr`), any other value replaces the key."""
+    changes only `lr`), any other value replaces the key. A variant section the config leaves
+    out (the selector, the teacher) is the default variant, so a key set inside it merges into
+    that variant (docs/design.md#configuration)."""
     result = json.loads(json.dumps(raw))
     for text in overrides:
         path, value = parse_override(text)
-        node = result
+        node: dict[str, Any] = result
+        model: type[BaseModel] | None = Config
         for part in path[:-1]:
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
+            child = _section(node, part, model)
             if not isinstance(child, dict):
                 raise DudaError(f"--set {text!r}: '{part}' is not a section",
                                 "check the key path with `duda config show`")
-            node = child
-        _merge(node, path[-1], value)
+            node, model = child, _child_model(model, part, child)
+        _merge(node, path[-1], value, model)
     return result
 
 
-def _merge(node: dict[str, Any], key: str, value: Any) -> None:
-    if isinstance(value, dict) and isinstance(node.get(key), dict):
-        for child_key, child_value in value.items():
-            _merge(node[key], str(child_key), child_value)
-    else:
+def _merge(node: dict[str, Any], key: str, value: Any, model: type[BaseModel] | None) -> None:
+    """Set `node[key]` to `value`; a mapping merges key by key into the section there."""
+    section = _section(node, key, model) if isinstance(value, dict) else None
+    if not isinstance(section, dict):
         node[key] = value
+        return
+    child_model = _child_model(model, key, {**section, **value})
+    for child_key, child_value in value.items():
+        _merge(section, str(child_key), child_value, child_model)
+
+
+def _section(node: dict[str, Any], key: str, model: type[BaseModel] | None) -> Any:
+    """`node[key]` ready to be written into: a section the config leaves out is created (a
+    variant section holding its default variant's tag), a variant's shorthand name
+    (`selector: cbst`) is spelt out as the validator reads it."""
+    field = model.model_fields.get(key) if model is not None else None
+    tag = field.discriminator if field is not None else None
+    child = node.get(key)
+    if child is None:
+        default = field.default if field is not None else None
+        seeded = isinstance(tag, str) and isinstance(default, BaseModel)
+        child = node[key] = {tag: getattr(default, tag)} if seeded else {}
+    elif isinstance(tag, str) and isinstance(child, str):
+        child = node[key] = {tag: child}
+    return child
+
+
+def _child_model(model: type[BaseModel] | None, key: str,
+                 section: dict[str, Any]) -> type[BaseModel] | None:
+    """The model of section `key` of `model` (for a union, the variant `section` names), or
+    None where that is unknown (an unknown key, which validation then reports)."""
+    field = model.model_fields.get(key) if model is not None else None
+    variants = _models_of(field.annotation) if field is not None else []
+    if len(variants) == 1:
+        return variants[0]
+    tag = field.discriminator if field is not None else None
+    named = [v for v in variants if isinstance(tag, str) and _variant_name(v) == section.get(tag)]
+    return named[0] if len(named) == 1 else None
 
 
 def _overridden(location: tuple[Any, ...], overrides: list[str]) -> str | None:
@@ -353,6 +397,173 @@ def _overridden(location: tuple[Any, ...], overrides: list[str]) -> str | None:
     return None
 
 
+# ------------------------------------------------------------------------- reading the YAML
+
+
+class _Refused(Exception):
+    """A YAML document that parses but is not accepted as a config: the problem and its fix."""
+
+    def __init__(self, problem: str, fix: str) -> None:
+        super().__init__(problem)
+        self.problem, self.fix = problem, fix
+
+
+# A config holds a few hundred values. YAML aliases repeat a value without writing it out, and
+# the config's JSON round trip (`apply_overrides`) writes every repeat in full, so a few hundred
+# bytes of nested aliases would become gigabytes: the values a document may hold once its aliases
+# are expanded (docs/design.md#configuration).
+MAX_CONFIG_VALUES = 100_000
+
+
+def read_yaml(text: str, source: str) -> Any:
+    """Parse one YAML document as `yaml.safe_load` does, refusing what would make it a
+    different or unbounded config: aliases expanding past `MAX_CONFIG_VALUES` or into
+    themselves, a key given twice in one mapping, values JSON cannot hold (dates, binary).
+    `source` names the text in messages. Every check runs on the composed document, before a
+    value is built."""
+    try:
+        loader = yaml.SafeLoader(text)
+    except yaml.reader.ReaderError as error:  # a control character, found before parsing
+        error.name = source
+        raise
+    loader.name = source  # marks in parse errors then name the file, not "<unicode string>"
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _expanded_size(node, {}, set())
+        _refuse_duplicates(node, ())
+        data = loader.construct_document(node)
+        _refuse_non_json(data, ())
+        return data
+    except _Refused as refused:
+        raise DudaError(f"{source} {refused.problem}", refused.fix) from None
+    except RecursionError:
+        raise DudaError(f"{source} nests too deeply to be a config",
+                        "start from one of the files in configs/") from None
+    finally:
+        loader.dispose()
+
+
+def _expanded_size(node: yaml.Node, sizes: dict[int, int], open_nodes: set[int]) -> int:
+    """The number of values in `node` with every alias written out, counted without writing
+    any out: an alias is the very node its anchor names, so each node's size is counted once."""
+    if id(node) in sizes:
+        return sizes[id(node)]
+    if id(node) in open_nodes:
+        raise _Refused(f"has a YAML alias inside its own anchor (the value on line "
+                       f"{node.start_mark.line + 1})", "write the value out without the alias")
+    open_nodes.add(id(node))
+    children: list[yaml.Node] = []
+    if isinstance(node, yaml.MappingNode):
+        children = [child for pair in node.value for child in pair]
+    elif isinstance(node, yaml.SequenceNode):
+        children = node.value
+    size = 1 + sum(_expanded_size(child, sizes, open_nodes) for child in children)
+    open_nodes.discard(id(node))
+    if size > MAX_CONFIG_VALUES:
+        raise _Refused(f"holds more than {MAX_CONFIG_VALUES} values once its YAML aliases are "
+                       "expanded", "write the config out without nested aliases (configs/ has "
+                       "complete examples)")
+    sizes[id(node)] = size
+    return size
+
+
+def _refuse_duplicates(node: yaml.Node, path: tuple[str, ...]) -> None:
+    """A key given twice in a mapping: YAML keeps the last silently, and a second `warmup:`
+    section would drop every key of the first back to its default."""
+    children: list[tuple[str, yaml.Node]] = []
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[tuple[str, str], yaml.Mark] = {}
+        for key_node, value_node in node.value:
+            mark = key_node.start_mark
+            if isinstance(key_node, yaml.ScalarNode) and not key_node.tag.endswith(":merge"):
+                key = (key_node.tag, key_node.value)
+                if key in seen:
+                    dotted = ".".join((*path, key_node.value))
+                    raise _Refused(f"gives the key '{dotted}' twice ({_places(seen[key], mark)})",
+                                   "keep one of them, with every setting it needs")
+                seen[key] = mark
+            children.append((str(getattr(key_node, "value", "?")), value_node))
+    elif isinstance(node, yaml.SequenceNode):
+        children = [(str(index), item) for index, item in enumerate(node.value)]
+    for name, child in children:
+        _refuse_duplicates(child, (*path, name))
+
+
+def _places(first: yaml.Mark, second: yaml.Mark) -> str:
+    """'lines 3 and 12', or the columns of a one-line document (a --set value)."""
+    if first.line != second.line:
+        return f"lines {first.line + 1} and {second.line + 1}"
+    return f"line {first.line + 1}, columns {first.column + 1} and {second.column + 1}"
+
+
+def _refuse_non_json(value: Any, path: tuple[str, ...]) -> None:
+    """Every value must be one JSON holds (the config is hashed as JSON): YAML also builds
+    dates from unquoted `2024-01-01`, bytes from `!!binary`, sets from `!!set`."""
+    if isinstance(value, dict):
+        for key, child in value.items():
+            if not isinstance(key, (str, int, float, bool, type(None))):
+                raise _Refused(f"has the key {key!r} under '{'.'.join(path) or '(top level)'}'"
+                               ", which is not text", "quote the key")
+            _refuse_non_json(child, (*path, str(key)))
+    elif isinstance(value, list):
+        for index, child in enumerate(value):
+            _refuse_non_json(child, (*path, str(index)))
+    elif not isinstance(value, (str, int, float, bool, type(None))):
+        raise _Refused(f"sets '{'.'.join(path) or '(top level)'}' to a YAML "
+                       f"{type(value).__name__} ({value!r}), not a plain value",
+                       "quote it if it is meant as text")
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """The raw mapping of the config file at `path`; anything else is a user error naming the
+    file: not a regular file, unreadable, not UTF-8, not YAML, not a mapping."""
+    _check_config_path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise DudaError(f"config file {path} cannot be read ({error.strerror})",
+                        "check its permissions, or pass another file with --config") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data[:error.start].count(b"\n") + 1
+        raise DudaError(f"config file {path} is not UTF-8 text (byte 0x{data[error.start]:02x} "
+                        f"on line {line})", "save it as UTF-8 (e.g. `iconv -f latin1 -t utf-8 "
+                        f"{path} > fixed.yaml`)") from None
+    source = f"config file {path}"
+    try:
+        raw = read_yaml(text, source)
+    except yaml.YAMLError as error:
+        raise DudaError(f"{source} is not valid YAML: {error}",
+                        "fix the line it names (configs/ has complete examples)") from None
+    if raw is None:
+        raise DudaError(f"{source} is empty", "start from one of the files in configs/")
+    if not isinstance(raw, dict):
+        raise DudaError(f"{source} must hold a mapping of sections, not a "
+                        f"{type(raw).__name__}", "start from one of the files in configs/")
+    return raw
+
+
+def _check_config_path(path: Path) -> None:
+    """Say what `path` is when it is not a config file one can read."""
+    if path.is_dir():
+        found = sorted(path.glob("*.yaml"))[:3]
+        example = f" (in it: {', '.join(str(p) for p in found)})" if found else ""
+        raise DudaError(f"config file {path} is a folder, not a file",
+                        f"pass the YAML file itself with --config{example}")
+    if path.is_symlink() and not path.exists():
+        raise DudaError(f"config file {path} is a symbolic link to {os.readlink(path)}, "
+                        "which does not exist", "pass an existing YAML file with --config")
+    if not path.exists():
+        raise DudaError(f"config file {path} does not exist",
+                        "pass an existing YAML file with --config (see configs/)")
+    if not path.is_file():
+        raise DudaError(f"config file {path} is not a regular file (a device, pipe or socket)",
+                        "save the config to a file and pass that with --config")
+
+
 def load_config(path: str | Path, overrides: list[str] | None = None,
                 data_root: str | Path | None = None) -> Config:
     """Read, override, validate a YAML config; resolve relative dataset roots.
@@ -360,16 +571,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None,
     `data_root` (from --data-root or DUDA_DATA_ROOT, read by the CLI) anchors relative roots.
     """
     path = Path(path)
-    if not path.is_file():
-        raise DudaError(f"config file {path} does not exist",
-                        "pass an existing YAML file with --config (see configs/)")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as error:
-        raise DudaError(f"config file {path} is not valid YAML: {error}") from None
-    if not isinstance(raw, dict):
-        raise DudaError(f"config file {path} must hold a mapping of sections",
-                        "start from one of the files in configs/")
+    raw = read_config_file(path)
     raw = apply_overrides(raw, overrides or [])
     _moved_keys(raw, str(path), overrides or [])
     try:

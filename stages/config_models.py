@@ -62,7 +62,8 @@ class SyntheticConfig(Section):
         default="easy",
         description="easy: a mostly global change of appearance; hard: class-by-class "
                     "appearance, camera geometry and class frequencies change")
-    seed: int = 0
+    seed: int = Field(default=0, ge=0, lt=2**32, description="0 <= seed < 2**32, as numpy "
+                      "seeds")
     height: int = Field(default=128, ge=8, description="image height in pixels")
     width: int = Field(default=256, ge=8, description="image width in pixels")
     num_source_train: int = Field(default=600, ge=1)
