@@ -42,6 +42,7 @@ from stages.artifacts import (
     read_manifest,
 )
 from stages.config import config_hash
+from stages.data.io import open_image
 from stages.errors import DudaError
 from stages.report_inputs import (
     CURVE_GROUPS,
@@ -288,7 +289,8 @@ def _confusion(evaluation: Evaluation) -> tuple[np.ndarray, list[str], list[str]
 
 
 def _copy_scaled(source: Path, target: Path) -> None:
-    with Image.open(source) as image:
+    fix = "rerun the evaluation that wrote it (`duda evaluate --force`), or leave it out"
+    with open_image(source, fix) as image:
         image = image.convert("RGB")
         if image.width > PANEL_WIDTH:
             height = round(image.height * PANEL_WIDTH / image.width)
@@ -446,4 +448,7 @@ def _e(text: str) -> str:
 
 
 def _md(text: str) -> str:
-    return text.replace("|", "\\|")
+    """`text` as literal Markdown table text: HTML as entities (a Markdown viewer renders raw
+    HTML, as a browser would in index.html), emphasis, link and table characters escaped."""
+    text = html.escape(" ".join(text.split()), quote=False)
+    return re.sub(r"([\\`*_\[\]|])", r"\\\1", text)

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from stages.config import DomainConfig
-from stages.data.io import read_label
+from stages.data.io import image_size, read_label
 from stages.data.layouts import convert_pair, list_split, read_synthia_ids
 from stages.errors import DudaError
 
@@ -342,3 +342,39 @@ def test_synthia_ids_above_the_table_are_refused(tmp_path):
     pair = list_split("source", domain("synthia", root), "train").pairs[1]
     with pytest.raises(DudaError, match=r"outside the class table \(300;"):
         convert(pair)
+
+
+def _claims(width: int, height: int, depth: int, colour: int) -> bytes:
+    """A PNG whose header claims width×height pixels over a few bytes of image data."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+
+    header = struct.pack(">IIBBBBB", width, height, depth, colour, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
+            + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+
+
+def test_images_above_the_pixel_limit_are_refused_before_decoding(tmp_path):
+    # 2**27 pixels: a 20-megapixel photo passes (header only, nothing decoded here) ...
+    photo = tmp_path / "photo.png"
+    photo.write_bytes(_claims(5472, 3648, 8, 2))
+    assert image_size(photo) == (5472, 3648)
+    # ... and a header claiming more is refused, whichever reader meets it first: PIL's
+    # (8-bit labels, images) or the 16-bit SYNTHIA decoder's own.
+    root = make_synthia(tmp_path / "synthia")
+    (root / "GT" / "LABELS" / "0000001.png").write_bytes(_claims(20_000, 20_000, 16, 2))
+    (tmp_path / "label.png").write_bytes(_claims(12_000, 12_000, 8, 0))
+    with pytest.raises(DudaError, match=r"claims 20000×20000 pixels and is larger than the "
+                                        r"limit of 134,217,728 pixels"):
+        convert(list_split("source", domain("synthia", root), "train").pairs[1])
+    with pytest.raises(DudaError, match="label.png is larger than the limit"):
+        read_label(tmp_path / "label.png")
+
+
+def test_folder_images_with_one_stem_are_refused_naming_both(tmp_path):
+    root = make_folder(tmp_path, ids=["a", "b"])
+    write_rgb(root / "train" / "images" / "b.png")
+    with pytest.raises(DudaError, match="two images named b: b.jpg and b.png") as error:
+        list_split("target", domain("folder", root, classes=["x", "y", "z"]), "train")
+    assert "keep one file per image name" in error.value.fix

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
+from conftest import make_index
 from test_layouts import (
     SIZE,
     expected_train_ids,
@@ -22,6 +24,7 @@ from typer.testing import CliRunner
 from duda_cli.app import app
 from stages.data.index import load_dataset_index
 from stages.data.io import read_label
+from stages.errors import DudaError
 
 runner = CliRunner()
 
@@ -251,3 +254,35 @@ def test_gta5_size_mismatch_is_left_out_with_a_warning(tmp_path):
     assert "00002: image 16x10, label 16x8" in summary["warnings"][0]
     ids = [s.id for s in load_dataset_index(tmp_path / "data").samples("source", "train")]
     assert ids == ["00001", "00003"]
+
+
+def test_labels_are_indexed_with_their_digests_and_a_later_edit_is_refused(gta_cityscapes,
+                                                                           tmp_path):
+    out = tmp_path / "data"
+    assert prepare(gta_cityscapes, out).exit_code == 0
+    index = load_dataset_index(out)
+    converted, in_place = index.samples("source", "train")[0], index.samples("target", "val")[0]
+    for sample in (converted, in_place):
+        assert sample.label_sha256 == hashlib.sha256(sample.label.read_bytes()).hexdigest()
+        np.testing.assert_array_equal(sample.read_label(), expected_train_ids())
+    # The user's own label file, edited to another valid class after indexing.
+    label = read_label(in_place.label).copy()
+    label[label == 13] = 0
+    write_gray(in_place.label, label)
+    with pytest.raises(DudaError, match="changed after the dataset index was built") as error:
+        in_place.read_label()
+    assert "prepare-data --force" in error.value.fix
+    assert prepare(gta_cityscapes, out, "--force").exit_code == 0
+    assert 13 not in load_dataset_index(out).samples("target", "val")[0].read_label()
+
+
+def test_an_index_without_digests_loads_and_its_labels_are_range_checked(tmp_path):
+    index = load_dataset_index(make_index(tmp_path / "data"))  # as written before digests
+    sample = index.samples("source", "train")[0]
+    assert sample.label_sha256 is None and sample.read_label().shape == (32, 64)
+    label = read_label(sample.label).copy()
+    label[0, :2] = [19, 40]
+    write_gray(sample.label, label)
+    with pytest.raises(DudaError, match=r"label value out of range \(19, 40; the class table "
+                                        r"has 0..18 and 255 = ignore\)"):
+        sample.read_label()

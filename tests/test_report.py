@@ -349,3 +349,20 @@ def test_metrics_keys_fall_into_groups() -> None:
     assert report.curve_group("val/miou") == "evaluation"
     assert report.curve_group("lr") == "schedules"
     assert report.curve_group("grad/norm") == "other"
+
+
+def test_class_names_are_literal_text_in_comparison_md(tmp_path: Path) -> None:
+    hostile = "<img src=x onerror=alert(1)>"
+    names = ["road", hostile, "a|b *c*"]
+    evaluation = _evaluation(tmp_path, "teacher", {"road": 0.9, hostile: 0.5, "a|b *c*": 0.25},
+                             0.55, names, {})
+
+    result = _invoke(evaluation, "--out", tmp_path / "report")
+
+    assert result.exit_code == 0, result.output
+    markdown = (tmp_path / "report" / "comparison.md").read_text()
+    assert "<img" not in markdown
+    assert "| &lt;img src=x onerror=alert(1)&gt; | 50.0 |" in markdown
+    assert "| a\\|b \\*c\\* | 25.0 |" in markdown  # one cell, no emphasis
+    rows = {row[0]: row[1:] for row in csv.reader((tmp_path / "report" / "comparison.csv").open())}
+    assert rows[hostile] == ["50.00"]  # the CSV keeps the name as it is

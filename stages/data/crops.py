@@ -24,7 +24,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from stages.data.index import Sample
-from stages.data.io import read_image, read_label
+from stages.data.io import read_image
 from stages.data.transforms import Normalization, apply_crop, normalize, sample_crop_params
 from stages.errors import DudaError
 
@@ -105,8 +105,7 @@ class CropDataset(Dataset):
         if self.label_reader is not None:
             label = np.asarray(self.label_reader(index), dtype=np.uint8)
         else:
-            assert sample.label is not None
-            label = read_label(sample.label)
+            label = sample.read_label()
         return image, resize_label(label, self.base_size)
 
     def __getitem__(self, key: ItemKey) -> dict[str, Any]:

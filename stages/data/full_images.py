@@ -17,7 +17,7 @@ from torch.utils.data import Dataset
 
 from stages.data.crops import resize_image
 from stages.data.index import Sample
-from stages.data.io import read_image, read_label
+from stages.data.io import read_image
 from stages.data.transforms import Normalization, normalize
 from stages.errors import DudaError
 
@@ -54,7 +54,7 @@ class FullImageDataset(Dataset):
         image = resize_image(read_image(sample.image), self.size)
         item: dict[str, Any] = {"index": index, "image": normalize(image, self.normalization)}
         if self.with_labels:
-            label = read_label(sample.label)  # type: ignore[arg-type]
+            label = sample.read_label()
             item["label"] = torch.from_numpy(label.astype(np.int64))
         return item
 

@@ -5,6 +5,11 @@ reads it through `load_dataset_index`. Labels listed here are already trainIds (
 255 = ignore): conversion happens once, in prepare-data. A relative path in the index is
 relative to the artifact directory (converted labels, the synthetic benchmark); an absolute one
 points into the user's dataset.
+
+Each label's SHA-256 is recorded with it (`label_sha256`; absent in an index written before
+digests were recorded), and `Sample.read_label` refuses a label edited after indexing: a value
+outside the class table would otherwise reach the loss, and an edit to another valid class
+would be trained on silently.
 """
 
 from __future__ import annotations
@@ -13,10 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from stages.artifacts import DATASET_INDEX, ArtifactRef, Manifest, load_artifact
 from stages.classes import ClassTable
+from stages.data.io import read_label
 from stages.errors import DudaError
 
 INDEX_FILE = "index.json"
@@ -30,6 +37,7 @@ class SampleEntry(BaseModel):
     id: str
     image: str
     label: str | None = None
+    label_sha256: str | None = None  # of the label file's bytes, as prepare-data checked it
 
 
 class SplitEntry(BaseModel):
@@ -63,6 +71,16 @@ class Sample:
     id: str
     image: Path
     label: Path | None
+    label_sha256: str | None = None
+    num_classes: int | None = None  # of the index's class table, which label values must fit
+
+    def read_label(self) -> np.ndarray:
+        """(H, W) uint8 trainIds; a label changed since indexing, or holding a value outside
+        the class table, is a DudaError naming the file."""
+        if self.label is None:
+            raise DudaError(f"sample {self.id} ({self.image}) has no label",
+                            "train and evaluate on a split with labels")
+        return read_label(self.label, self.num_classes, self.label_sha256)
 
 
 class DatasetIndex:
@@ -97,7 +115,8 @@ class DatasetIndex:
                             f"(it has {present})",
                             "add the split to data.<domain>.splits and rerun prepare-data")
         return [Sample(id=s.id, image=self._resolve(s.image),
-                       label=self._resolve(s.label) if s.label is not None else None)
+                       label=self._resolve(s.label) if s.label is not None else None,
+                       label_sha256=s.label_sha256, num_classes=self.num_classes)
                 for s in self.content.domains[domain].splits[split].samples]
 
     def _resolve(self, path: str) -> Path:

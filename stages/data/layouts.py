@@ -18,6 +18,7 @@ Encodings (`LabelFormat`):
 from __future__ import annotations
 
 import filecmp
+import hashlib
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +34,7 @@ from stages.classes import (
     lookup_table,
 )
 from stages.config import DomainConfig
-from stages.data.io import open_image, open_label_image, write_label
+from stages.data.io import check_pixels, file_sha256, open_image, open_label_image, write_label
 from stages.errors import DudaError
 
 LabelFormat = Literal["train_ids", "cityscapes_ids", "gta5_palette", "synthia_ids",
@@ -222,8 +223,8 @@ def _synthia(domain: str, config: DomainConfig, split: str, root: Path) -> Split
 def _folder(domain: str, config: DomainConfig, split: str, root: Path) -> SplitListing:
     image_folder, label_folder = root / split / "images", root / split / "labels"
     _require_folder(image_folder, "the images", "folder")
-    images = {p.stem: p for p in _files(image_folder, "*")
-              if p.suffix.lower() in IMAGE_SUFFIXES}
+    images = _by_stem([p for p in _files(image_folder, "*")
+                       if p.suffix.lower() in IMAGE_SUFFIXES], image_folder)
     if not images:
         raise _no_images(image_folder, "/".join(IMAGE_SUFFIXES))
     if not label_folder.exists():
@@ -241,10 +242,23 @@ def _folder(domain: str, config: DomainConfig, split: str, root: Path) -> SplitL
     return SplitListing(domain, split, "folder", pairs)
 
 
+def _by_stem(paths: list[Path], folder: Path) -> dict[str, Path]:
+    """{stem: path}; two files with one stem (`a.png`, `a.jpg`) would pair with one label and
+    one of them would be dropped unseen, so they are refused."""
+    found: dict[str, Path] = {}
+    for path in paths:
+        if path.stem in found:
+            raise DudaError(f"{folder} holds two images named {path.stem}: {found[path.stem].name} "
+                            f"and {path.name}; images are paired with labels by name",
+                            "keep one file per image name (rename or remove the other)")
+        found[path.stem] = path
+    return found
+
+
 # ---------------------------------------------------------------------------- decoding labels
 
 
-def read_synthia_ids(path: Path) -> np.ndarray:
+def read_synthia_ids(path: Path, data: bytes | None = None) -> np.ndarray:
     """(H, W) int32 class ids from the first (R) channel of a SYNTHIA label PNG.
 
     PIL opens 16-bit RGB(A) PNGs as 8-bit RGB keeping only the high byte of every sample, so
@@ -252,12 +266,13 @@ def read_synthia_ids(path: Path) -> np.ndarray:
     the image data is decoded twice by PIL's PNG ("zip") decoder, once keeping the high and once
     the low bytes (`Image.frombytes` with the rawmodes `;16B` and `;16L`).
     """
-    data = _read_bytes(path)
+    data = _read_bytes(path) if data is None else data
     header, image_data = _png_chunks(data, path)
     width, height, bit_depth, colour_type, interlace = header
+    check_pixels(path, (width, height))  # before the two decodes allocate it
     if bit_depth != 16 or colour_type not in (2, 6):
         # 8-bit or grey: PIL reads the values as they are.
-        array = np.asarray(open_image(path)).astype(np.int32)
+        array = np.asarray(open_image(path, data=data)).astype(np.int32)
         return array if array.ndim == 2 else array[..., 0]
     if interlace:
         raise DudaError(f"{path} is an interlaced 16-bit PNG, which is not supported",
@@ -307,11 +322,13 @@ def _png_chunks(data: bytes, path: Path) -> tuple[tuple[int, int, int, int, int]
     return header, b"".join(image_data)
 
 
-def read_raw_label(path: Path, label_format: LabelFormat) -> np.ndarray:
-    """The label's raw values, (H, W) integer, before mapping; checks the channel count."""
+def read_raw_label(path: Path, label_format: LabelFormat,
+                   data: bytes | None = None) -> np.ndarray:
+    """The label's raw values, (H, W) integer, before mapping (from its bytes `data` if read
+    already); checks the channel count."""
     if label_format == "synthia_ids":
-        return read_synthia_ids(path)
-    image = open_label_image(path)
+        return read_synthia_ids(path, data)
+    image = open_label_image(path, data=data)
     if image.mode not in ("L", "P", "I", "I;16", "I;16B", "I;16L"):
         raise DudaError(f"{path} is a {len(image.getbands())}-channel ({image.mode}) image; "
                         "a label map has one channel of class values",
@@ -346,6 +363,7 @@ class PairResult:
     """The outcome of checking (and converting) one pair in a worker."""
 
     pixel_counts: list[int] | None = None  # per class; None where the pair has no label
+    label_sha256: str | None = None  # of the label file the index points at, as checked
     size_mismatch: str | None = None  # GTA5: the pair is excluded with this description
     error: tuple[str, str | None] | None = None  # DudaError (message, fix)
 
@@ -360,8 +378,9 @@ def convert_pair(pair: Pair, num_classes: int, output: Path | None,
         image = open_image(pair.image)
         if pair.label is None or pair.label_format is None:
             return PairResult()
+        data = _read_bytes(pair.label)  # read once: the digest is of the bytes checked here
         try:
-            raw = read_raw_label(pair.label, pair.label_format)
+            raw = read_raw_label(pair.label, pair.label_format, data)
             label = to_train_ids(raw, pair.label_format, num_classes, pair.label)
         except DudaError:
             if filecmp.cmp(pair.image, pair.label, shallow=False):
@@ -379,6 +398,8 @@ def convert_pair(pair: Pair, num_classes: int, output: Path | None,
             output.parent.mkdir(parents=True, exist_ok=True)
             write_label(output, label)
         counts = np.bincount(label.ravel(), minlength=256)[:num_classes]
-        return PairResult(pixel_counts=[int(c) for c in counts])
+        return PairResult(pixel_counts=[int(c) for c in counts],
+                          label_sha256=(file_sha256(output) if output is not None
+                                        else hashlib.sha256(data).hexdigest()))
     except DudaError as error:
         return PairResult(error=(error.message, error.fix))
