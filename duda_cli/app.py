@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Annotated
 
 import typer
@@ -21,6 +22,7 @@ from duda_cli.commands import (
     warmup,
 )
 from stages import __version__
+from stages.artifact_writer import command_line
 
 app = typer.Typer(
     name="duda",
@@ -60,4 +62,7 @@ app.add_typer(config_cmd.app, name="config")
 
 
 def main() -> None:
+    # Recorded in the marker of every output the command creates, so that an unfinished one
+    # can print the command that continues it (docs/design.md#writing-an-artifact-safely).
+    command_line.set(["duda", *sys.argv[1:]])
     app()

@@ -1,12 +1,14 @@
 """Console output for the commands: errors, progress bars, tables, `--json`.
 
 Human output goes to stderr; `--json` prints one object to stdout. `DudaError` becomes one
-message and exit code 2; anything else is a bug and keeps its traceback (exit 1).
+message and exit code 2, and so does a write that the disk or folder refuses (full, over quota,
+read-only) wherever it happens; anything else is a bug and keeps its traceback (exit 1).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -29,6 +31,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from stages.artifact_writer import NO_SPACE, write_failure
 from stages.artifacts import StageResult, default_name
 from stages.config import Config, load_config
 from stages.errors import DudaError
@@ -83,11 +86,16 @@ def user_errors() -> Iterator[None]:
     try:
         yield
     except DudaError as error:
-        where = f"[rank {rank()}] " if rank() else ""  # torchrun: every rank reports
-        stderr.print(f"{where}[bold red]error:[/] {escape(error.message)}", highlight=False,
-                     markup=True, soft_wrap=True)
-        if error.fix:
-            stderr.print(f"[bold]fix:[/] {escape(error.fix)}", highlight=False, soft_wrap=True)
+        _print_error(error)
+        raise typer.Exit(2) from None
+    except OSError as error:
+        # A full disk or a read-only mount is the user's to fix wherever a write meets it
+        # (docs/design.md#errors-and-exit-codes); writers inside an artifact already say so.
+        failure = write_failure(error, Path(error.filename or ".").parent) if error.errno in (
+            *NO_SPACE, errno.EROFS) else None
+        if failure is None:
+            raise
+        _print_error(failure)
         raise typer.Exit(2) from None
     except KeyboardInterrupt:
         if rank():  # Ctrl-C reaches every rank; rank 0 says it once
@@ -96,6 +104,14 @@ def user_errors() -> Iterator[None]:
                      "used as input; warmup and self-train continue from their last checkpoint "
                      "with --resume", highlight=False, soft_wrap=True)
         raise typer.Exit(130) from None
+
+
+def _print_error(error: DudaError) -> None:
+    where = f"[rank {rank()}] " if rank() else ""  # torchrun: every rank reports
+    stderr.print(f"{where}[bold red]error:[/] {escape(error.message)}", highlight=False,
+                 markup=True, soft_wrap=True)
+    if error.fix:
+        stderr.print(f"[bold]fix:[/] {escape(error.fix)}", highlight=False, soft_wrap=True)
 
 
 def setup_logging(quiet: bool) -> None:

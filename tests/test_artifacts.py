@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import json
+import os
+import shutil
 
 import pytest
 
-from stages.artifact_writer import ArtifactWriter
+from stages.artifact_writer import ArtifactLock, ArtifactWriter
 from stages.artifacts import CHECKPOINT, DATASET_INDEX, MANIFEST, load_artifact, read_manifest
 from stages.errors import DudaError
 
@@ -165,3 +169,81 @@ def test_ids_stay_content_derived_and_a_summary_nan_reads_back(tmp_path) -> None
         (writer.work / "payload.txt").write_text("x")
         writer.finish({"miou": float("nan")}, content=["payload.txt"])
     assert load_artifact(tmp_path / "c", DATASET_INDEX).summary == {"miou": None}
+
+
+# ------------------------------------------------------------- the lock, and a place that is full
+
+
+def test_the_lock_file_exists_only_while_held(tmp_path) -> None:
+    lock = ArtifactLock(tmp_path / "a")
+    lock.acquire()
+    assert lock.path.is_file()
+    lock.release()
+    assert sorted(tmp_path.iterdir()) == []
+    build(tmp_path / "a")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]
+
+
+def test_a_lock_on_a_removed_lock_file_is_taken_again_on_the_new_one(tmp_path) -> None:
+    holder = ArtifactLock(tmp_path / "a")
+    holder.acquire()
+    opened_before = os.open(holder.path, os.O_RDWR)  # a second process, just before the release
+    holder.release()  # removes the file, then unlocks
+    fcntl.flock(opened_before, fcntl.LOCK_EX | fcntl.LOCK_NB)  # it locked a file no one sees
+    late = ArtifactLock(tmp_path / "a")
+    late.acquire()  # the path's file, not the orphan: a third writer would be refused on it
+    with pytest.raises(DudaError, match="is being written by process"):
+        ArtifactLock(tmp_path / "a").acquire()
+    late.release()
+    os.close(opened_before)
+
+
+def test_a_full_disk_midway_leaves_nothing_and_says_so(tmp_path) -> None:
+    with pytest.raises(DudaError, match="the disk is full") as raised, ArtifactWriter(
+            tmp_path / "a", kind=DATASET_INDEX, stage="s", config={}, config_hash="h") as writer:
+        (writer.work / "half.txt").write_text("x")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(writer.work / "b.txt"))
+    assert str(tmp_path / "a" / "b.txt") in raised.value.message
+    assert sorted(tmp_path.iterdir()) == []
+
+
+def test_torch_saves_runtime_error_on_a_full_disk_is_the_same_user_error(tmp_path) -> None:
+    def torch_save() -> None:
+        try:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos")
+
+    with pytest.raises(DudaError, match="the disk is full"), ArtifactWriter(
+            tmp_path / "a", kind=CHECKPOINT, stage="warmup", config={}, config_hash="h",
+            resumable=True):
+        torch_save()
+    assert sorted(tmp_path.iterdir()) == []  # nothing worth keeping for --resume was written
+
+
+def test_a_resumable_run_refused_at_its_start_leaves_a_users_empty_folder_empty(
+        tmp_path, monkeypatch) -> None:
+    (tmp_path / "r").mkdir()
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: type(usage)(10**9, 10**9, 5000))
+    with pytest.raises(DudaError, match=r"needs about 2\.0 MB, and the filesystem holding .* "
+                                        r"has 5\.0 kB free"), ArtifactWriter(
+            tmp_path / "r", kind=CHECKPOINT, stage="warmup", config={}, config_hash="h",
+            resumable=True) as writer:
+        writer.require_space(lambda: 2_000_000, "the checkpoints")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r"]
+    assert list((tmp_path / "r").iterdir()) == []
+
+
+def test_a_killed_run_from_before_markers_recorded_commands_is_still_named(tmp_path) -> None:
+    out = tmp_path / "r"
+    out.mkdir()
+    (out / ".duda-artifact").write_text(json.dumps({"kind": CHECKPOINT, "stage": "self_train",
+                                                    "created": "2025-01-01T00:00:00+00:00"}))
+    (out / "train_state.pt").write_text("x")
+    with pytest.raises(DudaError) as raised, ArtifactWriter(
+            out, kind=CHECKPOINT, stage="self_train", config={}, config_hash="h",
+            resumable=True):
+        pass
+    assert "holds an unfinished self_train run" in raised.value.message
+    assert f"duda self-train -c CONFIG ... --out {out} --resume" in raised.value.fix

@@ -164,7 +164,7 @@ def test_init_weights_and_dataset_roots_are_inputs_too(prepared, tmp_path) -> No
     raw = json.loads(json.dumps(TINY_CONFIG))
     raw["data"]["source"] = {"layout": "folder", "root": str(tmp_path / "raw"),
                              "classes": ["a", "b"]}
-    raw["data"]["target"] = raw["data"]["source"]
+    raw["data"]["target"] = json.loads(json.dumps(raw["data"]["source"]))  # no YAML alias
     config.write_text(yaml.safe_dump(raw))
     result = invoke("prepare-data", "-c", config, "--out", tmp_path / "raw" / "index")
     assert result.exit_code == 2 and "lies inside the input" in result.stderr
@@ -221,7 +221,7 @@ def test_force_rebuilds_beside_and_swaps(prepared, tmp_path) -> None:
     assert manifest["config"]["evaluate"]["inference"]["flip"] is True
     assert ".partial" not in json.dumps(manifest) and ".partial" not in (out / "report.json"
                                                                          ).read_text()
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".eval.lock", "eval"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["eval"]  # no lock, no .partial left
     assert first["summary"]["images"] == second["summary"]["images"]
 
 
@@ -532,3 +532,33 @@ def test_resume_after_an_interrupted_force_continues_beside_the_old_run(prepared
     assert run_with_fault("step", 10**6, *self_train_args(prepared, fresh), "--seed",
                           "5").returncode == 0
     assert_same_run(run_result(out), run_result(fresh), "resumed --force")
+
+
+# ------------------------------------------------------------------ a killed stage is named
+
+
+def test_a_killed_warmup_prints_the_command_that_resumes_it(prepared, tmp_path, monkeypatch,
+                                                              capsys) -> None:
+    from duda_cli import app as cli
+    from stages import warmup as warmup_stage
+
+    def killed(config, index, out, **kwargs):
+        (out / "train_state.pt").write_bytes(b"the last checkpoint")
+        raise KeyboardInterrupt
+
+    monkeypatch.chdir(prepared["root"])
+    command = ["duda", "warmup", "-c", "tiny.yaml", "--data", "data", "--out",
+               str(tmp_path / "run"), "--device", "cpu"]
+    monkeypatch.setattr(sys, "argv", command)
+    with monkeypatch.context() as patched:
+        patched.setattr(warmup_stage, "_train", killed)
+        with pytest.raises(SystemExit) as interrupted:
+            cli.main()
+    assert interrupted.value.code == 130
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as refused:
+        cli.main()  # the same command again, without --resume
+    assert refused.value.code == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'run'} holds an unfinished warmup run" in err
+    assert f"`{' '.join(command)} --resume`" in err
