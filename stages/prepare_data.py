@@ -6,7 +6,8 @@ then checks every pair in worker processes: the image decodes, the label decodes
 (SYNTHIA: several by design), holds only values of its class table and matches the image size.
 Labels that are not trainIds already are converted once and written into the artifact
 (`labels/<domain>/<split>/<id>.png`); later stages read only trainIds. The index records
-per-class pixel counts per split; the summary shows the pairs and class pixel shares.
+per-class pixel counts per split and the SHA-256 of every label, so a label edited later is
+refused where it is read (stages.data.index); the summary shows the pairs and class pixel shares.
 
 Artifact layout: `index.json` (stages.data.index.IndexFile), `labels/` (converted labels),
 `images/` (synthetic benchmark only), `manifest.json`.
@@ -33,6 +34,7 @@ from stages.classes import (
 from stages.config import Config, DataConfig, DomainConfig, config_hash, stage_config
 from stages.data import synthetic
 from stages.data.index import INDEX_FILE, DomainEntry, IndexFile, SampleEntry, SplitEntry
+from stages.data.io import file_sha256
 from stages.data.layouts import IN_PLACE, PairResult, SplitListing, convert_pair, list_split
 from stages.errors import DudaError
 from stages.reporting import Reporter
@@ -167,7 +169,8 @@ def _convert(listing: SplitListing, config: DomainConfig, classes: ClassTable, w
             if pair.label is not None:
                 label = (_label_path(listing.domain, listing.split, pair.id)
                          if output is not None else str(pair.label.resolve()))
-            samples.append(SampleEntry(id=pair.id, image=str(pair.image.resolve()), label=label))
+            samples.append(SampleEntry(id=pair.id, image=str(pair.image.resolve()), label=label,
+                                       label_sha256=result.label_sha256))
     if mismatches:
         message = (f"{name}: left out {len(mismatches)} {listing.layout} pair(s) whose image "
                    f"and label sizes differ (first: {'; '.join(mismatches[:SHOWN])})")
@@ -223,6 +226,8 @@ def _generate(data: DataConfig, domain: str, split: str, out: Path,
         for pixel_counts in _map(synthetic.write_sample, jobs, data.workers):
             counts += np.asarray(pixel_counts, np.int64)
             task.advance(1)
+    samples = [sample.model_copy(update={"label_sha256": file_sha256(out / sample.label)})
+               for sample in samples]  # every synthetic image has its label
     entry = SplitEntry(samples=samples, pixel_counts=[int(c) for c in counts])
     row = {"domain": domain, "split": split, "layout": "synthetic", "pairs": count,
            "images_without_labels": 0, "labels_without_images": 0, "excluded": 0,

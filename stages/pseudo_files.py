@@ -19,7 +19,7 @@ from stages.artifact_writer import ArtifactWriter, check_not_input, is_ours, wri
 from stages.artifacts import PSEUDO_LABELS, StageResult, atomic_open
 from stages.classes import IGNORE_INDEX
 from stages.data.index import DatasetIndex, load_dataset_index
-from stages.data.io import open_image, open_label_image, read_label
+from stages.data.io import image_size, open_image, open_label_image
 from stages.errors import DudaError
 from stages.metrics import label_statistics
 from stages.predict import colorize
@@ -93,7 +93,7 @@ def overlays(store: PseudoLabelStore, index: DatasetIndex, directory: str | Path
             blended = np.where(labelled, (0.4 * image + 0.6 * coloured), 0.35 * image)
             parts = [image, blended.astype(np.uint8), np.repeat(levels[..., None], 3, axis=2)]
             if sample.label is not None:
-                truth = Image.fromarray(read_label(sample.label)).resize(
+                truth = Image.fromarray(sample.read_label()).resize(
                     size, Image.Resampling.NEAREST)
                 parts.append(colorize(np.asarray(truth), palette))
             path = directory / f"{sample_id}.png"
@@ -116,6 +116,35 @@ def _claimable(directory: str | Path, inputs: list[Path], what: str, fix: str) -
     return directory
 
 
+def _label_png(path: Path) -> Image.Image:
+    """A decoded label PNG of the import folder; its errors point at the folder, not at the
+    dataset (the labels are the user's files, prepare-data never saw them)."""
+    try:
+        return open_label_image(path)
+    except DudaError as error:
+        raise DudaError(error.message, f"replace {path.name} in the label folder with a "
+                        "single-channel PNG of trainIds (255 = ignore), then rerun "
+                        "`duda pseudo import`") from None
+
+
+def _report_ignored(directory: Path, files: dict[str, list[Path]], matched: list[Path],
+                    reporter: Reporter) -> int:
+    """Say which files of the label folder the import leaves out, and why; returns how many."""
+    used = set(matched)
+    unmatched = [str(path.relative_to(directory)) for paths in files.values() for path in paths
+                 if path not in used]
+    others = [str(path.relative_to(directory)) for path in sorted(directory.rglob("*"))
+              if path.is_file() and path.suffix != ".png"]
+    if unmatched:
+        reporter.info(f"ignored {len(unmatched)} PNG(s) in {directory} named like no "
+                      f"target-train image (neither <sample id>.png nor <image stem>.png): "
+                      f"{_first(unmatched)}")
+    if others:
+        reporter.info(f"ignored {len(others)} file(s) in {directory} that are not .png: "
+                      f"{_first(others)}")
+    return len(unmatched) + len(others)
+
+
 def _default_palette(count: int) -> list[tuple[int, int, int]]:
     rng = np.random.default_rng(0)
     return [tuple(int(v) for v in rng.integers(0, 256, 3)) for _ in range(count)]
@@ -133,7 +162,7 @@ def run(directory: str | Path, data: str | Path, out: str | Path, *, force: bool
     A PNG matches a sample by its id (`<id>.png`) or its image's stem (`<stem>.png`), searched
     recursively. Every image needs one; every PNG must have the images' size and hold values
     in 0..C−1 or 255. Confidence is 1 where labelled and 0 elsewhere. Errors list the first
-    offenders.
+    offenders; files that match no image are left out and listed (`reporter.info`).
     """
     directory = Path(directory)
     if not directory.is_dir():
@@ -161,11 +190,13 @@ def run(directory: str | Path, data: str | Path, out: str | Path, *, force: bool
         raise DudaError(f"label folder {directory} has no PNG for {len(missing)} of "
                         f"{len(samples)} target-train images: {_first(missing)}",
                         "name each PNG like its image (<image stem>.png or <sample id>.png)")
-    width, height = open_image(samples[0].image).size
+    reporter = reporter or Reporter()
+    ignored = _report_ignored(directory, files, matched, reporter)
+    width, height = image_size(samples[0].image)
     num_classes = index.num_classes
     wrong_size, out_of_range = [], []
     for path in matched:
-        image = open_label_image(path)  # a corrupt or lossy (non-PNG) file is a DudaError
+        image = _label_png(path)  # a corrupt, oversized or lossy (non-PNG) file is a DudaError
         if image.size != (width, height):
             wrong_size.append(f"{path.name} ({image.size[1]}×{image.size[0]})")
             continue
@@ -187,7 +218,6 @@ def run(directory: str | Path, data: str | Path, out: str | Path, *, force: bool
     listing = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in matched]
     config = {"directory": str(directory.resolve())}
     identity = hashlib.sha256(json.dumps([config, listing]).encode()).hexdigest()[:16]
-    reporter = reporter or Reporter()
     with ArtifactWriter(out, kind=PSEUDO_LABELS, stage="pseudo_import", config=config,
                         config_hash=identity, inputs={"data": index.ref},
                         protect=[directory], force=force) as writer:
@@ -198,14 +228,14 @@ def run(directory: str | Path, data: str | Path, out: str | Path, *, force: bool
                              index_id=index.manifest.id, palette=index.classes.palette)
         with reporter.task("import", total=len(matched)) as task:
             for i, path in enumerate(matched):
-                labels = np.asarray(open_label_image(path))
+                labels = np.asarray(_label_png(path))
                 store.write(i, labels, (labels != IGNORE_INDEX).astype(np.float32))
                 task.advance(1)
         store.set_selector({"name": "imported", "directory": str(directory.resolve())})
         statistics = label_statistics(store)
         store.set_statistics(statistics)
         store.check_complete()
-        summary = {"images": len(store), "label_size": [height, width],
+        summary = {"images": len(store), "label_size": [height, width], "ignored_files": ignored,
                    "selector": store.selector,
                    "labelled_fraction": statistics["labelled_fraction"],
                    "per_class": {name: {"kept_pixels": statistics["kept_pixels"][c],
