@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 
 from stages.data.index import Sample
 from stages.data.io import read_image
@@ -109,6 +109,12 @@ class CropDataset(Dataset):
         return image, resize_label(label, self.base_size)
 
     def __getitem__(self, key: ItemKey) -> dict[str, Any]:
+        try:
+            return self._item(key)
+        except DudaError as error:  # a damaged or edited file: see `collate_crops`
+            return {"error": (error.message, error.fix)}
+
+    def _item(self, key: ItemKey) -> dict[str, Any]:
         index, epoch, position = (int(v) for v in key)
         image, label = self.base_view(index)
         params = sample_crop_params(self.rng(epoch, position), *self.base_size, *self.crop_size,
@@ -124,6 +130,14 @@ class CropDataset(Dataset):
         if self.with_full_image:
             item["full_image"] = normalize(image_tensor, self.normalization)  # (3, H, W)
         return item
+
+
+def collate_crops(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack a batch; an item that failed with a DudaError makes the batch that error, so that
+    it reaches the main process as the user's message rather than as a loader worker's
+    traceback (`InfiniteLoader` raises it there)."""
+    failed = [item["error"] for item in items if isinstance(item, dict) and "error" in item]
+    return {"error": failed[0]} if failed else default_collate(items)
 
 
 def epoch_permutation(size: int, seed: int, epoch: int) -> list[int]:
@@ -210,7 +224,7 @@ class InfiniteLoader:
         generator.manual_seed(self.seed)
         loader = DataLoader(self.dataset, batch_sampler=_BatchKeys(self, self.epoch, self.batch),
                             num_workers=self.num_workers, pin_memory=self.pin_memory,
-                            generator=generator,
+                            generator=generator, collate_fn=collate_crops,
                             prefetch_factor=2 if self.num_workers > 0 else None)
         return iter(loader)
 
@@ -221,6 +235,8 @@ class InfiniteLoader:
         if self._iterator is None:
             self._iterator = self._start()
         batch = next(self._iterator)
+        if isinstance(batch, dict) and "error" in batch:
+            raise DudaError(*batch["error"])
         self.batch += 1
         if self.batch >= self.batches_per_epoch:
             self.epoch, self.batch = self.epoch + 1, 0
