@@ -43,12 +43,13 @@ VERSIONS: dict[str, int] = {DATASET_INDEX: 1, CHECKPOINT: 1, PSEUDO_LABELS: 2, E
 # Older versions still read (a version-1 pseudo-label store stores float16 confidences).
 READABLE: dict[str, tuple[int, ...]] = {PSEUDO_LABELS: (1, 2)}
 
-# How a manifest vouches for itself, whatever the artifact's kind (docs/design.md#content-digests-
-# and-ids). 1: the id hashes the kind, config, config hash, input ids and content digests, and
-# nothing else is checked. 2: the id also hashes the stage, the round and which input is which,
-# and `digest` hashes every other field (summary, inputs' paths, created, environment), so no
-# field a command prints can be edited unnoticed. Format-1 manifests are still verified by their
-# own rule, so finished runs stay usable; every new manifest is format 2.
+# How a manifest vouches for itself, whatever the artifact's kind
+# (docs/design.md#content-digests-and-ids). 1: the id hashes the kind, config, config hash,
+# input ids and content digests, and nothing else is checked. 2: the id also hashes the stage,
+# the round and which input is which, and `digest` hashes every other field (summary, inputs'
+# paths, created, environment), so no field a command prints can be edited unnoticed. Format-1
+# manifests are still verified by their own rule, so finished runs stay usable; every new
+# manifest is format 2.
 MANIFEST_FORMAT = 2
 
 
