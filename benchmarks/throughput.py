@@ -7,7 +7,11 @@ images already decoded, resized, normalised and batched in memory (target ≥ 0.
 self-train: the seconds of one real iteration of the stage (its loaders, the offline labels read
 from the store, the step, the teacher update, the in-loop offline update writing the store,
 logging) over the seconds of its bare model passes (the same step and teacher update on batches
-held in memory) (target ≤ 1.10). The two sides of each pair alternate, best of `--repeats`, so
+held in memory) (target ≤ 1.10). For self-train's periodic evaluation (`self-train-eval`): the
+teacher's BN recalibration on `self_train.recalibrate_batches` target-train crops plus the
+target-val mIoU, as the stage runs them (crops made by loader workers or a thread, the val
+images decoded ahead), against the same recalibration passes and val forward passes on tensors
+held in memory (target ≥ 0.9). The two sides of each pair alternate, best of `--repeats`, so
 the machine's noise hits both alike. `--profile STAGE` prints where a stage's time goes.
 
     python benchmarks/throughput.py [--images 64] [--steps 40] [--device cpu]
@@ -32,16 +36,19 @@ from common import best_times, memory_batches, write_checkpoint, write_index
 
 from stages import evaluate, generate_pseudo, predict, self_train, update_offline
 from stages.config import Config, load_config
+from stages.data.crops import CropDataset
 from stages.data.index import load_dataset_index
 from stages.devices import resolve_device
+from stages.inference import RECALIBRATION_SEED_OFFSET, target_val_miou
 from stages.inference import predict as predict_probabilities
 from stages.nn.model import build_model
-from stages.nn.teacher import MeanTeacher
+from stages.nn.teacher import MeanTeacher, recalibrate_batchnorm
 from stages.reporting import Reporter, Task
 from stages.self_train_step import self_train_step
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ("generate-pseudo", "update-offline", "evaluate", "predict", "self-train")
+STAGES = ("generate-pseudo", "update-offline", "evaluate", "predict", "self-train",
+          "self-train-eval")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -195,6 +202,41 @@ def self_train_pair(config: Config, args: argparse.Namespace, root: Path, index:
     return bare, real
 
 
+def evaluation_pair(config: Config, index: Path, checkpoint: Path, device: torch.device,
+                    ) -> tuple[Callable[[], None], Callable[[], None]]:
+    """(bare, stage) callables of self-train's periodic evaluation: BN recalibration on
+    target-train crops, then target-val mIoU."""
+    data = load_dataset_index(index)
+    model = build_model(config.model, 19).to(device)
+    model.load_state_dict(torch.load(checkpoint / "model.pt", weights_only=True)["student"])
+    settings = config.self_train.recalibration
+    crops = CropDataset(data.samples("target", "train"), config.input.target_size,
+                        config.input.crop_size, config.input.scale_range,
+                        config.input.flip_probability, config.model.normalization,
+                        seed=config.seed + RECALIBRATION_SEED_OFFSET, with_labels=False)
+    count = settings.batches * settings.batch_size or len(crops)
+    images = torch.stack([crops[(i % len(crops), 0, i)]["image"] for i in range(count)])
+    crop_batches = [images[i:i + settings.batch_size].to(device)
+                    for i in range(0, count, settings.batch_size)]
+    val = memory_batches(index, "val", tuple(config.input.target_size), 1, device)
+
+    def bare() -> None:
+        recalibrate_batchnorm(model, crop_batches, device, config.inference_precision)
+        model.eval()
+        with torch.no_grad():
+            for batch in val:
+                model(batch).argmax(1)
+        synchronize(device)
+
+    def stage() -> None:
+        self_train._recalibrate(config, data, model, device, Reporter())
+        target_val_miou(model, config, data, device,
+                        num_workers=config.self_train.runtime.num_workers)
+        synchronize(device)
+
+    return bare, stage
+
+
 class _Labels:
     """What `self_train._batch` reads the offline labels through, for batches built ahead."""
 
@@ -236,6 +278,13 @@ def main() -> None:
                              "ratio": real_seconds / bare_seconds, "unit": "s/iteration",
                              "target": "<= 1.10"})
                 continue
+            if name == "self-train-eval":
+                bare, full = evaluation_pair(config, index, checkpoint, device)
+                bare_seconds, full_seconds = best_times(bare, full, args.repeats)
+                rows.append({"stage": name, "bare": 1 / bare_seconds,
+                             "stage_value": 1 / full_seconds, "ratio": bare_seconds / full_seconds,
+                             "unit": "evals/s", "target": ">= 0.9"})
+                continue
             bare, full = pairs[name]
             bare_seconds, full_seconds = best_times(bare, full, args.repeats)
             rows.append({"stage": name, "bare": args.images / bare_seconds,
@@ -259,6 +308,8 @@ def profile(name: str, pairs: dict[str, Any], config: Config, args: argparse.Nam
             root: Path, index: Path, checkpoint: Path, device: torch.device) -> None:
     if name == "self-train":
         _, run = self_train_pair(config, args, root, index, checkpoint, device)
+    elif name == "self-train-eval":
+        _, run = evaluation_pair(config, index, checkpoint, device)
     else:
         run = pairs[name][1]
     profiler = cProfile.Profile()

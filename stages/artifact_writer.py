@@ -531,8 +531,7 @@ class ArtifactWriter:
             manifest = read_manifest(path)
             same_inputs = {k: v.id for k, v in manifest.inputs.items()} == {
                 k: v.id for k, v in self.inputs.items()}
-            if (manifest.kind == self.kind and manifest.config_hash == self.config_hash
-                    and same_inputs):
+            if manifest.kind == self.kind and self._same_config(manifest) and same_inputs:
                 verify(path, manifest)
                 return _Plan(path, False, manifest)
             raise DudaError(f"{path} already holds a finished {manifest.kind} made with "
@@ -576,6 +575,13 @@ class ArtifactWriter:
         if foreign:
             logger.warning(f"--force: {path} is replaced, with files in it that duda did not "
                            f"write: {', '.join(foreign)}")
+
+    def _same_config(self, manifest: Manifest) -> bool:
+        """Whether a finished artifact was made with this config: its recorded hash, or its
+        recorded config hashed under today's rule (an artifact made before a key was added or
+        left out of the hash stays up to date, docs/design.md#configuration)."""
+        return manifest.config_hash == self.config_hash or (
+            recorded_hash(manifest.config, self.stage) == self.config_hash)
 
     def _start(self, work: Path, resuming: bool) -> _Plan:
         self._created = not work.exists()

@@ -121,6 +121,10 @@ class Config(Section):
     experiment: str
     seed: int = Field(default=888, ge=0, lt=SEED_LIMIT,
                       description="seeds python, numpy and torch: 0 <= seed < 2**32")
+    inference_precision: Precision = Field(
+        default="fp32", description="autocast of every inference pass on GPUs: generate-pseudo, "
+        "update-offline, evaluate, predict, BN recalibration and the periodic evaluation of "
+        "warmup and self-train (the CPU always runs fp32)")
     data: DataConfig
     input: InputConfig = InputConfig()
     model: ModelConfig = ModelConfig()
@@ -136,19 +140,35 @@ class Config(Section):
 # Which sections each stage depends on: the part of the config its artifact records and hashes.
 STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     "prepare_data": ("data",),
-    "warmup": ("seed", "input", "model", "warmup"),
-    "generate_pseudo": ("seed", "input", "generate_pseudo"),
-    "self_train": ("seed", "input", "model", "self_train"),
-    "update_offline": ("input", "update_offline"),
-    "evaluate": ("seed", "input", "evaluate"),
+    "warmup": ("seed", "inference_precision", "input", "model", "warmup"),
+    "generate_pseudo": ("seed", "inference_precision", "input", "generate_pseudo"),
+    "self_train": ("seed", "inference_precision", "input", "model", "self_train"),
+    "update_offline": ("inference_precision", "input", "update_offline"),
+    "evaluate": ("seed", "inference_precision", "input", "evaluate"),
 }
 
 
 # Keys a stage records that do not change what it computes: they stay out of its hash and its
 # resume check, so setting them never makes an artifact out of date or refuses a resume.
+# Worker counts are among them: the same run resumes on a machine with other cores.
 UNHASHED: dict[str, tuple[str, ...]] = {
-    "warmup": ("warmup.runtime.prefetch",),
-    "self_train": ("model.init", "self_train.reference_batch", "self_train.runtime.prefetch"),
+    "prepare_data": ("data.workers",),
+    "warmup": ("warmup.runtime.prefetch", "warmup.runtime.num_workers"),
+    "generate_pseudo": ("generate_pseudo.inference.num_workers",),
+    "self_train": ("model.init", "self_train.runtime.prefetch", "self_train.runtime.num_workers"),
+    "update_offline": ("update_offline.inference.num_workers",),
+    "evaluate": ("evaluate.inference.num_workers",),
+    "predict": ("evaluate.inference.num_workers",),
+}
+
+# Keys added after artifacts were made with the behaviour of their default: a key at this value
+# stays out of the hash, so adding it left every finished artifact up to date
+# (docs/design.md#configuration).
+NEUTRAL: dict[str, Any] = {
+    "inference_precision": "fp32",
+    "data.headline_protocol": None,
+    "self_train.gradient_accumulation": 1,
+    "self_train.recalibrate_batch_size": None,
 }
 
 
@@ -161,14 +181,41 @@ def stage_config(config: Config, stage: str) -> dict[str, Any]:
 def hashed_config(config: Config, stage: str) -> dict[str, Any]:
     """`stage_config` without the keys that do not change the stage's result: what its hash and
     its resume check compare."""
-    section = json.loads(json.dumps(stage_config(config, stage)))
+    return hashed_section(stage_config(config, stage), stage)
+
+
+def hashed_section(recorded: dict[str, Any], stage: str) -> dict[str, Any]:
+    """A recorded stage config (`stage_config`, as a manifest keeps it) under today's hashing
+    rule: unhashed keys removed, neutral defaults removed. Applied to what an older version
+    recorded, it tells whether that artifact is still up to date."""
+    section = json.loads(json.dumps(recorded))
     for dotted in UNHASHED.get(stage, ()):
-        *parents, key = dotted.split(".")
-        node = section
-        for part in parents:
-            node = node.get(part, {})
-        node.pop(key, None)
+        _pop(section, dotted)
+    for dotted, neutral in NEUTRAL.items():
+        if _get(section, dotted, neutral) == neutral:
+            _pop(section, dotted)
     return section
+
+
+def recorded_hash(recorded: dict[str, Any], stage: str) -> str:
+    """The hash of a recorded stage config under today's rule."""
+    return config_hash(hashed_section(recorded, stage))
+
+
+def _get(node: Any, dotted: str, default: Any) -> Any:
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return default
+        node = node[part]
+    return node
+
+
+def _pop(node: Any, dotted: str) -> None:
+    *parents, key = dotted.split(".")
+    for part in parents:
+        node = node.get(part, {}) if isinstance(node, dict) else {}
+    if isinstance(node, dict):
+        node.pop(key, None)
 
 
 def config_hash(section: dict[str, Any]) -> str:
@@ -272,6 +319,8 @@ MOVED_KEYS: dict[str, str] = {
     **{f"self_train.beta_{key}": f"self_train.beta.{key}"
        for key in ("start", "end", "offset", "power")},
     "self_train.ema_decay": "self_train.teacher.decay (with teacher: {name: ema})",
+    "self_train.reference_batch": "self_train.source_batch_size and target_batch_size, now "
+                                  "the crops per step over all processes",
     **{f"generate_pseudo.{key}": f"generate_pseudo.selector.{key} (with selector: "
                                  "{name: iast})"
        for key in ("alpha", "beta", "gamma", "theta0", "group_size")},

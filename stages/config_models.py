@@ -15,6 +15,9 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 Size = list[int]  # [height, width]
+# A worker count, or `auto`: derived from the CPU cores this process may use
+# (stages.devices.worker_count). Worker counts change no result: no stage hashes them.
+Workers = int | Literal["auto"]
 
 
 class Section(BaseModel):
@@ -24,6 +27,11 @@ class Section(BaseModel):
 def _check_size(value: Size | None, name: str) -> None:
     if value is not None and (len(value) != 2 or min(value) <= 0):
         raise ValueError(f"{name} must be [height, width] with two positive integers, got {value}")
+
+
+def _check_workers(value: Workers, name: str, minimum: int = 0) -> None:
+    if isinstance(value, int) and value < minimum:
+        raise ValueError(f"{name} must be auto or an integer >= {minimum}, got {value}")
 
 
 # --------------------------------------------------------------------------------------- data
@@ -78,14 +86,28 @@ class DataConfig(Section):
     synthetic: SyntheticConfig = SyntheticConfig()
     protocols: list[int] = Field(default_factory=lambda: [19],
                                  description="class protocols to report: 19, 16, 13")
-    workers: int = Field(default=2, ge=1, description="processes that decode labels")
+    headline_protocol: int | None = Field(
+        default=None, description="the protocol every summary headlines and warmup/self-train "
+        "select best.pt by (default: the first of `protocols`); SYNTHIA: 16, the field's "
+        "protocol. Recorded in the dataset index: changing it rebuilds the index")
+    workers: Workers = Field(default="auto", description="processes that decode labels "
+                             "(auto: the available CPU cores)")
 
     @model_validator(mode="after")
     def _check(self) -> DataConfig:
         bad = [p for p in self.protocols if p not in (19, 16, 13)]
         if bad and self.source.layout != "folder":
             raise ValueError(f"protocols must be among 19, 16, 13, got {bad}")
+        if self.headline_protocol is not None and self.headline_protocol not in self.protocols:
+            raise ValueError(f"data.headline_protocol {self.headline_protocol} is not among "
+                             f"data.protocols {self.protocols}: add it there or pick one of them")
+        _check_workers(self.workers, "data.workers", minimum=1)
         return self
+
+    def ordered_protocols(self) -> tuple[int, ...]:
+        """The protocols with the headline first (the class table's primary protocol)."""
+        first = self.headline_protocol if self.headline_protocol is not None else self.protocols[0]
+        return (first, *(p for p in self.protocols if p != first))
 
 
 # -------------------------------------------------------------------------------------- input
@@ -187,10 +209,17 @@ class TrainingRuntime(Section):
     sync_batchnorm: bool = Field(
         default=True, description="under torchrun, batch-norm statistics over every process's "
         "batch (the reference's SyncBatchNorm); no effect in one process")
-    num_workers: int = Field(default=2, ge=0, description="data loader worker processes")
+    num_workers: Workers = Field(default="auto", description="worker processes of each data "
+                                 "loader (auto: the CPU cores available to this process, shared "
+                                 "by its loaders)")
     prefetch: bool = Field(default=True, description="self-train: store writes on a background "
                            "thread and the next batch's offline labels read ahead (the same "
                            "results either way)")
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainingRuntime:
+        _check_workers(self.num_workers, "runtime.num_workers")
+        return self
 
 
 class InferenceConfig(Section):
@@ -207,12 +236,14 @@ class InferenceConfig(Section):
                                 "input.crop_size)")
     window_overlap: float = Field(default=1 / 3, ge=0, lt=1)
     batch_size: int = Field(default=2, ge=1)
-    num_workers: int = Field(default=2, ge=0, description="image decoding worker processes")
+    num_workers: Workers = Field(default="auto", description="image decoding worker processes "
+                                 "(auto: the CPU cores available to this process)")
 
     @model_validator(mode="after")
     def _check(self) -> InferenceConfig:
         for name in ("size", "window"):
             _check_size(getattr(self, name), f"inference.{name}")
+        _check_workers(self.num_workers, "inference.num_workers")
         return self
 
 
@@ -241,8 +272,8 @@ class WarmupConfig(Section):
         default="source", description="target: train on target-train labels (the oracle, the "
         "upper bound of an adaptation table)")
     iterations: int = Field(default=40000, ge=1)
-    batch_size: int = Field(default=2, ge=1, description="source crops per process (under "
-                            "torchrun the step sees processes × batch_size)")
+    batch_size: int = Field(default=2, ge=1, description="source crops per step, over all "
+                            "processes (under torchrun each process takes its share)")
     optimizer: OptimizerConfig = OptimizerConfig(lr=2.5e-4)
     adversarial: AdversarialConfig = AdversarialConfig()
     checkpoint_every: int = Field(default=1000, ge=1)
@@ -370,12 +401,14 @@ Teacher = Annotated[MeanTeacherConfig | EmaTeacherConfig | StudentTeacherConfig,
 
 class SelfTrainConfig(Section):
     iterations: int = Field(default=80000, ge=1)
-    source_batch_size: int = Field(default=2, ge=1, description="per process")
-    target_batch_size: int = Field(default=2, ge=1, description="per process")
-    reference_batch: list[int] | None = Field(
-        default=None, description="[source, target] crops per step of the run this config "
-        "reproduces (processes × per-process batch); a run that takes another batch says so "
-        "at its start and in its summary. Does not change what a run computes.")
+    source_batch_size: int = Field(default=2, ge=1, description="source crops per step, over "
+                                   "all processes and micro-batches")
+    target_batch_size: int = Field(default=2, ge=1, description="target crops per step, over "
+                                   "all processes and micro-batches")
+    gradient_accumulation: int = Field(
+        default=1, ge=1, description="micro-batches per step, for a GPU that cannot hold the "
+        "step's batch: gradients are summed over them before one optimizer step; batch-norm "
+        "statistics and online thresholds are then per micro-batch (docs/method.md)")
     optimizer: OptimizerConfig = OptimizerConfig()
     loss: LossWeights = LossWeights()
     alpha: AlphaSchedule = AlphaSchedule()
@@ -401,6 +434,10 @@ class SelfTrainConfig(Section):
     recalibrate_batches: int = Field(default=0, ge=0,
                                      description="teacher BN recalibration batches before "
                                      "evaluation/saving (0: the whole target-train split)")
+    recalibrate_batch_size: int | None = Field(
+        default=None, ge=1, description="crops per recalibration batch (default: "
+        "target_batch_size); evaluate.recalibration.batch_size must equal it for `duda "
+        "evaluate` to reproduce the logged mIoU")
     runtime: TrainingRuntime = TrainingRuntime()
 
     @model_validator(mode="before")
@@ -408,13 +445,11 @@ class SelfTrainConfig(Section):
     def _shorthand(cls, data: Any) -> Any:
         return _named_variant(data, "teacher")
 
-    @model_validator(mode="after")
-    def _check(self) -> SelfTrainConfig:
-        if self.reference_batch is not None and (
-                len(self.reference_batch) != 2 or min(self.reference_batch) < 1):
-            raise ValueError("self_train.reference_batch must be [source, target] crops per "
-                             f"step, two positive integers, got {self.reference_batch}")
-        return self
+    @property
+    def recalibration(self) -> Recalibration:
+        """The teacher's BN recalibration before each evaluation and before saving."""
+        return Recalibration(enabled=True, batches=self.recalibrate_batches,
+                             batch_size=self.recalibrate_batch_size or self.target_batch_size)
 
 
 class UpdateOfflineConfig(Section):

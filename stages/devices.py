@@ -1,4 +1,5 @@
-"""Device selection: `--device auto|cpu|cuda`, and the autocast context for mixed precision."""
+"""Device selection: `--device auto|cpu|cuda`, the autocast context for mixed precision, and
+worker counts derived from the CPU cores a process may use."""
 
 from __future__ import annotations
 
@@ -11,6 +12,32 @@ import torch
 from stages.errors import DudaError
 
 DeviceName = Literal["auto", "cpu", "cuda"]
+
+
+# `auto` never starts more loader processes than this per loader.
+MAX_AUTO_WORKERS = 8
+
+
+def available_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask, e.g. under a batch scheduler)."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return max(1, os.cpu_count() or 1)
+
+
+def worker_count(setting: int | str, loaders: int = 1) -> int:
+    """The worker processes of one of `loaders` loaders that run at once in this process.
+
+    An integer is used as given. `auto`: the cores of this machine shared by the processes of
+    a torchrun job on it (LOCAL_WORLD_SIZE), one core left to the process that drives the
+    model, the rest split between its loaders (at most MAX_AUTO_WORKERS each); 0 means decoding
+    on a background thread. E.g. 16 cores, 2 GPU processes, 2 training loaders: 3 each.
+    """
+    if setting != "auto":
+        return int(setting)
+    processes = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    spare = max(1, available_cores() // processes) - 1
+    return min(MAX_AUTO_WORKERS, spare // max(1, loaders))
 
 
 def resolve_device(name: str) -> torch.device:

@@ -26,7 +26,7 @@ from stages.artifact_writer import ArtifactWriter
 from stages.artifacts import EVALUATION, StageResult, atomic_write_json
 from stages.checkpoint import LoadedModel, check_compatible, load_checkpoint_manifest, load_model
 from stages.classes import ClassTable
-from stages.config import Config, config_hash, stage_config
+from stages.config import Config, stage_config, stage_hash
 from stages.data.crops import resize_image
 from stages.data.full_images import FullImageDataset
 from stages.data.index import DatasetIndex, Sample, load_dataset_index
@@ -80,7 +80,7 @@ def _run(config: Config, data: str | Path, checkpoint: str | Path, out: str | Pa
     inputs = {"data": index.ref, "checkpoint": checkpoint_manifest.ref(checkpoint)}
 
     with ArtifactWriter(out, kind=EVALUATION, stage="evaluate", config=section,
-                        config_hash=config_hash(section), inputs=inputs, force=force,
+                        config_hash=stage_hash(config, "evaluate"), inputs=inputs, force=force,
                         device=str(torch_device), ranks=ranks) as writer:
         if writer.up_to_date:
             return writer.result()
@@ -164,7 +164,7 @@ def _evaluate(loaded: LoadedModel, samples: list[Sample], size: tuple[int, int],
             for rows, out_size in _groups_by_size(labels):
                 scores, is_probability = predict_scores(
                     model, images[rows], out_size, flip=settings.inference.flip,
-                    sliding_window=window)
+                    sliding_window=window, precision=config.inference_precision)
                 prediction = scores.argmax(1)
                 target = torch.stack([labels[i] for i in rows])
                 matrix.update(prediction, target)

@@ -32,18 +32,18 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
+from numcodecs import Zstd
 
 from stages.artifact_writer import ArtifactWriter
 from stages.artifacts import PSEUDO_LABELS, ArtifactRef, StageResult
 from stages.checkpoint import LoadedModel, check_compatible, load_checkpoint_manifest, load_model
 from stages.config import CbstSelector as CbstConfig
-from stages.config import Config, config_hash, stage_config
+from stages.config import Config, stage_config, stage_hash
 from stages.config import FixedSelector as FixedConfig
 from stages.config import IastSelector as IastConfig
 from stages.data.full_images import FullImageDataset
 from stages.data.index import DatasetIndex, Sample, load_dataset_index
-from stages.data.io import read_label
+from stages.data.io import image_size, read_label
 from stages.distributed import Ranks, process_group
 from stages.errors import DudaError
 from stages.inference import (
@@ -75,7 +75,12 @@ from stages.store_io import ReadAhead, StoreWriter
 logger = logging.getLogger("duda")
 
 READ_AHEAD = 4  # images read ahead of the selection pass
-IN_MEMORY_BYTES = 1 << 30  # the first pass stays in memory up to this size (one process)
+# The first pass is kept in host memory until the thresholds are known, so that every label is
+# written to the store once: as plain arrays while this rank's whole pass fits RAW_BYTES, else
+# zstd-compressed (a paper-scale pass, 2,975 maps of 1024×2048, compresses to about the size
+# of its store, ~1.4 GB), and past COMPRESSED_BYTES in the store (then written twice).
+RAW_BYTES = 1 << 30
+COMPRESSED_BYTES = 4 << 30
 
 # ------------------------------------------------------------------------------- stage
 
@@ -109,12 +114,14 @@ def _run(config: Config, data: str | Path, checkpoint: str | Path | Sequence[str
     samples = index.samples("target", "train")
 
     with ArtifactWriter(out, kind=PSEUDO_LABELS, stage="generate_pseudo", config=section,
-                        config_hash=config_hash(section), inputs=inputs, force=force,
+                        config_hash=stage_hash(config, "generate_pseudo"), inputs=inputs,
+                        force=force,
                         round=max(manifest.round for manifest in manifests),
                         device=str(torch_device), ranks=ranks) as writer:
         if writer.up_to_date:
             return writer.result()
         height, width = native_size(samples)
+        writer.require_store_space(len(samples), height, width)
         models = _load_models(checkpoints, cfg.inference.model, torch_device, index)
         if cfg.recalibration.enabled:
             for loaded in models:
@@ -129,10 +136,11 @@ def _run(config: Config, data: str | Path, checkpoint: str | Path | Sequence[str
         mine = ranks.mine(len(samples), cfg.inference.batch_size)
         size = tuple(cfg.inference.size or config.input.target_size)
 
-        # One process keeps the first pass in memory when it fits: no store round trip.
-        kept_in_memory = ranks.world_size == 1 and (
-            len(mine) * height * width * 2 <= IN_MEMORY_BYTES)
-        first = FirstPass(store, kept_in_memory)
+        # IAST walks every image on rank 0, so under torchrun its first pass goes through the
+        # store; otherwise each rank keeps its own images in memory.
+        iast_across_ranks = isinstance(cfg.selector, IastConfig) and ranks.world_size > 1
+        first = FirstPass(store, limit=0 if iast_across_ranks else COMPRESSED_BYTES,
+                          compress=len(mine) * height * width * 2 > RAW_BYTES)
         histogram, predicted = _infer(config, models, samples, mine, size, first,
                                       torch_device, reporter)
         ranks.barrier()
@@ -155,7 +163,7 @@ def _run(config: Config, data: str | Path, checkpoint: str | Path | Sequence[str
             store.set_statistics({**statistics_from_counts(
                 kept, len(samples) * height * width), "predicted_pixels": predicted.tolist()})
             store.check_complete()
-        writer.finish(summary, content=[STORE_METADATA])
+        writer.finish(summary, content=STORE_METADATA)
     return writer.result()
 
 
@@ -166,12 +174,7 @@ def native_size(samples: Sequence[Sample]) -> tuple[int, int]:
                         "check data.target and rerun prepare-data")
     sizes: dict[tuple[int, int], list[str]] = {}
     for sample in samples:
-        try:
-            with Image.open(sample.image) as image:
-                width, height = image.size
-        except (OSError, ValueError) as error:
-            raise DudaError(f"{sample.image} is unreadable ({error})",
-                            "replace the file and rerun prepare-data") from None
+        width, height = image_size(sample.image)  # header only; unreadable or too large: DudaError
         sizes.setdefault((height, width), []).append(sample.id)
     if len(sizes) > 1:
         described = "; ".join(f"{h}×{w}: {len(ids)} images (e.g. {ids[0]})"
@@ -199,12 +202,13 @@ def _load_models(checkpoints: list[Path], which: str, device: torch.device,
 
 def ensemble_probabilities(models: Sequence[LoadedModel], images: torch.Tensor,
                            out_size: tuple[int, int], flip: bool,
-                           window: SlidingWindow | None = None) -> torch.Tensor:
+                           window: SlidingWindow | None = None,
+                           precision: str = "fp32") -> torch.Tensor:
     """Mean softmax of every model (each flip-averaged if asked): (B, C, *out_size) float32."""
     total: torch.Tensor | None = None
     for loaded in models:
         probabilities = predict(loaded.model, images, out_size, flip=flip,
-                                sliding_window=window)
+                                sliding_window=window, precision=precision)
         total = probabilities if total is None else total + probabilities
     assert total is not None
     return total / len(models)
@@ -212,29 +216,44 @@ def ensemble_probabilities(models: Sequence[LoadedModel], images: torch.Tensor,
 
 class FirstPass:
     """This rank's argmax and confidence levels from the inference pass, until the thresholds
-    are known: in memory (nothing is written twice), or in the store (labels replaced by the
-    second pass)."""
+    are known: in memory up to `limit` bytes (plain, or zstd-compressed with `compress`), so
+    that each image is written to the store once; an image past the limit goes to the store
+    and only its labels are replaced by the second pass."""
 
-    def __init__(self, store: PseudoLabelStore, in_memory: bool) -> None:
+    def __init__(self, store: PseudoLabelStore, limit: int, compress: bool) -> None:
         self.store = store
-        self.in_memory = in_memory
-        self.memory: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self.limit = limit
+        self.codec = Zstd(level=1) if compress else None
+        self.memory: dict[int, tuple[Any, Any]] = {}
+        self.bytes = 0
 
     def put(self, writes: StoreWriter, i: int, prediction: np.ndarray,
             levels: np.ndarray) -> None:
-        if self.in_memory:
-            self.memory[i] = (prediction, levels)
-        else:
+        kept: tuple[Any, Any] = (prediction, levels)
+        if self.codec is not None:
+            kept = (self.codec.encode(prediction), self.codec.encode(levels))
+        size = sum(len(part) if self.codec else part.nbytes for part in kept)
+        if self.bytes + size > self.limit:
             writes.write(i, prediction, levels)
+            return
+        self.memory[i] = kept
+        self.bytes += size
 
     def read(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         """(prediction, levels) of image i."""
-        return self.memory[i] if self.in_memory else self.store.read(i)
+        if i not in self.memory:
+            return self.store.read(i)
+        prediction, levels = self.memory[i]
+        if self.codec is None:
+            return prediction, levels
+        shape = (self.store.height, self.store.width)
+        return (np.frombuffer(self.codec.decode(prediction), np.uint8).reshape(shape),
+                np.frombuffer(self.codec.decode(levels), np.uint8).reshape(shape))
 
     def finish(self, writes: StoreWriter, i: int, labels: np.ndarray,
                levels: np.ndarray) -> None:
-        """Store the thresholded labels of image i."""
-        if self.in_memory:
+        """Store the thresholded labels of image i (with its levels, if not stored yet)."""
+        if self.memory.pop(i, None) is not None:
             writes.write(i, labels, levels)
         else:
             writes.write_labels(i, labels)
@@ -262,7 +281,7 @@ def _infer(config: Config, models: list[LoadedModel], samples: list[Sample], min
         for batch in loader:
             images = batch["image"].to(device, non_blocking=True)
             probabilities = ensemble_probabilities(models, images, out_size, cfg.inference.flip,
-                                                   window)
+                                                   window, config.inference_precision)
             confidence, prediction = probabilities.max(dim=1)
             # The stored confidence levels are what every later step sees.
             levels = quantize(confidence)

@@ -26,7 +26,7 @@ from stages.config import Config, InferenceConfig, Recalibration, Size
 from stages.data.crops import CropDataset, InfiniteLoader
 from stages.data.full_images import FullImageDataset, collate_full_images
 from stages.data.index import DatasetIndex
-from stages.devices import autocast
+from stages.devices import autocast, worker_count
 from stages.metrics import ConfusionMatrix
 from stages.nn.teacher import recalibrate_batchnorm
 from stages.reporting import Reporter
@@ -54,12 +54,14 @@ def sliding_window(settings: InferenceConfig, crop_size: Size) -> SlidingWindow 
     return SlidingWindow((window[0], window[1]), settings.window_overlap)
 
 
-def full_image_loader(dataset: Dataset, batch_size: int, num_workers: int,
+def full_image_loader(dataset: Dataset, batch_size: int, num_workers: int | str,
                       collate: Callable[[list[Any]], Any] = collate_full_images,
                       ) -> Iterable[Any]:
     """Batches of whole images in index order (`FullImageDataset` items), decoded ahead of the
-    model: in `num_workers` loader processes, or with 0 on one background thread (where
-    processes cannot help, as on a CPU whose cores the model already uses)."""
+    model: in `num_workers` loader processes (`auto`: from the available cores), or with 0 on
+    one background thread (where processes cannot help, as on a CPU whose cores the model
+    already uses)."""
+    num_workers = worker_count(num_workers)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                         collate_fn=collate, pin_memory=torch.cuda.is_available())
     return loader if num_workers > 0 else ThreadAhead(loader)
@@ -198,20 +200,23 @@ def predict_classes(model: nn.Module, images: torch.Tensor, out_size: tuple[int,
 def recalibrate_on_target(model: torch.nn.Module, normalization: str, config: Config,
                           index: DatasetIndex, settings: Recalibration, device: torch.device,
                           reporter: Reporter | None = None,
-                          num_workers: int = 0) -> dict[str, Any]:
+                          num_workers: int | str = "auto") -> dict[str, Any]:
     """Recompute `model`'s BN running statistics (a cumulative average) on weak target-train
     crops: the training view at input.crop_size, a fixed sequence drawn from `config.seed + 2`
-    (`settings.batches` batches of `settings.batch_size`, 0 = one pass over the split). The
-    model is left in eval mode. The mean teacher's recalibration before each evaluation
-    (docs/method.md#batch-norm-recalibration); applied to a source-only model it is AdaBN.
-    Returns the protocol, for reports."""
+    (`settings.batches` batches of `settings.batch_size`, 0 = one pass over the split), decoded
+    ahead of the model by `num_workers` loader processes (0: a background thread) and run at
+    `config.inference_precision`. The model is left in eval mode. The mean teacher's
+    recalibration before each evaluation (docs/method.md#batch-norm-recalibration); applied to a
+    source-only model it is AdaBN. Returns the protocol, for reports."""
     seed = config.seed + RECALIBRATION_SEED_OFFSET
     samples = [dataclasses.replace(sample, label=None)
                for sample in index.samples("target", "train")]
     dataset = CropDataset(samples, config.input.target_size, config.input.crop_size,
                           config.input.scale_range, config.input.flip_probability,
                           normalization, seed=seed, with_labels=False)
-    loader = InfiniteLoader(dataset, settings.batch_size, seed=seed, num_workers=num_workers)
+    workers = worker_count(num_workers)
+    loader = InfiniteLoader(dataset, settings.batch_size, seed=seed, num_workers=workers,
+                            pin_memory=device.type == "cuda")
     total = settings.batches or loader.batches_per_epoch
     with (reporter or Reporter()).task("recalibrating BN", total=total) as task:
         def images() -> Iterator[torch.Tensor]:
@@ -219,8 +224,10 @@ def recalibrate_on_target(model: torch.nn.Module, normalization: str, config: Co
                 yield next(loader)["image"]
                 task.advance(1)
 
+        # Without loader processes the crops are still made ahead of the model, on a thread.
+        batches = images() if workers > 0 else ThreadAhead(images())
         try:
-            seen = recalibrate_batchnorm(model, images(), device)
+            seen = recalibrate_batchnorm(model, batches, device, config.inference_precision)
         finally:
             loader.close()
     model.eval()
@@ -230,9 +237,10 @@ def recalibrate_on_target(model: torch.nn.Module, normalization: str, config: Co
 
 @torch.no_grad()
 def target_val_miou(model: torch.nn.Module, config: Config, index: DatasetIndex,
-                    device: torch.device, *, num_workers: int, precision: str) -> float:
+                    device: torch.device, *, num_workers: int | str) -> float:
     """Target-val mIoU of the table's primary protocol, at input.target_size, whole image, no
-    flip: the in-training evaluation of warmup and self-train."""
+    flip, at `config.inference_precision`: the in-training evaluation of warmup and
+    self-train."""
     model.eval()
     dataset = FullImageDataset(index.samples("target", "val"), config.input.target_size,
                                config.model.normalization, with_labels=True)
@@ -240,11 +248,12 @@ def target_val_miou(model: torch.nn.Module, config: Config, index: DatasetIndex,
     generator = torch.Generator()
     generator.manual_seed(0)
     # Batch 1: labels keep their native sizes, which may differ between images.
-    loader = DataLoader(dataset, batch_size=1, num_workers=num_workers, generator=generator)
+    loader = DataLoader(dataset, batch_size=1, num_workers=worker_count(num_workers),
+                        generator=generator)
     matrix = ConfusionMatrix(index.num_classes)
     for batch in loader:
         label = batch["label"]  # (1, H, W) int64
         prediction = predict_classes(model, batch["image"].to(device), tuple(label.shape[-2:]),
-                                     precision=precision)
+                                     precision=config.inference_precision)
         matrix.update(prediction.cpu(), label)
     return float(matrix.miou(index.classes.primary_protocol[1]))

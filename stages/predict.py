@@ -47,7 +47,7 @@ from stages.classes import (
     cityscapes_table,
     custom_table,
 )
-from stages.config import Config, config_hash
+from stages.config import Config, recorded_hash
 from stages.data.crops import resize_image
 from stages.data.index import DatasetIndex, Domain, load_dataset_index
 from stages.data.io import read_image
@@ -311,13 +311,15 @@ def run(config: Config, checkpoint: str | Path, out: str | Path, *,
         listed = split_images(index, domain, split)
         protect = sorted({image.path.parent for image in listed})
     size = _inference_size(config, domain)
-    section = {"input": config.input.model_dump(mode="json"),
+    section = {"inference_precision": config.inference_precision,
+               "input": config.input.model_dump(mode="json"),
                "evaluate": {"inference": inference.model_dump(mode="json"),
                             "recalibration": settings.recalibration.model_dump(mode="json")},
                "predict": {"formats": list(formats), "domain": domain, "split": split}}
 
     with ArtifactWriter(out, kind=PREDICTIONS, stage="predict", config=section,
-                        config_hash=config_hash(section), inputs=inputs, protect=protect,
+                        config_hash=recorded_hash(section, "predict"), inputs=inputs,
+                        protect=protect,
                         force=force, device=str(torch_device)) as writer:
         if writer.up_to_date:
             return writer.result()
@@ -339,7 +341,8 @@ def run(config: Config, checkpoint: str | Path, out: str | Path, *,
         window = sliding_window(inference, config.input.crop_size)
         sizes = _predict(loaded.model.eval(), listed, size, window, inference.flip,
                          loaded.model_config.normalization, formats, classes, writer.work,
-                         torch_device, inference.batch_size, inference.num_workers, reporter)
+                         torch_device, inference.batch_size, inference.num_workers, reporter,
+                         config.inference_precision)
         atomic_write_json(writer.work / LISTING_FILE, {
             "formats": list(formats),
             "classes": list(classes.names),
@@ -371,7 +374,8 @@ def _inference_size(config: Config, domain: Domain) -> tuple[int, int]:
 def _predict(model: torch.nn.Module, images: list[InputImage], size: tuple[int, int],
              window: SlidingWindow | None, flip: bool, normalization: Normalization,
              formats: tuple[str, ...], classes: ClassTable, out: Path, device: torch.device,
-             batch_size: int, num_workers: int, reporter: Reporter) -> list[tuple[int, int]]:
+             batch_size: int, num_workers: int | str, reporter: Reporter,
+             precision: str = "fp32") -> list[tuple[int, int]]:
     """Segment `images` and write their PNGs under `out`; returns each image's native size.
 
     Unreadable images do not stop the loop: the rest are still decoded (not segmented) so that
@@ -393,7 +397,8 @@ def _predict(model: torch.nn.Module, images: list[InputImage], size: tuple[int, 
             pixels = batch["image"].to(device, non_blocking=True)
             for rows, native in _groups_by_size(batch["size"]):
                 scores, is_probability = predict_scores(model, pixels[rows], native, flip=flip,
-                                                        sliding_window=window)
+                                                        sliding_window=window,
+                                                        precision=precision)
                 # The class evaluate takes (argmax of the same scores): max() returns the first
                 # maximal index too, in a third of argmax's time over the class dimension.
                 prediction = scores.max(1).indices.to(torch.uint8).cpu().numpy()

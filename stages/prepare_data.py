@@ -31,11 +31,12 @@ from stages.classes import (
     custom_table,
     synthetic_table,
 )
-from stages.config import Config, DataConfig, DomainConfig, config_hash, stage_config
+from stages.config import Config, DataConfig, DomainConfig, stage_config, stage_hash
 from stages.data import synthetic
 from stages.data.index import INDEX_FILE, DomainEntry, IndexFile, SampleEntry, SplitEntry
 from stages.data.io import file_sha256
 from stages.data.layouts import IN_PLACE, PairResult, SplitListing, convert_pair, list_split
+from stages.devices import available_cores
 from stages.errors import DudaError
 from stages.reporting import Reporter
 
@@ -50,7 +51,7 @@ def run(config: Config, out: Path, *, force: bool = False,
     section = stage_config(config, "prepare_data")
     roots = [domain.root for domain in (config.data.source, config.data.target) if domain.root]
     with ArtifactWriter(out, kind=DATASET_INDEX, stage="prepare_data", config=section,
-                        config_hash=config_hash(section), protect=roots,
+                        config_hash=stage_hash(config, "prepare_data"), protect=roots,
                         force=force) as writer:
         if writer.up_to_date:
             return writer.result()
@@ -72,7 +73,7 @@ def run(config: Config, out: Path, *, force: bool = False,
                     entry, row = _generate(data, domain, split, writer.work, reporter)
                 else:
                     entry, row = _convert(listings[domain, split], domain_config, classes,
-                                          data.workers, writer.work, reporter, warnings)
+                                          _workers(data), writer.work, reporter, warnings)
                 row["pixel_shares"] = pixel_shares(entry.pixel_counts, classes.names)
                 splits[split] = entry
                 rows.append(row)
@@ -92,7 +93,7 @@ def class_table(data: DataConfig) -> ClassTable:
     if not named:
         if data.source.layout == data.target.layout == "synthetic":
             return synthetic_table()
-        return cityscapes_table(tuple(data.protocols))
+        return cityscapes_table(data.ordered_protocols())
     names = named[0][1]
     if len(names) > 255:
         raise DudaError(f"data.{named[0][0]}.classes has {len(names)} classes; labels are 8-bit "
@@ -105,8 +106,14 @@ def class_table(data: DataConfig) -> ClassTable:
                         "give both folder domains the same data.<domain>.classes, or, next to "
                         "a Cityscapes-style domain, the 19 Cityscapes class names in trainId "
                         "order")
-    return (cityscapes_table(tuple(data.protocols)) if names == CITYSCAPES_CLASSES
+    return (cityscapes_table(data.ordered_protocols()) if names == CITYSCAPES_CLASSES
             else custom_table(list(names)))
+
+
+def _workers(data: DataConfig) -> int:
+    """Decoding processes: `data.workers`, or with `auto` every available core (nothing else
+    runs beside them)."""
+    return available_cores() if data.workers == "auto" else int(data.workers)
 
 
 def pixel_shares(counts: list[int] | None, names: tuple[str, ...]) -> dict[str, float]:
@@ -223,7 +230,7 @@ def _generate(data: DataConfig, domain: str, split: str, out: Path,
         (out / folder / domain / split).mkdir(parents=True, exist_ok=True)
     counts = np.zeros(len(CITYSCAPES_CLASSES), np.int64)
     with reporter.task(f"{domain}/{split}: generating synthetic scenes", total=count) as task:
-        for pixel_counts in _map(synthetic.write_sample, jobs, data.workers):
+        for pixel_counts in _map(synthetic.write_sample, jobs, _workers(data)):
             counts += np.asarray(pixel_counts, np.int64)
             task.advance(1)
     samples = [sample.model_copy(update={"label_sha256": file_sha256(out / sample.label)})

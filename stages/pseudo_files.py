@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from stages.artifact_writer import ArtifactWriter, check_not_input, is_ours, write_marker
+from stages.artifact_writer import ArtifactWriter, check_not_input, claim, is_ours
 from stages.artifacts import PSEUDO_LABELS, StageResult, atomic_open
 from stages.classes import IGNORE_INDEX
 from stages.data.index import DatasetIndex, load_dataset_index
@@ -40,7 +40,6 @@ def export(store: PseudoLabelStore, directory: str | Path, colour: bool = False,
     directory = _claimable(directory, [store.path], "an earlier label export",
                            "export into a new or empty folder")
     store.validate(reporter)
-    write_marker(directory, LABEL_EXPORT, "pseudo_export")
     palette = None
     if colour:
         colours = store.palette or _default_palette(store.num_classes)
@@ -48,7 +47,8 @@ def export(store: PseudoLabelStore, directory: str | Path, colour: bool = False,
         for c, rgb in enumerate(colours):
             palette[3 * c:3 * c + 3] = [int(v) for v in rgb]
     reporter = reporter or Reporter()
-    with reporter.task("export", total=len(store)) as task:
+    with (claim(directory, LABEL_EXPORT, "pseudo_export"),  # removed again if a write fails
+          reporter.task("export", total=len(store)) as task):
         for i, sample_id in enumerate(store.ids):
             labels = store.read_labels(i)
             if palette is None:
@@ -77,11 +77,11 @@ def overlays(store: PseudoLabelStore, index: DatasetIndex, directory: str | Path
     if missing:
         raise DudaError(f"{index.path} has no target-train image {missing[0]} of store "
                         f"{store.path}", "pass the dataset index the store was made from")
-    write_marker(directory, LABEL_OVERLAYS, "pseudo_overlays")
     palette = store.palette or _default_palette(store.num_classes)
     written = []
     reporter = reporter or Reporter()
-    with reporter.task("overlays", total=min(images, len(store))) as task:
+    with (claim(directory, LABEL_OVERLAYS, "pseudo_overlays"),
+          reporter.task("overlays", total=min(images, len(store))) as task):
         for i, sample_id in enumerate(store.ids[:images]):
             sample = samples[sample_id]
             labels, levels = store.read_labels(i), store.read_levels(i)
@@ -241,5 +241,5 @@ def run(directory: str | Path, data: str | Path, out: str | Path, *, force: bool
                    "per_class": {name: {"kept_pixels": statistics["kept_pixels"][c],
                                         "coverage": statistics["coverage"][c]}
                                  for c, name in enumerate(store.class_names)}}
-        writer.finish(summary, content=[STORE_METADATA])
+        writer.finish(summary, content=STORE_METADATA)
     return writer.result()

@@ -52,7 +52,6 @@ from stages.checkpoint import (
 from stages.config import (
     Config,
     EmaTeacherConfig,
-    Recalibration,
     StudentTeacherConfig,
     hashed_config,
     stage_config,
@@ -61,6 +60,7 @@ from stages.config import (
 from stages.data.crops import CropDataset, InfiniteLoader, resize_label
 from stages.data.index import DatasetIndex, load_dataset_index
 from stages.data.transforms import CropParams, crop_label
+from stages.devices import worker_count
 from stages.distributed import Ranks, process_group
 from stages.inference import recalibrate_on_target, target_val_miou
 from stages.metrics import LabelQuality, label_statistics, quality
@@ -84,6 +84,7 @@ from stages.training import (
     build_optimizer,
     check_finite,
     learning_rate_factor,
+    per_process_batch,
     seed_everything,
 )
 from stages.update_offline import OfflineChanges, offline_update
@@ -117,6 +118,7 @@ def run(config: Config, data: str | Path, checkpoint: str | Path, pseudo: str | 
                             ranks=ranks) as writer:
             if writer.up_to_date:
                 return writer.result()
+            writer.require_run_space(config.model, index.num_classes, source_store.path)
             # A damaged input store is refused before any training (and before it is copied).
             ranks.on_main(lambda: source_store.validate(reporter))
             identity = {"config": hashed_config(config, "self_train"),
@@ -133,7 +135,7 @@ def run(config: Config, data: str | Path, checkpoint: str | Path, pseudo: str | 
                                     inputs={**inputs, "parent": inputs["pseudo"]},
                                     resumable=True, resume=True, round=round,
                                     device=device_name, lock=False) as store_writer:
-                    store_writer.finish(store_summary, content=[STORE_METADATA])
+                    store_writer.finish(store_summary, content=STORE_METADATA)
             writer.finish(summary, content=[MODEL_FILE])
             if ranks.is_main:
                 # Scratch space for resuming, not part of the artifact: removed once the run
@@ -153,25 +155,32 @@ def _train(config: Config, index: DatasetIndex, checkpoint: Path,
     """The training loop: (summary, store summary) on rank 0, None on the others."""
     cfg = config.self_train
     device = ranks.compute_device
-    ranks.announce(reporter, f"{cfg.source_batch_size} source + {cfg.target_batch_size} "
-                   "target crops per process")
-    mismatch = batch_mismatch(config, ranks.world_size)
-    if mismatch:
-        reporter.info(mismatch)
+    batches = step_batches(config, ranks.world_size)
+    batch_line = (f"{cfg.source_batch_size} source + {cfg.target_batch_size} target crops per "
+                  f"step: {batches['source_per_process']} + {batches['target_per_process']} per "
+                  f"process in {cfg.gradient_accumulation} micro-batch(es)")
+    if ranks.world_size > 1:
+        ranks.announce(reporter, batch_line)
+    else:
+        reporter.info(batch_line)
     student, teacher, optimizer, scaler = _models(config, index, checkpoint, device)
     # The mean teacher's own BN statistics, kept equal on every rank (the student-as-teacher
     # ablation has none of its own).
     teacher_norms = batchnorm_statistics(teacher) if isinstance(teacher, MeanTeacher) else []
-    source_loader = _loader(config, index, "source", cfg.source_batch_size, config.seed, ranks)
-    target_loader = _loader(config, index, "target", cfg.target_batch_size, config.seed + 1,
-                            ranks)
+    # Each process loads its share of a step; the step splits it into micro-batches.
+    source_loader = _loader(config, index, "source",
+                            batches["source_per_process"] * cfg.gradient_accumulation,
+                            config.seed, ranks)
+    target_loader = _loader(config, index, "target",
+                            batches["target_per_process"] * cfg.gradient_accumulation,
+                            config.seed + 1, ranks)
     ranks.seed_apart(config.seed)  # models built alike; from here each rank its own dropout
 
     progress, changes = Progress(), OfflineChanges(index.num_classes)
     metrics = MetricsLog(out / METRICS_FILE, progress, writer=ranks.is_main,
                          tensorboard=config.logging.tensorboard, class_names=index.classes.names)
     working = WorkingStore(out, progress, ranks)
-    state = TrainState(out / TRAIN_STATE_FILE, identity, ranks, {
+    state = TrainState(out / TRAIN_STATE_FILE, "self_train", identity, ranks, {
         "student": student, "teacher": teacher, "optimizer": optimizer, "scaler": scaler,
         "source_loader": source_loader, "target_loader": target_loader, "progress": progress,
         "offline_changes": changes, "store": working, "metrics": metrics,
@@ -218,7 +227,8 @@ def _train(config: Config, index: DatasetIndex, checkpoint: Path,
                     net, teacher, batch, weights=cfg.loss, alpha=alpha, optimizer=optimizer,
                     scaler=scaler, precision=cfg.runtime.precision, offline_update=updating,
                     consistency_teacher_mode=cfg.consistency_teacher_mode,
-                    reproduce_teacher_bn_quirk=cfg.reproduce_teacher_bn_quirk)
+                    reproduce_teacher_bn_quirk=cfg.reproduce_teacher_bn_quirk,
+                    micro_batches=cfg.gradient_accumulation)
                 teacher.update(student)
                 ranks.average(teacher_norms)
                 if updating:
@@ -264,40 +274,25 @@ def _train(config: Config, index: DatasetIndex, checkpoint: Path,
     if not ranks.is_main:
         return None
     return _finish(config, index, student, teacher, store, progress, changes, out,
-                   ranks, (progress.iteration - start) / max(time.monotonic() - started, 1e-9))
+                   ranks, (progress.iteration - start) / max(time.monotonic() - started, 1e-9),
+                   reporter)
 
 
-def batch_mismatch(config: Config, world_size: int) -> str | None:
-    """A warning when the crops per step differ from `self_train.reference_batch` (a smaller
-    batch is the most common reason a reproduction falls short), with the launch that matches."""
+def step_batches(config: Config, world_size: int) -> dict[str, int]:
+    """The crops of one step, in all and per process and micro-batch
+    (docs/method.md#the-batch): the step's batch is the config's whatever the launch."""
     cfg = config.self_train
-    if cfg.reference_batch is None:
-        return None
-    per_process = [cfg.source_batch_size, cfg.target_batch_size]
-    effective = [world_size * size for size in per_process]
-    if effective == cfg.reference_batch:
-        return None
-    source, target = cfg.reference_batch
-    hint = (f"set self_train.source_batch_size={source} and target_batch_size={target} in one "
-            "process")
-    if source % per_process[0] == 0 and target % per_process[1] == 0 and (
-            source // per_process[0] == target // per_process[1]):
-        processes = source // per_process[0]
-        hint = (f"launch `torchrun --standalone --nproc_per_node {processes} -m duda_cli "
-                f"self-train …` ({per_process[0]} + {per_process[1]} crops per process), or "
-                + hint)
-    return (f"this run takes {effective[0]} source + {effective[1]} target crops per step "
-            f"({world_size} process(es) × {per_process[0]} + {per_process[1]}); the run this "
-            f"config reproduces took {source} + {target}: results will differ. To match it, "
-            + hint)
-
-
-def _reference_batch(config: Config, world_size: int) -> dict[str, Any]:
-    reference = config.self_train.reference_batch
-    if reference is None:
-        return {}
-    return {"reference_batch": reference,
-            "batch_matches_reference": batch_mismatch(config, world_size) is None}
+    micro = cfg.gradient_accumulation
+    return {
+        "source_per_step": cfg.source_batch_size,
+        "target_per_step": cfg.target_batch_size,
+        "processes": world_size,
+        "micro_batches": micro,
+        "source_per_process": per_process_batch(cfg.source_batch_size, world_size, micro,
+                                                "self_train.source_batch_size"),
+        "target_per_process": per_process_batch(cfg.target_batch_size, world_size, micro,
+                                                "self_train.target_batch_size"),
+    }
 
 
 def _batch(config: Config, source: dict[str, Any], target: dict[str, Any],
@@ -353,13 +348,14 @@ def _log_record(window: LogWindow, thresholds: torch.Tensor | None, ranks: Ranks
 
 def _finish(config: Config, index: DatasetIndex, student: torch.nn.Module, teacher: Teacher,
             store: PseudoLabelStore, progress: Progress, changes: OfflineChanges, out: Path,
-            ranks: Ranks, rate: float) -> tuple[dict[str, Any], dict[str, Any]]:
+            ranks: Ranks, rate: float, reporter: Reporter,
+            ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Rank 0 after the loop: the teacher recalibrated and saved, the store's statistics, and
     the run's and the store's summaries."""
     cfg = config.self_train
     mean_teacher = teacher if isinstance(teacher, MeanTeacher) else None
     if mean_teacher is not None:  # its BN statistics are recalibrated before saving
-        _recalibrate(config, index, mean_teacher.module, ranks.compute_device)
+        _recalibrate(config, index, mean_teacher.module, ranks.compute_device, reporter)
     write_model_file(out / MODEL_FILE, student=student, teacher=mean_teacher,
                      model_config=config.model, class_names=index.classes.names,
                      iteration=progress.iteration)
@@ -374,7 +370,7 @@ def _finish(config: Config, index: DatasetIndex, student: torch.nn.Module, teach
                          cfg.runtime.sync_batchnorm,
                          batch=cfg.source_batch_size + cfg.target_batch_size),
         "iterations_per_second": rate,
-        **_reference_batch(config, ranks.world_size),
+        "batch": step_batches(config, ranks.world_size),
         "offline_changes": changes.totals(),
         **progress.summary(f"target-val mIoU-{index.classes.primary_protocol[0]} of the mean "
                            "teacher (model selection on the evaluation split)"),
@@ -436,7 +432,8 @@ def _loader(config: Config, index: DatasetIndex, domain: str, batch_size: int, s
                           config.model.normalization, seed=seed, with_full_image=not source,
                           with_labels=source)
     return InfiniteLoader(dataset, batch_size, seed=seed,
-                          num_workers=config.self_train.runtime.num_workers, rank=ranks.rank,
+                          num_workers=worker_count(config.self_train.runtime.num_workers, 2),
+                          rank=ranks.rank,
                           world_size=ranks.world_size,
                           pin_memory=ranks.compute_device.type == "cuda")
 
@@ -455,13 +452,13 @@ def _offline_crops(labels: list[np.ndarray], params: torch.Tensor,
 
 
 def _recalibrate(config: Config, index: DatasetIndex, model: torch.nn.Module,
-                 device: torch.device) -> None:
+                 device: torch.device, reporter: Reporter) -> None:
     """Recompute a model's BN statistics on weak target-train crops: a fixed, seeded sequence,
-    so a resumed run, and `duda evaluate` with the same batches, recalibrate identically."""
+    so a resumed run, and `duda evaluate` with the same batches, recalibrate identically. The
+    crops are decoded by loader workers ahead of the model, as in training."""
     cfg = config.self_train
-    recalibrate_on_target(model, config.model.normalization, config, index,
-                          Recalibration(enabled=True, batches=cfg.recalibrate_batches,
-                                        batch_size=cfg.target_batch_size), device)
+    recalibrate_on_target(model, config.model.normalization, config, index, cfg.recalibration,
+                          device, reporter, cfg.runtime.num_workers)
 
 
 def _evaluate(config: Config, index: DatasetIndex, student: torch.nn.Module,
@@ -472,10 +469,9 @@ def _evaluate(config: Config, index: DatasetIndex, student: torch.nn.Module,
     keeps its recalibrated statistics (as in the reference); the student-as-teacher ablation is
     evaluated as a copy, so evaluating does not change its training."""
     model = teacher.module if isinstance(teacher, MeanTeacher) else copy.deepcopy(teacher.module)
-    _recalibrate(config, index, model, device)
+    _recalibrate(config, index, model, device, reporter)
     miou = target_val_miou(model, config, index, device,
-                           num_workers=config.self_train.runtime.num_workers,
-                           precision=config.self_train.runtime.precision)
+                           num_workers=config.self_train.runtime.num_workers)
     teacher.train()
     if progress.record_evaluation(miou):
         write_model_file(out / BEST_FILE, student=student,

@@ -41,6 +41,18 @@ class StepInputs:
     target_full: torch.Tensor
     offline_label: torch.Tensor
 
+    def split(self, parts: int) -> list[StepInputs]:
+        """`parts` micro-batches, each taking its share of every tensor's rows in order."""
+        if parts == 1:
+            return [self]
+        columns = {name: getattr(self, name).chunk(parts) for name in _INPUT_FIELDS}
+        return [StepInputs(**{name: chunks[i] for name, chunks in columns.items()})
+                for i in range(parts)]
+
+
+_INPUT_FIELDS = ("source_image", "source_label", "target_image", "target_params", "target_full",
+                 "offline_label")
+
 
 @dataclass
 class StepOutputs:
@@ -48,6 +60,25 @@ class StepOutputs:
     teacher_probabilities: torch.Tensor | None  # (B,C,H,W) eval-mode teacher on the full images
     online_label: torch.Tensor | None  # (B,h,w) long
     online_thresholds: torch.Tensor | None  # (C,) float
+
+    @staticmethod
+    def join(parts: list[StepOutputs]) -> StepOutputs:
+        """One step's outputs from its micro-batches': rows concatenated in order, loss terms
+        and online thresholds averaged."""
+        if len(parts) == 1:
+            return parts[0]
+
+        def cat(values: list[torch.Tensor | None]) -> torch.Tensor | None:
+            return None if values[0] is None else torch.cat(values)  # type: ignore[arg-type]
+
+        def mean(values: list[torch.Tensor | None]) -> torch.Tensor | None:
+            return None if values[0] is None else torch.stack(values).mean(0)  # type: ignore
+
+        return StepOutputs(
+            {name: mean([part.terms[name] for part in parts]) for name in parts[0].terms},
+            cat([part.teacher_probabilities for part in parts]),
+            cat([part.online_label for part in parts]),
+            mean([part.online_thresholds for part in parts]))
 
 
 def needs_teacher(weights: LossWeights, offline_update: bool) -> bool:
@@ -69,15 +100,39 @@ def self_train_step(
     offline_update: bool = False,
     consistency_teacher_mode: str = "train",
     reproduce_teacher_bn_quirk: bool = False,
+    micro_batches: int = 1,
 ) -> StepOutputs:
-    """docs/method.md#one-step-in-execution-order; the caller then updates the teacher (step 11)."""
-    device = batch.source_image.device
-    terms: dict[str, torch.Tensor] = {}
+    """docs/method.md#one-step-in-execution-order; the caller then updates the teacher (step 11).
 
+    With `micro_batches` > 1 steps 2–10's backward run once per micro-batch, each loss scaled by
+    1/micro_batches so the summed gradients are the whole batch's mean
+    (docs/method.md#the-batch); the optimizer steps once."""
     # 1. Student and teacher in train mode, gradients cleared.
     student.train()
     teacher.train()
     optimizer.zero_grad(set_to_none=True)
+    parts = [_backward(student, teacher, part, weights=weights, alpha=alpha, scaler=scaler,
+                       precision=precision, offline_update=offline_update,
+                       consistency_teacher_mode=consistency_teacher_mode,
+                       reproduce_teacher_bn_quirk=reproduce_teacher_bn_quirk,
+                       scale=1.0 / micro_batches)
+             for part in batch.split(micro_batches)]
+    # 10b. One optimizer and scaler step for the whole batch.
+    scaler.step(optimizer)
+    scaler.update()
+    return StepOutputs.join(parts)
+
+
+def _backward(student: nn.Module, teacher: nn.Module, batch: StepInputs, *,
+              weights: LossWeights, alpha: float, scaler: torch.amp.GradScaler,
+              precision: str, offline_update: bool, consistency_teacher_mode: str,
+              reproduce_teacher_bn_quirk: bool, scale: float) -> StepOutputs:
+    """Steps 2–10 of one (micro-)batch up to the target backward; gradients accumulate."""
+    device = batch.source_image.device
+    terms: dict[str, torch.Tensor] = {}
+
+    def scaled(loss: torch.Tensor) -> torch.Tensor:
+        return loss if scale == 1.0 else loss * scale
 
     # 2. Source loss, backward at once to free the source activations
     # (docs/method.md#one-step-in-execution-order).
@@ -85,7 +140,7 @@ def self_train_step(
         with autocast(device, precision):
             source_logits = student(batch.source_image)
         source_ce = losses.cross_entropy(source_logits.float(), batch.source_label)
-        scaler.scale(weights.source * source_ce).backward()
+        scaler.scale(scaled(weights.source * source_ce)).backward()
         terms["loss/source_ce"] = source_ce.detach()
         del source_logits
 
@@ -152,10 +207,8 @@ def self_train_step(
         add("loss/online_kld", weights.online_kld,
             lambda: losses.kld_regularizer(target_logits, online))
 
-    # 10. Target backward, optimizer and scaler step.
-    scaler.scale(target_loss).backward()
-    scaler.step(optimizer)
-    scaler.update()
+    # 10. Target backward (the optimizer steps after the last micro-batch).
+    scaler.scale(scaled(target_loss)).backward()
     terms["loss/target"] = target_loss.detach()
     return StepOutputs(terms, teacher_probabilities, online_label, online_thresholds)
 

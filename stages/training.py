@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 import torch
 
-from stages.config import OptimizerConfig
+from stages.config import OptimizerConfig, hashed_section
 from stages.errors import DudaError
 from stages.schedules import lr_factor
 
@@ -312,9 +312,10 @@ class TrainState:
     `load` refuses a run started with another config or number of processes, then restores the
     entries in order (put the RNG last, after anything that draws from it)."""
 
-    def __init__(self, path: Path, identity: dict[str, Any], ranks: Ranks,
+    def __init__(self, path: Path, stage: str, identity: dict[str, Any], ranks: Ranks,
                  entries: dict[str, Stateful]) -> None:
         self.path = path
+        self.stage = stage
         self.identity = identity
         self.ranks = ranks
         self.entries = entries
@@ -331,7 +332,10 @@ class TrainState:
         from stages.checkpoint import load_torch
 
         state = load_torch(self.path)
-        check_resume_config(state["identity"], self.identity, where)
+        stored = dict(state["identity"])
+        # What an older version recorded, under today's hashing rule (docs/design.md#configuration).
+        stored["config"] = hashed_section(stored.get("config", {}), self.stage)
+        check_resume_config(stored, self.identity, where)
         self.ranks.check_resume(state, where)
         missing = [name for name in self.entries if name not in state]
         if missing:
@@ -340,6 +344,18 @@ class TrainState:
                             "start over with --force")
         for name, entry in self.entries.items():
             entry.load_state_dict(state[name])
+
+
+def per_process_batch(step_batch: int, world_size: int, micro_batches: int, key: str) -> int:
+    """The crops one process takes per micro-batch when a step takes `step_batch` crops over
+    `world_size` processes and `micro_batches` micro-batches each (docs/method.md#the-batch)."""
+    parts = world_size * micro_batches
+    if step_batch % parts:
+        raise DudaError(f"{key} is {step_batch} crops per step, which {world_size} process(es) "
+                        f"× {micro_batches} micro-batch(es) cannot share evenly",
+                        f"set {key} to a multiple of {parts}, or launch another number of "
+                        "processes")
+    return step_batch // parts
 
 
 def flatten_config(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from stages.artifact_writer import ArtifactWriter
 from stages.artifacts import PSEUDO_LABELS, StageResult
 from stages.checkpoint import check_compatible, load_checkpoint_manifest, load_model
-from stages.config import Config, config_hash, stage_config
+from stages.config import Config, stage_config, stage_hash
 from stages.data.full_images import FullImageDataset
 from stages.data.index import Sample, load_dataset_index
 from stages.data.io import read_label
@@ -76,11 +76,12 @@ def _run(config: Config, data: str | Path, checkpoint: str | Path, pseudo: str |
               "parent": parent_ref}
     section = stage_config(config, "update_offline")
     with ArtifactWriter(out, kind=PSEUDO_LABELS, stage="update_offline", config=section,
-                        config_hash=config_hash(section), inputs=inputs, force=force,
+                        config_hash=stage_hash(config, "update_offline"), inputs=inputs, force=force,
                         round=checkpoint_manifest.round, device=str(torch_device),
                         ranks=ranks) as writer:
         if writer.up_to_date:
             return writer.result()
+        writer.require_store_space(len(parent), parent.height, parent.width)
         loaded = load_model(checkpoint, cfg.inference.model, torch_device)
         check_compatible(loaded, index.classes.names, what=f"dataset index {index.path}")
         # Every image is rewritten, so the new version starts empty (not a copy of its parent).
@@ -107,7 +108,7 @@ def _run(config: Config, data: str | Path, checkpoint: str | Path, pseudo: str |
             store.set_statistics({**statistics, "changes": counts.changes.per_class()})
             store.check_complete()
             summary = _summary(index.classes.names, counts, statistics, loaded.which)
-        writer.finish(summary, content=[STORE_METADATA])
+        writer.finish(summary, content=STORE_METADATA)
     return writer.result()
 
 
@@ -234,7 +235,7 @@ def _merge_pass(config: Config, model: torch.nn.Module, normalization: str,
         for batch in loader:
             probabilities = predict(model, batch["image"].to(device),
                                     (store.height, store.width), flip=cfg.inference.flip,
-                                    sliding_window=window)
+                                    sliding_window=window, precision=config.inference_precision)
             rows = batch["index"].tolist()
             updated = offline_update(writes, [positions[p] for p in rows], probabilities,
                                      cfg.beta, cfg.cap, cfg.agree_requires_confidence,

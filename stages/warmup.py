@@ -41,7 +41,7 @@ from stages.checkpoint import (
 from stages.config import Config, hashed_config, stage_config, stage_hash
 from stages.data.crops import CropDataset, InfiniteLoader
 from stages.data.index import DatasetIndex, load_dataset_index
-from stages.devices import autocast
+from stages.devices import autocast, worker_count
 from stages.distributed import Ranks, process_group
 from stages.errors import DudaError
 from stages.inference import target_val_miou
@@ -64,6 +64,7 @@ from stages.training import (
     build_optimizer,
     check_finite,
     learning_rate_factor,
+    per_process_batch,
     seed_everything,
 )
 
@@ -96,6 +97,7 @@ def run(config: Config, data: str | Path, out: str | Path, *, init: str | Path |
                             device=str(ranks.compute_device), ranks=ranks) as writer:
             if writer.up_to_date:
                 return writer.result()
+            writer.require_checkpoint_space(config.model, index.num_classes)
             identity = {"config": hashed_config(config, "warmup"),
                         "inputs": {k: v.id for k, v in inputs.items()}}
             summary = _train(config, index, writer.work, ranks=ranks, resuming=writer.resuming,
@@ -145,7 +147,8 @@ def _train(config: Config, index: DatasetIndex, out: Path, *, ranks: Ranks, resu
     if loaded is None:
         reporter.info("model.init is none: the model starts from random weights")
     model.to(device).train()
-    ranks.announce(reporter, f"{cfg.batch_size} source crops per process")
+    per_process = per_process_batch(cfg.batch_size, ranks.world_size, 1, "warmup.batch_size")
+    ranks.announce(reporter, f"{per_process} source crops per process")
     optimizer = build_optimizer(parameter_groups(model, cfg.optimizer.lr,
                                                  cfg.optimizer.backbone_lr_multiplier,
                                                  cfg.optimizer.weight_decay), cfg.optimizer)
@@ -161,7 +164,7 @@ def _train(config: Config, index: DatasetIndex, out: Path, *, ranks: Ranks, resu
     metrics = MetricsLog(out / METRICS_FILE, progress, writer=ranks.is_main,
                          tensorboard=config.logging.tensorboard,
                          class_names=index.classes.names)
-    state = TrainState(out / TRAIN_STATE_FILE, identity, ranks, {
+    state = TrainState(out / TRAIN_STATE_FILE, "warmup", identity, ranks, {
         "model": model, "optimizer": optimizer, "scaler": scaler,
         "source_loader": source_loader,
         **(adversarial.state_entries() if adversarial is not None else {}),
@@ -298,8 +301,11 @@ def _loader(config: Config, index: DatasetIndex, domain: Literal["source", "targ
     dataset = CropDataset(index.samples(domain, "train"), size, config.input.crop_size,
                           config.input.scale_range, config.input.flip_probability,
                           config.model.normalization, seed=seed, with_labels=labelled)
-    return InfiniteLoader(dataset, config.warmup.batch_size, seed=seed,
-                          num_workers=config.warmup.runtime.num_workers, rank=ranks.rank,
+    loaders = 2 if config.warmup.adversarial.enabled else 1  # source, and target crops
+    batch = per_process_batch(config.warmup.batch_size, ranks.world_size, 1, "warmup.batch_size")
+    return InfiniteLoader(dataset, batch, seed=seed,
+                          num_workers=worker_count(config.warmup.runtime.num_workers, loaders),
+                          rank=ranks.rank,
                           world_size=ranks.world_size,
                           pin_memory=ranks.compute_device.type == "cuda")
 
@@ -308,8 +314,7 @@ def _evaluate(config: Config, index: DatasetIndex, model: nn.Module, progress: P
               metrics: MetricsLog, out: Path, device: torch.device) -> float:
     """Target-val mIoU now; a new best writes best.pt."""
     miou = target_val_miou(model, config, index, device,
-                           num_workers=config.warmup.runtime.num_workers,
-                           precision=config.warmup.runtime.precision)
+                           num_workers=config.warmup.runtime.num_workers)
     model.train()
     if progress.record_evaluation(miou):
         write_model_file(out / BEST_FILE, student=model, teacher=None, model_config=config.model,

@@ -390,3 +390,36 @@ def test_show_draws_overlays_of_the_first_images(store_path: Path, tiny_index: P
     assert [p.name for p in mine.iterdir()] == ["notes.txt"]
     result = runner.invoke(app, ["pseudo", "show", str(store_path), "--out", str(out)])
     assert result.exit_code == 2 and "--data" in result.stderr
+
+
+@pytest.mark.parametrize("selector", ["cbst", "iast"])
+def test_every_label_is_written_once_kept_compressed_or_spilled(
+        tiny_index: Path, tiny_config: Config, tmp_path: Path, monkeypatch, selector) -> None:
+    # The first pass stays in memory (plain, or compressed when the pass is large, with the
+    # images past the memory limit going through the store): the same store either way, and
+    # an image's labels reach the store twice only past the limit.
+    from stages.store_io import StoreWriter
+
+    checkpoint = make_checkpoint(tmp_path / "ckpt")
+    config = with_pseudo(tiny_config, {"name": selector})
+    relabelled: list[int] = []
+    original = StoreWriter.write_labels
+    monkeypatch.setattr(StoreWriter, "write_labels",
+                        lambda self, i, labels: (relabelled.append(i),
+                                                 original(self, i, labels))[1])
+    stores = {}
+    for name, raw, compressed in (("plain", 1 << 30, 4 << 30), ("compressed", 0, 4 << 30),
+                                  ("spilled", 0, 1)):
+        monkeypatch.setattr(generate_pseudo, "RAW_BYTES", raw)
+        monkeypatch.setattr(generate_pseudo, "COMPRESSED_BYTES", compressed)
+        relabelled.clear()
+        path = generate_pseudo.run(config, tiny_index, checkpoint, tmp_path / name,
+                                   device="cpu").path
+        store = open_store(path)
+        stores[name] = [(store.read_labels(i), store.read_levels(i)) for i in range(len(store))]
+        assert relabelled == ([] if name != "spilled" else list(range(len(store))))
+    for name in ("compressed", "spilled"):
+        for (labels, levels), (expected_labels, expected_levels) in zip(
+                stores[name], stores["plain"], strict=True):
+            np.testing.assert_array_equal(labels, expected_labels)
+            np.testing.assert_array_equal(levels, expected_levels)

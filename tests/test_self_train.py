@@ -190,20 +190,39 @@ def test_offline_update_false_never_rewrites_the_stored_labels(prepared, tmp_pat
                                   store_labels(prepared["pseudo"]))
 
 
-def test_a_batch_other_than_the_reference_is_said_at_the_start(prepared, tmp_path) -> None:
+def test_the_step_batch_is_the_configs_whatever_the_launch(prepared, tmp_path) -> None:
     messages = Messages()
-    config = tiny(self_train__reference_batch=[4, 4])
+    config = tiny(self_train__source_batch_size=4, self_train__target_batch_size=4,
+                  self_train__gradient_accumulation=2)
     result = self_train.run(config, prepared["data"], prepared["checkpoint"], prepared["pseudo"],
                             tmp_path / "run", device="cpu", reporter=messages)
-    warning = next(line for line in messages.lines if "crops per step" in line)
-    assert "takes 2 source + 2 target crops per step" in warning
-    assert "took 4 + 4" in warning and "torchrun --standalone --nproc_per_node 2" in warning
-    summary = result.manifest.summary
-    assert summary["reference_batch"] == [4, 4] and summary["batch_matches_reference"] is False
-    # the reference batch does not change what a run computes: not part of its identity
-    same = self_train.run(tiny(), prepared["data"], prepared["checkpoint"], prepared["pseudo"],
-                          tmp_path / "run", device="cpu")
-    assert same.up_to_date
+    assert result.manifest.summary["batch"] == {
+        "source_per_step": 4, "target_per_step": 4, "processes": 1, "micro_batches": 2,
+        "source_per_process": 2, "target_per_process": 2}
+    assert any("4 source + 4 target crops per step: 2 + 2 per process in 2 micro-batch(es)"
+               in line for line in messages.lines)
+    # The step's batch changes training: a run with another one is not up to date.
+    other = self_train.run(tiny(), prepared["data"], prepared["checkpoint"], prepared["pseudo"],
+                           tmp_path / "other", device="cpu")
+    assert other.manifest.config_hash != result.manifest.config_hash
+
+
+def test_a_batch_the_micro_batches_cannot_share_is_refused(prepared, tmp_path) -> None:
+    config = tiny(self_train__target_batch_size=3, self_train__gradient_accumulation=2)
+    with pytest.raises(DudaError, match=r"self_train.target_batch_size is 3 crops per step.*"
+                                        r"1 process\(es\) × 2 micro-batch"):
+        self_train.run(config, prepared["data"], prepared["checkpoint"], prepared["pseudo"],
+                       tmp_path / "run", device="cpu")
+
+
+def test_the_old_reference_batch_key_names_its_replacement(tmp_path) -> None:
+    raw = json.loads(json.dumps(TINY_CONFIG))
+    raw["self_train"]["reference_batch"] = [4, 4]
+    path = tmp_path / "old.yaml"
+    path.write_text(json.dumps(raw))
+    result = CliRunner().invoke(app, ["config", "show", "-c", str(path)])
+    assert result.exit_code == 2
+    assert "'self_train.reference_batch' is now 'self_train.source_batch_size" in result.stderr
 
 
 def test_prefetching_changes_nothing_over_several_target_epochs(prepared, tmp_path) -> None:

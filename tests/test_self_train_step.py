@@ -138,3 +138,37 @@ def test_a_source_weight_of_zero_skips_the_source_pass(source: float) -> None:
     student, _, outputs, _ = run_step(LossWeights(source=source))
     assert ("loss/source_ce" in outputs.terms) == (source > 0)
     assert len(student.calls) == (2 if source > 0 else 1)
+
+
+def test_micro_batches_give_the_whole_batch_update_and_outputs_in_order() -> None:
+    # Without batch norm and without the per-batch online thresholds, two micro-batches of one
+    # crop each must move the weights as one batch of two does (gradients summed, each loss
+    # scaled by 1/2), and return the teacher's probabilities of both images in order.
+    weights = LossWeights(online=0, online_entropy=0, online_kld=0)
+    results = []
+    for micro_batches in (1, 2):
+        torch.manual_seed(0)
+        student = OneConv()
+        student.norm = nn.Identity()
+        teacher = MeanTeacher(student)
+        optimizer = torch.optim.SGD(student.parameters(), lr=0.1)
+        scaler = torch.amp.GradScaler("cuda", enabled=False)
+        outputs = self_train_step(student, teacher, batch(), weights=weights, alpha=0.5,
+                                  optimizer=optimizer, scaler=scaler, offline_update=True,
+                                  micro_batches=micro_batches)
+        results.append(([p.detach().clone() for p in student.parameters()], outputs))
+    (one, whole), (two, split) = results
+    for a, b in zip(one, two, strict=True):
+        torch.testing.assert_close(a, b)
+    assert split.teacher_probabilities.shape == whole.teacher_probabilities.shape
+    torch.testing.assert_close(split.teacher_probabilities, whole.teacher_probabilities)
+    torch.testing.assert_close(split.terms["loss/source_ce"], whole.terms["loss/source_ce"])
+    # A control: one micro-batch of the first crop alone moves the weights elsewhere.
+    torch.manual_seed(0)
+    student = OneConv()
+    student.norm = nn.Identity()
+    half = batch().split(2)[0]
+    self_train_step(student, MeanTeacher(student), half, weights=weights, alpha=0.5,
+                    optimizer=torch.optim.SGD(student.parameters(), lr=0.1),
+                    scaler=torch.amp.GradScaler("cuda", enabled=False))
+    assert not torch.allclose(student.conv.weight, one[-2])

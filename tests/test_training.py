@@ -127,13 +127,14 @@ def test_train_state_round_trips_every_entry(tmp_path) -> None:
     saved["metrics"].start()
     for iteration in (4, 5):
         saved["metrics"].append({"iteration": iteration})
-    state = TrainState(tmp_path / "train_state.pt", identity, saved["rng"].ranks, saved)
+    state = TrainState(tmp_path / "train_state.pt", "self_train", identity, saved["rng"].ranks,
+                       saved)
     state.save()
     expected_draw = torch.rand(3)
     saved["metrics"].append({"iteration": 6})  # logged after the checkpoint: dropped on resume
 
     restored = objects()
-    TrainState(tmp_path / "train_state.pt", identity, restored["rng"].ranks,
+    TrainState(tmp_path / "train_state.pt", "self_train", identity, restored["rng"].ranks,
                restored).load(tmp_path)
     assert torch.equal(restored["model"].weight, saved["model"].weight)
     momentum = restored["optimizer"].state_dict()["state"][0]["momentum_buffer"]
@@ -146,10 +147,10 @@ def test_train_state_round_trips_every_entry(tmp_path) -> None:
     assert torch.equal(torch.rand(3), expected_draw)  # the RNG continues where it was saved
 
     with pytest.raises(DudaError, match="the config differs"):
-        TrainState(tmp_path / "train_state.pt", {**identity, "config": {"seed": 1}},
+        TrainState(tmp_path / "train_state.pt", "self_train", {**identity, "config": {"seed": 1}},
                    restored["rng"].ranks, objects()).load(tmp_path)
     with pytest.raises(DudaError, match="lacks extra"):
-        TrainState(tmp_path / "train_state.pt", identity, restored["rng"].ranks,
+        TrainState(tmp_path / "train_state.pt", "self_train", identity, restored["rng"].ranks,
                    {**objects(), "extra": Counter()}).load(tmp_path)
 
 

@@ -213,7 +213,7 @@ def test_unfinished_run_without_resume_is_refused(tiny_index, tiny_config_file, 
     args = ["-c", str(tiny_config_file), "--data", str(tiny_index), "--out", str(out)]
     refused = _invoke(*args)
     assert refused.exit_code == 2
-    assert "unfinished run" in refused.stderr and "--resume" in refused.stderr
+    assert "unfinished warmup run" in refused.stderr and "--resume" in refused.stderr
     resumed = _invoke(*args, "--resume", "--json")
     assert resumed.exit_code == 0, resumed.output
     assert json.loads(resumed.stdout)["summary"]["iteration"] == 4

@@ -44,6 +44,8 @@ def _table(summary: dict) -> Table:
     for name, iou in summary.get("per_class", {}).items():
         table.add_row(name, f"{100 * iou:.1f}")
     table.add_section()
+    headline = str(summary.get("primary_protocol", ""))
     for protocol, miou in summary.get("miou_by_protocol", {}).items():
-        table.add_row(f"mIoU-{protocol}", f"{100 * miou:.1f}", style="bold")
+        name = f"mIoU-{protocol}" + (" (headline)" if str(protocol) == headline else "")
+        table.add_row(name, f"{100 * miou:.1f}", style="bold")
     return table

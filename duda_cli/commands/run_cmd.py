@@ -58,6 +58,7 @@ def run(config: options.Config, out: Root = None, init: Init = None, set_: optio
             "stages": {name: str(r.path) for name, r in result.stages.items()},
             "warmup_miou": summaries["source-only"]["miou"],
             "adabn_miou": summaries["source-only + AdaBN"]["miou"],
+            "protocol": summaries["DUDA (mean teacher)"].get("primary_protocol"),
             "comparison": {name: {"miou_by_protocol": summary["miou_by_protocol"],
                                   "per_class": summary["per_class"]}
                            for name, summary in summaries.items()}}))
@@ -83,7 +84,10 @@ def _table(summaries: dict[str, dict], classes: list[str]) -> Table:
     for name in classes:
         table.add_row(name, *(f"{100 * s['per_class'][name]:.1f}" for s in summaries.values()))
     table.add_section()
-    for protocol in next(iter(summaries.values()))["miou_by_protocol"]:
-        table.add_row(f"[bold]mIoU-{protocol}[/]", *(
+    first = next(iter(summaries.values()))
+    headline = str(first.get("primary_protocol", ""))
+    for protocol in first["miou_by_protocol"]:
+        marker = " (headline)" if str(protocol) == headline else ""
+        table.add_row(f"[bold]mIoU-{protocol}{marker}[/]", *(
             f"[bold]{100 * s['miou_by_protocol'][protocol]:.2f}[/]" for s in summaries.values()))
     return table

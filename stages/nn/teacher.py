@@ -19,6 +19,8 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from stages.devices import autocast
+
 TeacherMode = Literal["mean", "ema"]
 
 
@@ -131,7 +133,8 @@ def batchnorm_statistics(model: nn.Module) -> list[torch.Tensor]:
 
 @torch.no_grad()
 def recalibrate_batchnorm(
-    model: nn.Module, batches: Iterable[torch.Tensor], device: torch.device | str
+    model: nn.Module, batches: Iterable[torch.Tensor], device: torch.device | str,
+    precision: str = "fp32",
 ) -> int:
     """Recompute every batch-norm running mean/var as the cumulative average over `batches`.
 
@@ -157,7 +160,8 @@ def recalibrate_batchnorm(
         for batch in batches:
             if isinstance(batch, (tuple, list)):
                 batch = batch[0]
-            model(batch.to(device))
+            with autocast(torch.device(device), precision):
+                model(batch.to(device, non_blocking=True))
             seen += 1
         if seen == 0:
             raise ValueError("recalibrate_batchnorm got no batches; statistics left unchanged")
