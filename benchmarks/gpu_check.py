@@ -10,6 +10,15 @@ fp16 only), then the mean-teacher update. cuDNN runs deterministic with autotuni
 `stages.training.seed_everything` sets it for training. Each precision (fp32, bf16, fp16) gets a
 fresh model, `--warmup-steps` untimed iterations, then `--steps` timed ones.
 
+Beside the step, each precision measures the teacher's periodic evaluation as self-train runs it
+(docs/method.md#batch-norm-recalibration): BN recalibration over train-mode crops in batches of
+the paper config's recalibration batch size, then inference on full target images in batches of
+`evaluate.inference.batch_size` (with its flip) and the confusion matrix; `--eval-batches` and
+`--eval-images` of them are timed and projected to the paper config's counts (its
+`self_train.recalibrate_batches`, 0 = one pass over Cityscapes' 2,975 training images; 500 val
+images; an evaluation every `self_train.eval_every` iterations, and the recalibration alone
+before `model.pt`).
+
 How to read the table, one row per precision:
 - s/iter: median wall time of one iteration = `self_train_step` + `teacher.update`, between two
   `torch.cuda.synchronize()` calls. Data loading is not included (the batches sit on the GPU).
@@ -25,6 +34,10 @@ How to read the table, one row per precision:
   consistency target, eval mode for the pseudo labels, as the default step does).
 - x bare: s/iter ÷ bare s, the step's overhead over these passes (losses, pseudo labels, the
   full→crop mapping, the optimizer, the scaler and the teacher update). Near 1 is good.
+- eval s: one periodic evaluation projected to the paper's counts = recalibration batches ×
+  s/batch + 500 × s/val image (images already on the device: decoding is not included).
+- evals h: all the run's evaluations (16 on the paper's schedule) and the recalibration before
+  `model.pt`, in hours; add it to 80k h.
 
     python benchmarks/gpu_check.py                      # paper size, fp32 bf16 fp16, about 2 min
     python benchmarks/gpu_check.py --precisions bf16 --steps 20 --json
@@ -36,6 +49,7 @@ autocast on the CPU, so bf16/fp16 rows there run in fp32.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import platform
@@ -43,6 +57,8 @@ import shlex
 import statistics
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -55,12 +71,13 @@ import numpy as np
 import torch
 
 from stages.classes import IGNORE_INDEX
-from stages.config import LossWeights, ModelConfig, OptimizerConfig
+from stages.config import Config, LossWeights, ModelConfig, OptimizerConfig, load_config
 from stages.data.transforms import sample_crop_params
 from stages.devices import autocast, resolve_device
 from stages.errors import DudaError
+from stages.inference import predict_classes
 from stages.nn.model import DeepLabV2, build_model, parameter_groups
-from stages.nn.teacher import MeanTeacher
+from stages.nn.teacher import MeanTeacher, recalibrate_batchnorm
 from stages.self_train_step import StepInputs, self_train_step
 from stages.training import build_optimizer, seed_everything
 
@@ -68,6 +85,8 @@ NUM_CLASSES = 19
 PAPER_ITERATIONS = 80_000
 ALPHA = 0.2  # α at the start of self-training (docs/method.md#starting-state)
 PRECISIONS = ("fp32", "bf16", "fp16")
+PAPER_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "gta5_to_cityscapes.yaml"
+TARGET_TRAIN_IMAGES, TARGET_VAL_IMAGES = 2_975, 500  # Cityscapes (docs/method.md#datasets-and-classes)
 BARE_PASSES = ("student forward+backward on the source crops; student forward+backward on the "
                "target crops; teacher forward without gradients on the full target images, "
                "train mode and eval mode")
@@ -90,13 +109,47 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=10, help="timed iterations per precision")
     parser.add_argument("--precisions", nargs="+", choices=PRECISIONS, default=None,
                         help="default: fp32 bf16 fp16 on a GPU, fp32 on the CPU")
+    parser.add_argument("--eval-batches", type=int, default=20,
+                        help="recalibration batches timed per precision")
+    parser.add_argument("--eval-images", type=int, default=10,
+                        help="full target images evaluated per precision")
+    parser.add_argument("--config", type=Path, default=PAPER_CONFIG,
+                        help="the evaluation's batch sizes, flip and counts come from this config")
     parser.add_argument("--json", action="store_true", help="also print one JSON object")
     args = parser.parse_args(argv)
-    if args.steps < 1 or args.warmup_steps < 0 or args.batch_size < 1:
-        parser.error("--steps and --batch-size must be at least 1, --warmup-steps at least 0")
+    if min(args.steps, args.batch_size, args.eval_batches, args.eval_images) < 1 \
+            or args.warmup_steps < 0:
+        parser.error("--steps, --batch-size, --eval-batches and --eval-images must be at least "
+                     "1, --warmup-steps at least 0")
     if min(*args.crop, *args.full) < 1:
         parser.error("--crop and --full sizes must be positive")
     return args
+
+
+@dataclass(frozen=True)
+class EvaluationPlan:
+    """Self-train's periodic evaluation as a config sets it, at the paper's image counts."""
+
+    recalibration_batches: int
+    recalibration_batch_size: int
+    val_batch_size: int
+    flip: bool
+    evaluations: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "val_images": TARGET_VAL_IMAGES}
+
+
+def evaluation_plan(config: Config) -> EvaluationPlan:
+    """Recalibration batches (0 in the config: one pass over target-train, whole batches, as the
+    loader's epoch), the evaluation's batch and flip, and how many periodic evaluations a run
+    makes (one every `eval_every` iterations)."""
+    cfg = config.self_train
+    recalibration = cfg.recalibration
+    batches = recalibration.batches or TARGET_TRAIN_IMAGES // recalibration.batch_size
+    evaluations = cfg.iterations // cfg.eval_every if cfg.eval_every else 0
+    return EvaluationPlan(batches, recalibration.batch_size, config.evaluate.inference.batch_size,
+                          config.evaluate.inference.flip, evaluations)
 
 
 def default_precisions(device: torch.device) -> list[str]:
@@ -157,7 +210,56 @@ def bare_passes(student: DeepLabV2, teacher: MeanTeacher, batch: StepInputs,
     student.zero_grad(set_to_none=True)
 
 
-def measure(args: argparse.Namespace, device: torch.device, precision: str) -> dict[str, Any]:
+def timed(device: torch.device, function: Callable[[], Any]) -> float:
+    synchronize(device)
+    start = time.perf_counter()
+    function()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def measure_evaluation(model: torch.nn.Module, args: argparse.Namespace, device: torch.device,
+                       precision: str, plan: EvaluationPlan) -> dict[str, Any]:
+    """One periodic evaluation of `model` (the teacher), timed on `--eval-batches` recalibration
+    batches and `--eval-images` full images and projected to `plan`'s counts."""
+    generator = torch.Generator().manual_seed(1)
+    crops = (torch.randn((plan.recalibration_batch_size, 3, *args.crop), generator=generator)
+             * 50).to(device)
+    images = (torch.randn((plan.val_batch_size, 3, *args.full), generator=generator)
+              * 50).to(device)
+    labels = torch.randint(0, NUM_CLASSES, (plan.val_batch_size, *args.full),
+                           generator=generator).to(device)
+    confusion = torch.zeros(NUM_CLASSES * NUM_CLASSES, dtype=torch.long, device=device)
+
+    def recalibrate(count: int) -> None:
+        recalibrate_batchnorm(model, (crops for _ in range(count)), device, precision)
+
+    def evaluate(batches: int) -> None:
+        for _ in range(batches):
+            predicted = predict_classes(model, images, tuple(args.full), flip=plan.flip,
+                                        precision=precision)
+            confusion.add_(torch.bincount(labels.flatten() * NUM_CLASSES + predicted.flatten(),
+                                          minlength=NUM_CLASSES * NUM_CLASSES))
+
+    recalibrate(1)  # warm-up: first passes pay one-off costs
+    evaluate(1)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    per_batch = timed(device, lambda: recalibrate(args.eval_batches)) / args.eval_batches
+    val_batches = -(-args.eval_images // plan.val_batch_size)
+    per_image = (timed(device, lambda: evaluate(val_batches))
+                 / (val_batches * plan.val_batch_size))
+    recalibration = plan.recalibration_batches * per_batch
+    seconds = recalibration + TARGET_VAL_IMAGES * per_image
+    return {"recalibration_seconds_per_batch": per_batch, "val_seconds_per_image": per_image,
+            "evaluation_seconds": seconds,
+            "evaluations_hours": (plan.evaluations * seconds + recalibration) / 3600,
+            "evaluation_peak_memory_gib": (torch.cuda.max_memory_allocated(device) / 2**30
+                                           if device.type == "cuda" else None)}
+
+
+def measure(args: argparse.Namespace, device: torch.device, precision: str,
+            plan: EvaluationPlan) -> dict[str, Any]:
     """Warm-up then timed iterations of one precision, alternating the step and its bare passes."""
     seed_everything(0)
     model_config = ModelConfig(backbone=args.backbone, width_multiplier=args.width_multiplier,
@@ -199,6 +301,7 @@ def measure(args: argparse.Namespace, device: torch.device, precision: str) -> d
 
     seconds = statistics.median(step_times)
     bare = statistics.median(bare_times)
+    evaluation = measure_evaluation(teacher.module, args, device, precision, plan)
     return {
         "precision": precision,
         "seconds_per_iteration": seconds,
@@ -210,15 +313,16 @@ def measure(args: argparse.Namespace, device: torch.device, precision: str) -> d
         "step_seconds": step_times,
         "bare_step_seconds": bare_times,
         "loss_scale": scaler.get_scale() if scaler.is_enabled() else None,
+        **evaluation,
         "error": None,
     }
 
 
-def run_precision(args: argparse.Namespace, device: torch.device, precision: str
-                  ) -> dict[str, Any]:
+def run_precision(args: argparse.Namespace, device: torch.device, precision: str,
+                  plan: EvaluationPlan) -> dict[str, Any]:
     """`measure`, turning a CUDA out-of-memory error into a row that says so."""
     try:
-        return measure(args, device, precision)
+        return measure(args, device, precision, plan)
     except torch.cuda.OutOfMemoryError as error:
         return {"precision": precision, "error": f"out of memory: {str(error).splitlines()[0]}"}
     finally:
@@ -235,7 +339,8 @@ def device_name(device: torch.device) -> str:
 
 def format_table(rows: list[dict[str, Any]]) -> str:
     """One aligned text row per precision; a failed precision shows its error instead."""
-    header = ["precision", "s/iter", "img/s", "peak GiB", "80k h", "bare s", "x bare"]
+    header = ["precision", "s/iter", "img/s", "peak GiB", "80k h", "bare s", "x bare",
+              "eval s", "evals h"]
     cells = []
     for row in rows:
         if row.get("error"):
@@ -245,7 +350,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
                       f"{row['images_per_second']:.2f}",
                       "n/a" if peak is None else f"{peak:.1f}",
                       f"{row['projected_hours']:.1f}", f"{row['bare_seconds']:.3f}",
-                      f"{row['ratio_to_bare']:.2f}"])
+                      f"{row['ratio_to_bare']:.2f}", f"{row['evaluation_seconds']:.1f}",
+                      f"{row['evaluations_hours']:.2f}"])
     widths = [max(len(line[i]) for line in [header, *cells]) for i in range(len(header))]
 
     def render(line: list[str]) -> str:
@@ -262,6 +368,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         device = resolve_device(args.device)
+    except DudaError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    try:
+        plan = evaluation_plan(load_config(args.config))
     except DudaError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -282,6 +393,11 @@ def main(argv: list[str] | None = None) -> int:
           f" teacher on {args.batch_size} full images {full_h}×{full_w}")
     print(f"steps:   {args.warmup_steps} warm-up + {args.steps} timed per precision")
     print(f"bare:    {BARE_PASSES}")
+    print(f"eval:    {plan.evaluations} × (recalibration {plan.recalibration_batches} batches of "
+          f"{plan.recalibration_batch_size} crops + {TARGET_VAL_IMAGES} images in batches of "
+          f"{plan.val_batch_size}{', flipped' if plan.flip else ''}) + the recalibration before "
+          f"model.pt, from {args.config.name}; timed on {args.eval_batches} batches and "
+          f"{args.eval_images} images")
     if device.type == "cpu" and set(args.precisions) - {"fp32"}:
         print("note:    autocast is off on the CPU, so bf16/fp16 rows run in fp32")
     print()
@@ -290,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for precision in args.precisions:
         started = time.perf_counter()
-        rows.append(run_precision(args, device, precision))
+        rows.append(run_precision(args, device, precision, plan))
         row = rows[-1]
         figure = row["error"] or f"{row['seconds_per_iteration']:.3f} s/iter"
         print(f"{precision}: {figure} ({time.perf_counter() - started:.0f} s for this precision)",
@@ -314,6 +430,7 @@ def main(argv: list[str] | None = None) -> int:
             "steps": args.steps,
             "projected_iterations": PAPER_ITERATIONS,
             "bare_passes": BARE_PASSES,
+            "evaluation": plan.to_json(),
             "rows": rows,
         }))
     return 1 if any(row.get("error") for row in rows) else 0

@@ -15,21 +15,26 @@ runs it for 70k of its 80k iterations). Image, crop and inference sizes stay the
 Per stage it prints, from the stage's process (loader workers included, as `wait4` reports
 them):
 - CPU-s/img: user+sys seconds over the images the stage processed (decoded crops for the
-  training stages), less the start-up of an empty process that imports the stages;
+  training stages), less the start-up of a process that only imports the stage;
 - model: the CPU seconds of the shrunk model's own passes per image (timed here, bare, for the
   passes the stage makes), and host = the difference: decoding, augmentation, the store,
-  thresholds, PNGs, manifests — the work that stays on the CPU when the model runs on a GPU;
+  thresholds, PNGs, manifests — the work that stays on the CPU when the model runs on a GPU (an
+  upper bound where loader workers share the cores with the model's threads, which slows the
+  model inside the stage below its bare time);
 - peak RSS of the largest process, and the bytes the stage added to disk per image (files shared
-  by hard links counted once; model files kept apart: they scale with the model, not the images).
+  by hard links counted once; model files kept apart: they scale with the model, not the images;
+  the pseudo labels of a random model compress differently from a trained one's).
 
 The extrapolation to the paper's counts (24,966 GTA5 + 2,975 Cityscapes train + 500 val; 40k
-warmup iterations × batch, 80k self-train iterations × 4+4 crops, 17 periodic evaluations with
-the teacher recalibrated) is an estimate: host CPU hours = host CPU-s/img × images; GPU hours =
+warmup iterations × batch, 80k self-train iterations × 4+4 crops, 16 periodic evaluations with
+the teacher recalibrated, on the first process alone, at evaluate's measured cost; the
+recalibration before model.pt is in self-train's row) is an estimate: host CPU hours = host
+CPU-s/img × images; GPU hours =
 the ResNet-101 FLOPs of the stage's passes (counted by torch's FLOP counter at a small size and
 scaled by pixels) at `--gpu-tflops` sustained; the stage's hours on G GPUs = the larger of host
 hours / `--cores` and GPU hours / G, with host work spread perfectly over the cores (a lower
-bound). A stage marked "host" would starve its GPUs. Model files are scaled by the parameter
-count of ResNet-101 over the shrunk model's.
+bound). A stage marked "host" would starve its GPUs. The segmentation model's tensors in model
+files (state dicts, SGD momentum) are scaled by ResNet-101's size over the shrunk model's.
 
     python benchmarks/paper_scale.py [--images 8] [--iterations 2] [--scale 1.0] [--cores 16]
 """
@@ -54,7 +59,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from stages.artifacts import read_manifest
 from stages.classes import cityscapes_label_ids
-from stages.config import Config, load_config
+from stages.config import Config, Recalibration, load_config
 from stages.data.synthetic import generate_sample
 from stages.nn.model import build_model
 
@@ -166,12 +171,13 @@ def overrides(args: argparse.Namespace) -> list[str]:
     return changes + args.overrides
 
 
-def recalibrated_images(recalibration: object, split_images: int) -> int:
+def recalibrated_images(recalibration: Recalibration | None, split_images: int) -> int:
     """Images one recalibration decodes: `batches` × `batch_size`, or the whole split."""
-    if not getattr(recalibration, "enabled", False):
+    if recalibration is None or not recalibration.enabled:
         return 0
-    batches, batch_size = recalibration.batches, recalibration.batch_size  # type: ignore[attr-defined]
-    return split_images if batches == 0 else min(split_images, batches * batch_size)
+    if recalibration.batches == 0:
+        return split_images
+    return min(split_images, recalibration.batches * recalibration.batch_size)
 
 
 @dataclass
@@ -203,15 +209,16 @@ class Plan:
     paper_disk_images: int
 
 
-def counts(config: Config, train: int, val: int, iterations: int,
+def counts(config: Config, train: int, val: int,
            crops_per_step: int | None = None) -> dict[str, tuple[int, Passes]]:
     """Images processed and model passes of each stage for a config and split sizes."""
     warm = config.warmup
-    warm_crops = iterations * warm.batch_size * (2 if warm.adversarial.enabled else 1)
+    warm_crops = warm.iterations * warm.batch_size * (2 if warm.adversarial.enabled else 1)
     flip = 2 if config.generate_pseudo.inference.flip else 1
     pseudo_recal = recalibrated_images(getattr(config.generate_pseudo, "recalibration", None),
                                        train)
     st = config.self_train
+    iterations = st.iterations
     step = crops_per_step or st.source_batch_size + st.target_batch_size
     target_share = st.target_batch_size / (st.source_batch_size + st.target_batch_size)
     st_recal = recalibrated_images(st.recalibration, train)
@@ -235,9 +242,8 @@ def counts(config: Config, train: int, val: int, iterations: int,
 def plans(args: argparse.Namespace, config: Config, paper: Config, root: Path,
           crops_per_step: int | None) -> list[Plan]:
     n = args.images
-    here = counts(config, n, n, args.iterations, crops_per_step)
-    there = counts(paper, PAPER_IMAGES["train"], PAPER_IMAGES["val"], paper.self_train.iterations)
-    there["warmup"] = counts(paper, 0, 0, paper.warmup.iterations)["warmup"]
+    here = counts(config, n, n, crops_per_step)
+    there = counts(paper, PAPER_IMAGES["train"], PAPER_IMAGES["val"])
     a = {name: root / "runs" / name for name in
          ("data", "warmup", "pseudo", "self-train", "updated", "evaluate")}
     data = ["--data", str(a["data"])]
@@ -404,6 +410,8 @@ class Row:
     host_hours: float
     gpu_hours: float
     paper_disk: float
+    derived: bool = False  # figures taken from another stage's measurement
+    rank_zero: bool = False  # runs on the first process alone, the others waiting
 
 
 def row(plan: Plan, measure: Measure, startup: float, unit: dict[str, float],
@@ -418,26 +426,28 @@ def row(plan: Plan, measure: Measure, startup: float, unit: dict[str, float],
                gpu_seconds / 3600, paper_disk)
 
 
-def evaluations_row(evaluate: Row, paper: Config) -> Row:
-    """Self-train's periodic evaluations (and the recalibration before model.pt) at paper
-    scale, at the evaluate stage's measured cost per image."""
+def evaluations_row(evaluate: Row, paper: Config, flops: dict[str, float],
+                    tflops: float) -> Row:
+    """Self-train's periodic evaluations at paper scale (the recalibration before model.pt is
+    in the self-train row), at the evaluate stage's measured host cost per image."""
     st = paper.self_train
-    count = (st.iterations // st.eval_every if st.eval_every else 0) + 1
+    count = st.iterations // st.eval_every if st.eval_every else 0
     recal = recalibrated_images(st.recalibration, PAPER_IMAGES["train"])
     images = count * (recal + PAPER_IMAGES["val"])
     passes = Passes(full=count * PAPER_IMAGES["val"], crop_recal=count * recal)
     plan = Plan(f"self-train evaluations ({count}×)", [], evaluate.plan.images, Passes(),
                 images, passes, 1, 0)
-    scale = passes.cost({"full": 1, "crop_train": 0, "crop_recal": 1})
-    paper_passes = evaluate.plan.paper_passes.cost({"full": 1, "crop_train": 0, "crop_recal": 1})
     return Row(plan, evaluate.measure, evaluate.cpu_per_image, evaluate.model_per_image,
                evaluate.host_per_image, evaluate.host_per_image * images / 3600,
-               evaluate.gpu_hours * scale / max(paper_passes, 1), 0.0)
+               passes.cost(flops) / (tflops * 1e12) / 3600, 0.0, derived=True,
+               rank_zero=True)
 
 
 def hours(row: Row, gpus: int, cores: int) -> str:
-    host = row.host_hours / cores
-    gpu = row.gpu_hours / gpus
+    """Estimated hours of a stage on `gpus` GPUs sharing `cores`, and what bounds them. Work
+    on the first process alone gets one GPU and that process's share of the cores."""
+    host = row.host_hours / (cores / gpus if row.rank_zero else cores)
+    gpu = row.gpu_hours / (1 if row.rank_zero else gpus)
     bound = "host" if host > gpu else "GPU"
     return f"{max(host, gpu):.2f} ({bound})" if row.gpu_hours else f"{host:.2f} (host)"
 
@@ -448,7 +458,7 @@ def table(rows: list[Row], cores: int) -> str:
               "1 GPU h (est.)", "2 GPUs h (est.)", "paper disk GB (est.)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
-        measured = r.plan.argv != []
+        measured = not r.derived
         disk = (r.measure.image_bytes / r.plan.disk_images / 1e6) if measured else 0.0
         cells = [r.plan.name, str(r.plan.images) if measured else "(from evaluate)",
                  f"{r.cpu_per_image:.3f}", f"{r.model_per_image:.3f}",
@@ -489,7 +499,7 @@ def measure_all(args: argparse.Namespace, root: Path, changes: list[str], paper:
     shrunk = build_model(config.model, 19).state_dict()
     model_ratio = r101_values / sum(value.numel() for value in shrunk.values())
     rows = run_stages(args, root, changes, config, paper, unit, flops, (set(shrunk), model_ratio))
-    rows.append(evaluations_row(rows[-1], paper))
+    rows.append(evaluations_row(rows[-1], paper, flops, args.gpu_tflops))
     print(f"model CPU-s per pass here: full image {unit['full']:.3f}, crop trained "
           f"{unit['crop_train']:.3f}, crop recalibrated {unit['crop_recal']:.3f}")
     print(f"ResNet-101 GFLOPs per pass (counted): full image {flops['full'] / 1e9:.0f}, crop "
