@@ -222,9 +222,10 @@ class Ranks:
 
     def describe(self, device: torch.device, precision: str, sync_batchnorm: bool,
                  batch: int) -> dict[str, Any]:
-        """The run's layout for the artifact summary: what actually ran."""
+        """The run's layout for the artifact summary: what actually ran (`batch`: the crops of
+        one step over all processes)."""
         return {"processes": self.world_size,
-                "batch_per_step": batch * self.world_size,
+                "batch_per_step": batch,
                 "precision": precision if device.type == "cuda" else "fp32",
                 "sync_batchnorm": sync_batchnorm and self.world_size > 1}
 

@@ -1,8 +1,9 @@
 """Data-parallel training under torchrun (two gloo ranks on the CPU).
 
 The equivalence tests compare weight *updates*: ‖w_two − w_one‖ / ‖w_one − w_start‖, where
-`one` is one process with batch 2b and `two` is two ranks with batch b each. A one-process run
-with batch b (half the data) is the control: it must land far away, so the comparison can fail.
+`one` is one process and `two` is two ranks, both with the config's batch 2b per step (b per
+rank). A one-process run with batch b (half the data) is the control: it must land far away, so
+the comparison can fail.
 Every run uses one thread (OMP_NUM_THREADS=1): CPU kernels' results depend on the thread count.
 """
 
@@ -129,14 +130,14 @@ def relative_gaps(start: torch.Tensor, one: Path, two: Path, half: Path | None =
 
 
 @pytest.mark.slow
-def test_warmup_two_ranks_equal_one_with_twice_the_batch(setup) -> None:
+def test_warmup_two_ranks_equal_one_with_the_same_step_batch(setup) -> None:
     # With the adversarial warmup: two student passes before one backward under DDP, and the
     # discriminator's gradients averaged over the ranks.
     root = setup["root"]
     common = ["-c", str(setup["config"]), "--data", str(setup["index"]),
               "--set", "warmup.adversarial.enabled=true", "--set", "input.crop_size=[32,64]"]
     duda("warmup", *common, "--out", str(root / "w_one"), "--set", "warmup.batch_size=4")
-    two = duda("warmup", *common, "--out", str(root / "w_two"), "--set", "warmup.batch_size=2",
+    two = duda("warmup", *common, "--out", str(root / "w_two"), "--set", "warmup.batch_size=4",
                "--json", ranks=2)
     duda("warmup", *common, "--out", str(root / "w_half"), "--set", "warmup.batch_size=2")
 
@@ -161,7 +162,7 @@ def test_warmup_two_ranks_equal_one_with_twice_the_batch(setup) -> None:
 
 
 @pytest.mark.slow
-def test_self_train_two_ranks_equal_one_with_twice_the_batch(trained) -> None:
+def test_self_train_two_ranks_equal_one_with_the_same_step_batch(trained) -> None:
     root, warmup = trained["root"], trained["warmup"]
     common = ["-c", str(trained["config"]), "--data", str(trained["index"]),
               "--checkpoint", str(warmup), "--pseudo", str(trained["pseudo"])]
@@ -175,7 +176,7 @@ def test_self_train_two_ranks_equal_one_with_twice_the_batch(trained) -> None:
              "--set", "self_train.consistency_teacher_mode=eval",
              "--set", "self_train.offline_start=100"]
     duda("self-train", *common, *alike, *double, "--out", str(root / "a_one"))
-    duda("self-train", *common, *alike, "--out", str(root / "a_two"), ranks=2)
+    duda("self-train", *common, *alike, *double, "--out", str(root / "a_two"), ranks=2)
     duda("self-train", *common, *alike, "--out", str(root / "a_half"))
     gap, control = relative_gaps(start, root / "a_one", root / "a_two", root / "a_half")
     assert gap < EXACT, gap
@@ -186,7 +187,7 @@ def test_self_train_two_ranks_equal_one_with_twice_the_batch(trained) -> None:
     # the per-rank means), as the reference's two-GPU runs do, so two ranks are close to one
     # process with the double batch but not equal.
     duda("self-train", *common, *double, "--out", str(root / "d_one"))
-    duda("self-train", *common, "--out", str(root / "d_two"), ranks=2)
+    duda("self-train", *common, *double, "--out", str(root / "d_two"), ranks=2)
     duda("self-train", *common, "--out", str(root / "d_half"))
     gap, control = relative_gaps(start, root / "d_one", root / "d_two", root / "d_half")
     assert gap < PER_RANK, gap
