@@ -39,7 +39,7 @@ from stages.config import Config, load_config
 from stages.data.crops import CropDataset
 from stages.data.index import load_dataset_index
 from stages.devices import resolve_device
-from stages.inference import RECALIBRATION_SEED_OFFSET, target_val_miou
+from stages.inference import RECALIBRATION_SEED_OFFSET
 from stages.inference import predict as predict_probabilities
 from stages.nn.model import build_model
 from stages.nn.teacher import MeanTeacher, recalibrate_batchnorm
@@ -225,13 +225,11 @@ def evaluation_pair(config: Config, index: Path, checkpoint: Path, device: torch
         model.eval()
         with torch.no_grad():
             for batch in val:
-                model(batch).argmax(1)
+                model(batch).max(1)  # the class as the stage takes it
         synchronize(device)
 
     def stage() -> None:
-        self_train._recalibrate(config, data, model, device, Reporter())
-        target_val_miou(model, config, data, device,
-                        num_workers=config.self_train.runtime.num_workers)
+        self_train.recalibrated_val_miou(config, data, model, device, Reporter())
         synchronize(device)
 
     return bare, stage

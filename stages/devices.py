@@ -40,6 +40,13 @@ def worker_count(setting: int | str, loaders: int = 1) -> int:
     return min(MAX_AUTO_WORKERS, spare // max(1, loaders))
 
 
+def evaluation_workers(setting: int | str, device: torch.device) -> int:
+    """Loader processes of a training stage's periodic evaluation (BN recalibration and
+    target-val): the training runtime's count on a GPU; on the CPU none, the decoding running on
+    a background thread, since a process would take a core from the model it feeds."""
+    return worker_count(setting) if device.type == "cuda" else 0
+
+
 def resolve_device(name: str) -> torch.device:
     """`auto` picks CUDA when available (the local rank's GPU under torchrun), else the CPU."""
     if name not in ("auto", "cpu", "cuda"):

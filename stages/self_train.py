@@ -60,7 +60,7 @@ from stages.config import (
 from stages.data.crops import CropDataset, InfiniteLoader, resize_label
 from stages.data.index import DatasetIndex, load_dataset_index
 from stages.data.transforms import CropParams, crop_label
-from stages.devices import worker_count
+from stages.devices import evaluation_workers, worker_count
 from stages.distributed import Ranks, process_group
 from stages.inference import recalibrate_on_target, target_val_miou
 from stages.metrics import LabelQuality, label_statistics, quality
@@ -458,7 +458,16 @@ def _recalibrate(config: Config, index: DatasetIndex, model: torch.nn.Module,
     crops are decoded by loader workers ahead of the model, as in training."""
     cfg = config.self_train
     recalibrate_on_target(model, config.model.normalization, config, index, cfg.recalibration,
-                          device, reporter, cfg.runtime.num_workers)
+                          device, reporter, evaluation_workers(cfg.runtime.num_workers, device))
+
+
+def recalibrated_val_miou(config: Config, index: DatasetIndex, model: torch.nn.Module,
+                          device: torch.device, reporter: Reporter) -> float:
+    """The periodic evaluation of a teacher: its BN recalibrated, then target-val mIoU."""
+    _recalibrate(config, index, model, device, reporter)
+    return target_val_miou(model, config, index, device,
+                           num_workers=evaluation_workers(config.self_train.runtime.num_workers,
+                                                          device))
 
 
 def _evaluate(config: Config, index: DatasetIndex, student: torch.nn.Module,
@@ -469,9 +478,7 @@ def _evaluate(config: Config, index: DatasetIndex, student: torch.nn.Module,
     keeps its recalibrated statistics (as in the reference); the student-as-teacher ablation is
     evaluated as a copy, so evaluating does not change its training."""
     model = teacher.module if isinstance(teacher, MeanTeacher) else copy.deepcopy(teacher.module)
-    _recalibrate(config, index, model, device, reporter)
-    miou = target_val_miou(model, config, index, device,
-                           num_workers=config.self_train.runtime.num_workers)
+    miou = recalibrated_val_miou(config, index, model, device, reporter)
     teacher.train()
     if progress.record_evaluation(miou):
         write_model_file(out / BEST_FILE, student=student,

@@ -41,7 +41,7 @@ from stages.checkpoint import (
 from stages.config import Config, hashed_config, stage_config, stage_hash
 from stages.data.crops import CropDataset, InfiniteLoader
 from stages.data.index import DatasetIndex, load_dataset_index
-from stages.devices import autocast, worker_count
+from stages.devices import autocast, evaluation_workers, worker_count
 from stages.distributed import Ranks, process_group
 from stages.errors import DudaError
 from stages.inference import target_val_miou
@@ -314,7 +314,8 @@ def _evaluate(config: Config, index: DatasetIndex, model: nn.Module, progress: P
               metrics: MetricsLog, out: Path, device: torch.device) -> float:
     """Target-val mIoU now; a new best writes best.pt."""
     miou = target_val_miou(model, config, index, device,
-                           num_workers=config.warmup.runtime.num_workers)
+                           num_workers=evaluation_workers(config.warmup.runtime.num_workers,
+                                                          device))
     model.train()
     if progress.record_evaluation(miou):
         write_model_file(out / BEST_FILE, student=model, teacher=None, model_config=config.model,
