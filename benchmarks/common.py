@@ -12,11 +12,11 @@ import torch
 from PIL import Image
 from torch import nn
 
-from stages.artifact_writer import ArtifactWriter
-from stages.artifacts import CHECKPOINT, DATASET_INDEX
-from stages.checkpoint import MODEL_FILE, write_model_file
-from stages.classes import cityscapes_table
+from stages.artifacts.checkpoint import MODEL_FILE, write_model_file
+from stages.artifacts.manifest import CHECKPOINT, DATASET_INDEX
+from stages.artifacts.writer import ArtifactWriter
 from stages.config import ModelConfig
+from stages.data.classes import cityscapes_table
 from stages.data.full_images import FullImageDataset
 from stages.data.index import (
     INDEX_FILE,

@@ -2,12 +2,12 @@
 
 The check builds the paper-size model (DeepLabV2, ResNet-101, Dropout2d 0.5, frozen BN affine, Caffe
 BGR input; 19 classes; docs/method.md#the-network) from random weights, feeds it random images and
-random offline labels, and runs `stages.self_train_step.self_train_step` exactly as the `self-train`
+random offline labels, and runs `stages.method.step.self_train_step` exactly as the `self-train`
 stage does (docs/method.md#one-step-in-execution-order, default loss weights): 2 source + 2 target
 student crops of 512×896, the teacher on the 2 full 1024×2048 target images, SGD with Nesterov
 momentum over the two parameter groups (docs/method.md#optimisation), a `GradScaler` (active for
 fp16 only), then the mean-teacher update. cuDNN runs deterministic with autotuning off, as
-`stages.training.seed_everything` sets it for training. Each precision (fp32, bf16, fp16) gets a
+`stages.engine.training.seed_everything` sets it for training. Each precision (fp32, bf16, fp16) gets a
 fresh model, `--warmup-steps` untimed iterations, then `--steps` timed ones.
 
 Beside the step, each precision measures the teacher's periodic evaluation as self-train runs it
@@ -70,16 +70,17 @@ except ImportError:  # run from a checkout without the editable install
 import numpy as np
 import torch
 
-from stages.classes import IGNORE_INDEX
 from stages.config import Config, LossWeights, ModelConfig, OptimizerConfig, load_config
+from stages.data.classes import IGNORE_INDEX
 from stages.data.transforms import sample_crop_params
-from stages.devices import autocast, resolve_device
-from stages.errors import DudaError
-from stages.inference import predict_classes
+from stages.engine.inference import predict_classes
+from stages.engine.training import build_optimizer
+from stages.method.step import StepInputs, self_train_step
 from stages.nn.model import DeepLabV2, build_model, parameter_groups
 from stages.nn.teacher import MeanTeacher, recalibrate_batchnorm
-from stages.self_train_step import StepInputs, self_train_step
-from stages.training import build_optimizer, seed_everything
+from stages.runtime.devices import autocast, resolve_device
+from stages.runtime.errors import DudaError
+from stages.runtime.seeding import seed_everything
 
 NUM_CLASSES = 19
 PAPER_ITERATIONS = 80_000

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from stages import evaluate, generate_pseudo, prepare_data, self_train, warmup
-from stages.checkpoint import METRICS_FILE
+from stages.artifacts.checkpoint import METRICS_FILE
 from stages.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -192,7 +192,7 @@ def label_table(results: dict[str, Any]) -> str:
 def plot(results: dict[str, Any], path: Path) -> None:
     """Target-val mIoU and online/offline label accuracy over the iterations, the mean over the
     seeds per self-training row (the rows that logged the key)."""
-    from stages.plots import small_multiples
+    from stages.figures.plots import small_multiples
 
     seeds = list(results["seeds"])
     panels: dict[str, dict[str, list[tuple[float, float | None]]]] = {}

@@ -57,9 +57,9 @@ import torch
 from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
-from stages.artifacts import read_manifest
-from stages.classes import cityscapes_label_ids
+from stages.artifacts.manifest import read_manifest
 from stages.config import Config, Recalibration, load_config
+from stages.data.classes import cityscapes_label_ids
 from stages.data.synthetic import generate_sample
 from stages.nn.model import build_model
 

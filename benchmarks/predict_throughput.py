@@ -32,8 +32,8 @@ from common import add_common_arguments, memory_batches, write_checkpoint, write
 
 from stages import predict
 from stages.config import Config, ModelConfig
-from stages.devices import resolve_device
 from stages.nn.model import build_model
+from stages.runtime.devices import resolve_device
 
 
 def main() -> None:

@@ -23,10 +23,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from stages.classes import CITYSCAPES_CLASSES
+from stages.data.classes import CITYSCAPES_CLASSES
 from stages.data.synthetic import generate_sample
-from stages.metrics import label_statistics
-from stages.pseudo_store import create_store
+from stages.engine.metrics import label_statistics
+from stages.store.pseudo_store import create_store
 
 
 def smooth_field(rng: np.random.Generator, height: int, width: int, cells: int = 8) -> np.ndarray:

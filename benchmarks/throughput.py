@@ -38,13 +38,13 @@ from stages import evaluate, generate_pseudo, predict, self_train, update_offlin
 from stages.config import Config, load_config
 from stages.data.crops import CropDataset
 from stages.data.index import load_dataset_index
-from stages.devices import resolve_device
-from stages.inference import RECALIBRATION_SEED_OFFSET
-from stages.inference import predict as predict_probabilities
+from stages.engine.inference import RECALIBRATION_SEED_OFFSET
+from stages.engine.inference import predict as predict_probabilities
+from stages.method.step import self_train_step
 from stages.nn.model import build_model
 from stages.nn.teacher import MeanTeacher, recalibrate_batchnorm
-from stages.reporting import Reporter, Task
-from stages.self_train_step import self_train_step
+from stages.runtime.devices import resolve_device
+from stages.runtime.progress import Reporter, Task
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("generate-pseudo", "update-offline", "evaluate", "predict", "self-train",
@@ -159,14 +159,14 @@ def self_train_pair(config: Config, args: argparse.Namespace, root: Path, index:
     store = root / "pseudo"
     cfg = config.self_train
     # The bare passes: the same step on batches held in memory, from the same loaders.
-    from stages.distributed import Ranks
+    from stages.runtime.distributed import Ranks
 
     ranks = Ranks(device)
     data = load_dataset_index(index)
     loaders = [self_train._loader(config, data, domain, size, seed, ranks)
                for domain, size, seed in (("source", cfg.source_batch_size, config.seed),
                                           ("target", cfg.target_batch_size, config.seed + 1))]
-    from stages.pseudo_store import open_store
+    from stages.store.pseudo_store import open_store
 
     opened = open_store(store)
     batches = []

@@ -22,7 +22,7 @@ from duda_cli.commands import (
     warmup,
 )
 from stages import __version__
-from stages.artifact_writer import command_line
+from stages.artifacts.writer import command_line
 
 app = typer.Typer(
     name="duda",

@@ -31,11 +31,11 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from stages.artifact_writer import NO_SPACE, write_failure
-from stages.artifacts import StageResult, default_name
+from stages.artifacts.manifest import StageResult, default_name
+from stages.artifacts.writer import NO_SPACE, write_failure
 from stages.config import Config, load_config
-from stages.errors import DudaError
-from stages.reporting import Reporter, Task
+from stages.runtime.errors import DudaError
+from stages.runtime.progress import Reporter, Task
 
 stderr = Console(stderr=True)
 

@@ -22,34 +22,39 @@ import numpy as np
 import torch
 from PIL import Image
 
-from stages.artifact_writer import ArtifactWriter
-from stages.artifacts import EVALUATION, StageResult, atomic_write_json
-from stages.checkpoint import LoadedModel, check_compatible, load_checkpoint_manifest, load_model
-from stages.classes import ClassTable
+from stages.artifacts.checkpoint import (
+    LoadedModel,
+    check_compatible,
+    load_checkpoint_manifest,
+    load_model,
+)
+from stages.artifacts.manifest import EVALUATION, StageResult, atomic_write_json
+from stages.artifacts.writer import ArtifactWriter
 from stages.config import Config, stage_config, stage_hash
+from stages.data.classes import ClassTable
 from stages.data.crops import resize_image
 from stages.data.full_images import FullImageDataset
 from stages.data.index import DatasetIndex, Sample, load_dataset_index
 from stages.data.io import read_image
-from stages.distributed import Ranks, process_group
-from stages.errors import DudaError
-from stages.inference import (
+from stages.engine.inference import (
     SlidingWindow,
     full_image_loader,
     predict_scores,
     recalibrate_on_target,
     sliding_window,
 )
-from stages.metrics import ConfusionMatrix
-from stages.nn.teacher import batchnorm_statistics
-from stages.predict import (
+from stages.engine.metrics import ConfusionMatrix
+from stages.engine.predictions import (
     BackgroundWriter,
     check_formats,
     colorize,
     write_prediction,
 )
-from stages.reporting import Reporter
-from stages.selectors import quantize
+from stages.nn.teacher import batchnorm_statistics
+from stages.runtime.distributed import Ranks, process_group
+from stages.runtime.errors import DudaError
+from stages.runtime.progress import Reporter
+from stages.store.levels import quantize
 
 REPORT_FILE = "report.json"
 PREDICTIONS_DIR = "predictions"

@@ -34,9 +34,14 @@ import numpy as np
 import torch
 from numcodecs import Zstd
 
-from stages.artifact_writer import ArtifactWriter
-from stages.artifacts import PSEUDO_LABELS, ArtifactRef, StageResult
-from stages.checkpoint import LoadedModel, check_compatible, load_checkpoint_manifest, load_model
+from stages.artifacts.checkpoint import (
+    LoadedModel,
+    check_compatible,
+    load_checkpoint_manifest,
+    load_model,
+)
+from stages.artifacts.manifest import PSEUDO_LABELS, ArtifactRef, StageResult
+from stages.artifacts.writer import ArtifactWriter
 from stages.config import CbstSelector as CbstConfig
 from stages.config import Config, stage_config, stage_hash
 from stages.config import FixedSelector as FixedConfig
@@ -44,33 +49,31 @@ from stages.config import IastSelector as IastConfig
 from stages.data.full_images import FullImageDataset
 from stages.data.index import DatasetIndex, Sample, load_dataset_index
 from stages.data.io import image_size, read_label
-from stages.distributed import Ranks, process_group
-from stages.errors import DudaError
-from stages.inference import (
+from stages.engine.inference import (
     SlidingWindow,
     full_image_loader,
     predict,
     recalibrate_on_target,
     sliding_window,
 )
-from stages.metrics import confusion_counts, diagnostics, statistics_from_counts
-from stages.pseudo_store import (
+from stages.engine.metrics import confusion_counts, diagnostics, statistics_from_counts
+from stages.method.selectors import (
+    IastSelector,
+    LevelHistogram,
+    apply_thresholds,
+    fixed_thresholds,
+)
+from stages.runtime.distributed import Ranks, process_group
+from stages.runtime.errors import DudaError
+from stages.runtime.progress import Reporter
+from stages.store.levels import LEVELS, quantize, threshold_levels
+from stages.store.pseudo_store import (
     STORE_METADATA,
     PseudoLabelStore,
     create_store,
     open_unfinished,
 )
-from stages.reporting import Reporter
-from stages.selectors import (
-    LEVELS,
-    IastSelector,
-    LevelHistogram,
-    apply_thresholds,
-    fixed_thresholds,
-    quantize,
-    threshold_levels,
-)
-from stages.store_io import ReadAhead, StoreWriter
+from stages.store.writer import ReadAhead, StoreWriter
 
 logger = logging.getLogger("duda")
 

@@ -3,7 +3,7 @@
 The weights (a DUDA reference snapshot, its mean teacher included; an IAST, FDA or AdaptSegNet
 snapshot; the Caffe DeepLab or a torchvision ImageNet init; a duda checkpoint or its `model.pt`)
 are mapped key by key with shape checks onto a model built from `config.model`
-(`stages.nn.weights.import_weights`), and written as `model.pt` with the same weights as student
+(`stages.artifacts.weights.import_weights`), and written as `model.pt` with the same weights as student
 and teacher, iteration 0. The artifact is a `duda.checkpoint` like warmup's, so `self-train`,
 `generate-pseudo`, `evaluate` and `predict` take it as their `--checkpoint`.
 
@@ -25,22 +25,21 @@ from typing import Any, get_args
 
 import torch
 
-from stages.artifact_writer import ArtifactWriter
-from stages.artifacts import CHECKPOINT, MANIFEST, ArtifactRef, StageResult, file_digest
-from stages.checkpoint import (
+from stages.artifacts.checkpoint import (
     MODEL_FILE,
     load_checkpoint_manifest,
     load_torch,
     write_model_file,
 )
-from stages.classes import ClassTable
+from stages.artifacts.manifest import CHECKPOINT, MANIFEST, ArtifactRef, StageResult, file_digest
+from stages.artifacts.weights import FORMATS, Format, ImportReport, import_weights
+from stages.artifacts.writer import ArtifactWriter
 from stages.config import Config, config_hash
+from stages.data.classes import ClassTable, class_table
 from stages.data.index import load_dataset_index
-from stages.errors import DudaError
 from stages.nn.model import build_model
-from stages.nn.weights import FORMATS, Format, ImportReport, import_weights
-from stages.prepare_data import class_table
-from stages.reporting import Reporter
+from stages.runtime.errors import DudaError
+from stages.runtime.progress import Reporter
 
 STAGE = "import_checkpoint"
 WEIGHTS = "weights"  # the kind recorded for an input that is a plain weights file
@@ -54,7 +53,7 @@ def run(config: Config, source: str | Path, out: str | Path, *, data: str | Path
 
     `data`: a dataset index whose class table names the classes (default: the config's).
     `zero_aspp_branches`: classifier branches set to zero after loading ((2, 3) reproduces
-    AdaptSegNet's single-level model). `format`: one of `stages.nn.weights.FORMATS`, overriding
+    AdaptSegNet's single-level model). `format`: one of `stages.artifacts.weights.FORMATS`, overriding
     the detection from key names.
     """
     reporter = reporter or Reporter()

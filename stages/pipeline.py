@@ -15,18 +15,18 @@ from pathlib import Path
 from stages import (
     evaluate,
     generate_pseudo,
-    plots,
     prepare_data,
     report,
     self_train,
     update_offline,
     warmup,
 )
-from stages.artifact_writer import unfinished
-from stages.artifacts import CHECKPOINT, EVALUATION, StageResult, default_name
+from stages.artifacts.manifest import CHECKPOINT, EVALUATION, StageResult, default_name
+from stages.artifacts.writer import unfinished
 from stages.config import Config
-from stages.errors import DudaError
-from stages.reporting import Reporter
+from stages.figures import plots
+from stages.runtime.errors import DudaError
+from stages.runtime.progress import Reporter
 
 
 @dataclass(frozen=True)

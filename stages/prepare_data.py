@@ -22,23 +22,17 @@ from typing import Any
 
 import numpy as np
 
-from stages.artifact_writer import ArtifactWriter
-from stages.artifacts import DATASET_INDEX, StageResult
-from stages.classes import (
-    CITYSCAPES_CLASSES,
-    ClassTable,
-    cityscapes_table,
-    custom_table,
-    synthetic_table,
-)
+from stages.artifacts.manifest import DATASET_INDEX, StageResult
+from stages.artifacts.writer import ArtifactWriter
 from stages.config import Config, DataConfig, DomainConfig, stage_config, stage_hash
 from stages.data import synthetic
+from stages.data.classes import CITYSCAPES_CLASSES, ClassTable, class_table
 from stages.data.index import INDEX_FILE, DomainEntry, IndexFile, SampleEntry, SplitEntry
 from stages.data.io import file_sha256
 from stages.data.layouts import IN_PLACE, PairResult, SplitListing, convert_pair, list_split
-from stages.devices import available_cores
-from stages.errors import DudaError
-from stages.reporting import Reporter
+from stages.runtime.devices import available_cores
+from stages.runtime.errors import DudaError
+from stages.runtime.progress import Reporter
 
 PARALLEL_MIN = 64  # fewer jobs than this run in-process: starting workers would cost more
 SHOWN = 5
@@ -84,30 +78,6 @@ def run(config: Config, out: Path, *, force: bool = False,
         writer.finish({"splits": rows, "classes": list(classes.names), "warnings": warnings},
                       content=[INDEX_FILE])
     return writer.result()
-
-
-def class_table(data: DataConfig) -> ClassTable:
-    """The class table shared by both domains: Cityscapes trainIds, or the folder's classes."""
-    named = [(domain, tuple(getattr(data, domain).classes)) for domain in ("source", "target")
-             if getattr(data, domain).layout == "folder"]
-    if not named:
-        if data.source.layout == data.target.layout == "synthetic":
-            return synthetic_table()
-        return cityscapes_table(data.ordered_protocols())
-    names = named[0][1]
-    if len(names) > 255:
-        raise DudaError(f"data.{named[0][0]}.classes has {len(names)} classes; labels are 8-bit "
-                        "with 255 = ignore, so at most 255 classes fit",
-                        "merge classes")
-    others = [domain for domain, other in named if other != names]
-    if others or (len(named) == 1 and names != CITYSCAPES_CLASSES):
-        raise DudaError("the source and target domains have different classes "
-                        f"(data.{named[0][0]}.classes: {', '.join(names[:4])}, …)",
-                        "give both folder domains the same data.<domain>.classes, or, next to "
-                        "a Cityscapes-style domain, the 19 Cityscapes class names in trainId "
-                        "order")
-    return (cityscapes_table(data.ordered_protocols()) if names == CITYSCAPES_CLASSES
-            else custom_table(list(names)))
 
 
 def _workers(data: DataConfig) -> int:

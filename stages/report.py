@@ -31,9 +31,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from stages import plots
-from stages.artifact_writer import ArtifactWriter
-from stages.artifacts import (
+from stages.artifacts.manifest import (
     MANIFEST,
     REPORT,
     ArtifactRef,
@@ -41,10 +39,11 @@ from stages.artifacts import (
     atomic_write_text,
     read_manifest,
 )
+from stages.artifacts.writer import ArtifactWriter
 from stages.config import config_hash
 from stages.data.io import open_image
-from stages.errors import DudaError
-from stages.report_inputs import (
+from stages.figures import plots
+from stages.figures.inputs import (
     CURVE_GROUPS,
     DRAWABLE,
     Evaluation,
@@ -56,7 +55,8 @@ from stages.report_inputs import (
     scalar_series,
     short_names,
 )
-from stages.reporting import Reporter
+from stages.runtime.errors import DudaError
+from stages.runtime.progress import Reporter
 
 HTML_FILE = "index.html"
 COMPARISON_MD = "comparison.md"

@@ -4,18 +4,18 @@ One readable loop around `self_train_step` (docs/method.md, one self-training st
 cross-entropy, symmetric cross-entropy on the stored offline labels, consistency with the mean
 teacher's full-image view mapped into the student's crop, online pseudo labels at the α schedule
 with the IAST regularisers; then the teacher update and, from `offline_start`, the in-loop
-offline update of this run's own pseudo-label store (`stages.update_offline.offline_update`).
+offline update of this run's own pseudo-label store (`stages.method.offline.offline_update`).
 
 The run directory is a checkpoint artifact (`model.pt`: student and mean teacher) and holds a
 second artifact, `pseudo/`: the offline store as this run left it. The input store is never
 modified: the run starts from a hard-linked copy of it (`copy_store`).
 
 Resume and the offline store: the updates made after a checkpoint must not survive into a run
-resumed from it, so every checkpoint snapshots the working store (`stages.working_store`).
+resumed from it, so every checkpoint snapshots the working store (`stages.store.working_copy`).
 
 Under `torchrun` each process takes its share of every epoch's crops (the batch sizes are per
 process) and DistributedDataParallel averages the student's gradients, with synchronised batch
-norm when `self_train.runtime.sync_batchnorm` (stages.distributed). The mean teacher stays
+norm when `self_train.runtime.sync_batchnorm` (stages.runtime.distributed). The mean teacher stays
 identical on every rank: its parameters follow the identical student, and its batch-norm
 buffers, which each rank's train-mode teacher passes move, are averaged over the ranks after
 every step. Online and offline thresholds are computed per process over its own batch, as in
@@ -37,9 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from stages.artifact_writer import ArtifactWriter
-from stages.artifacts import CHECKPOINT, PSEUDO_LABELS, StageResult
-from stages.checkpoint import (
+from stages.artifacts.checkpoint import (
     BEST_FILE,
     METRICS_FILE,
     MODEL_FILE,
@@ -49,6 +47,8 @@ from stages.checkpoint import (
     load_model,
     write_model_file,
 )
+from stages.artifacts.manifest import CHECKPOINT, PSEUDO_LABELS, StageResult
+from stages.artifacts.writer import ArtifactWriter
 from stages.config import (
     Config,
     EmaTeacherConfig,
@@ -60,21 +60,9 @@ from stages.config import (
 from stages.data.crops import CropDataset, InfiniteLoader, resize_label
 from stages.data.index import DatasetIndex, load_dataset_index
 from stages.data.transforms import CropParams, crop_label
-from stages.devices import evaluation_workers, worker_count
-from stages.distributed import Ranks, process_group
-from stages.inference import recalibrate_on_target, target_val_miou
-from stages.metrics import LabelQuality, label_statistics, quality
-from stages.nn.model import build_model, parameter_groups
-from stages.nn.teacher import MeanTeacher, StudentAsTeacher, batchnorm_statistics
-from stages.pseudo_store import (
-    STORE_METADATA,
-    PseudoLabelStore,
-    open_store,
-)
-from stages.reporting import Reporter
-from stages.schedules import alpha_schedule, beta_schedule
-from stages.self_train_step import StepInputs, StepOutputs, label_agreement, self_train_step
-from stages.training import (
+from stages.engine.inference import recalibrate_on_target, target_val_miou
+from stages.engine.metrics import LabelQuality, label_statistics, quality
+from stages.engine.training import (
     LogWindow,
     MetricsLog,
     Progress,
@@ -85,10 +73,22 @@ from stages.training import (
     check_finite,
     learning_rate_factor,
     per_process_batch,
-    seed_everything,
 )
-from stages.update_offline import OfflineChanges, offline_update
-from stages.working_store import SNAPSHOTS_DIR, STORE_DIR, WorkingStore
+from stages.method.offline import OfflineChanges, offline_update
+from stages.method.step import StepInputs, StepOutputs, label_agreement, self_train_step
+from stages.nn.model import build_model, parameter_groups
+from stages.nn.teacher import MeanTeacher, StudentAsTeacher, batchnorm_statistics
+from stages.runtime.devices import evaluation_workers, worker_count
+from stages.runtime.distributed import Ranks, process_group
+from stages.runtime.progress import Reporter
+from stages.runtime.schedules import alpha_schedule, beta_schedule
+from stages.runtime.seeding import seed_everything
+from stages.store.pseudo_store import (
+    STORE_METADATA,
+    PseudoLabelStore,
+    open_store,
+)
+from stages.store.working_copy import SNAPSHOTS_DIR, STORE_DIR, WorkingStore
 
 Teacher = MeanTeacher | StudentAsTeacher
 

@@ -13,7 +13,7 @@ the last weights are `model.pt`.
 
 Under `torchrun` every process trains the same model on its own share of each epoch's crops
 (`warmup.batch_size` per process); DistributedDataParallel averages the gradients, with
-synchronised batch norm when `warmup.runtime.sync_batchnorm` (stages.distributed), and the
+synchronised batch norm when `warmup.runtime.sync_batchnorm` (stages.runtime.distributed), and the
 discriminator's gradients are averaged alike. Rank 0 writes the checkpoints, metrics and
 manifest and runs the periodic evaluation; a resumed run must use the same number of processes.
 """
@@ -29,33 +29,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stages.artifact_writer import ArtifactWriter
-from stages.artifacts import CHECKPOINT, ArtifactRef, StageResult, file_digest
-from stages.checkpoint import (
+from stages.artifacts.checkpoint import (
     BEST_FILE,
     METRICS_FILE,
     MODEL_FILE,
     TRAIN_STATE_FILE,
     write_model_file,
 )
+from stages.artifacts.manifest import CHECKPOINT, ArtifactRef, StageResult, file_digest
+from stages.artifacts.weights import initialize
+from stages.artifacts.writer import ArtifactWriter
 from stages.config import Config, hashed_config, stage_config, stage_hash
 from stages.data.crops import CropDataset, InfiniteLoader
 from stages.data.index import DatasetIndex, load_dataset_index
-from stages.devices import autocast, evaluation_workers, worker_count
-from stages.distributed import Ranks, process_group
-from stages.errors import DudaError
-from stages.inference import target_val_miou
-from stages.nn.discriminator import (
-    OutputDiscriminator,
-    adversarial_loss,
-    discriminator_loss,
-    output_size,
-)
-from stages.nn.losses import cross_entropy
-from stages.nn.model import build_model, parameter_groups
-from stages.nn.weights import initialize
-from stages.reporting import Reporter
-from stages.training import (
+from stages.engine.inference import target_val_miou
+from stages.engine.training import (
     MetricsLog,
     Progress,
     RandomState,
@@ -65,8 +53,20 @@ from stages.training import (
     check_finite,
     learning_rate_factor,
     per_process_batch,
-    seed_everything,
 )
+from stages.nn.discriminator import (
+    OutputDiscriminator,
+    adversarial_loss,
+    discriminator_loss,
+    output_size,
+)
+from stages.nn.losses import cross_entropy
+from stages.nn.model import build_model, parameter_groups
+from stages.runtime.devices import autocast, evaluation_workers, worker_count
+from stages.runtime.distributed import Ranks, process_group
+from stages.runtime.errors import DudaError
+from stages.runtime.progress import Reporter
+from stages.runtime.seeding import seed_everything
 
 # The discriminator's Adam moments (IAST's adversarial warmup).
 DISCRIMINATOR_BETAS = (0.9, 0.999)
@@ -78,7 +78,7 @@ def run(config: Config, data: str | Path, out: str | Path, *, init: str | Path |
     """Train the warmup model on `data` (a dataset index) and write a checkpoint at `out`.
 
     The initial weights are `model.init` (none, imagenet, or a weights file or checkpoint
-    artifact; see stages.nn.weights); `init`, when given, replaces it. `resume` continues the
+    artifact; see stages.artifacts.weights); `init`, when given, replaces it. `resume` continues the
     unfinished run in `out`; a finished one with the same config and inputs is a no-op.
     """
     if init is not None:  # --init: the same as setting model.init
@@ -109,7 +109,7 @@ def run(config: Config, data: str | Path, out: str | Path, *, init: str | Path |
 def _init_ref(path: Path) -> ArtifactRef:
     """The lineage record of the initial weights: a checkpoint artifact or a weights file."""
     if path.is_dir():
-        from stages.checkpoint import load_checkpoint_manifest
+        from stages.artifacts.checkpoint import load_checkpoint_manifest
 
         return load_checkpoint_manifest(path).ref(path)
     if not path.is_file():

@@ -12,12 +12,12 @@ import yaml
 from PIL import Image
 
 from stages import generate_pseudo, warmup
-from stages.artifact_writer import ArtifactWriter
-from stages.artifacts import DATASET_INDEX
-from stages.classes import cityscapes_table
+from stages.artifacts.manifest import DATASET_INDEX
+from stages.artifacts.writer import ArtifactWriter
 from stages.config import Config
+from stages.data.classes import cityscapes_table
 from stages.data.index import INDEX_FILE, DomainEntry, IndexFile, SampleEntry, SplitEntry
-from stages.pseudo_store import open_store
+from stages.store.pseudo_store import open_store
 
 TINY_CONFIG = {
     "experiment": "tiny",

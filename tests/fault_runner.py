@@ -43,10 +43,10 @@ def _trigger(point: str, count: int):
 
 
 def install(point: str, count: int) -> None:
-    import stages.checkpoint
-    import stages.pseudo_store
+    import stages.artifacts.checkpoint
     import stages.self_train
-    import stages.working_store
+    import stages.store.pseudo_store
+    import stages.store.working_copy
 
     hit, fire = _trigger(point, count)
     if point in ("step", "pause"):
@@ -59,7 +59,7 @@ def install(point: str, count: int) -> None:
 
         stages.self_train.self_train_step = step
     elif point == "store_write":
-        store_class = stages.pseudo_store.PseudoLabelStore
+        store_class = stages.store.pseudo_store.PseudoLabelStore
         original_write = store_class.write_validated
 
         def write(self, i, labels, levels):
@@ -70,7 +70,7 @@ def install(point: str, count: int) -> None:
 
         store_class.write_validated = write
     elif point == "checkpoint_tmp":
-        torch = stages.checkpoint.torch
+        torch = stages.artifacts.checkpoint.torch
         original_save = torch.save
 
         def save(obj, handle, *args, **kwargs):
@@ -81,14 +81,14 @@ def install(point: str, count: int) -> None:
 
         torch.save = save
     elif point == "snapshot":
-        original_link = stages.working_store.link_or_copy
+        original_link = stages.store.working_copy.link_or_copy
 
         def link(src, dst):
             original_link(src, dst)
             if hit():
                 fire()
 
-        stages.working_store.link_or_copy = link
+        stages.store.working_copy.link_or_copy = link
     else:
         raise SystemExit(f"unknown fault point {point!r}")
 

@@ -11,9 +11,15 @@ import shutil
 
 import pytest
 
-from stages.artifact_writer import ArtifactLock, ArtifactWriter
-from stages.artifacts import CHECKPOINT, DATASET_INDEX, MANIFEST, load_artifact, read_manifest
-from stages.errors import DudaError
+from stages.artifacts.manifest import (
+    CHECKPOINT,
+    DATASET_INDEX,
+    MANIFEST,
+    load_artifact,
+    read_manifest,
+)
+from stages.artifacts.writer import ArtifactLock, ArtifactWriter
+from stages.runtime.errors import DudaError
 
 
 def build(path, config_hash="h", inputs=None, **kwargs):

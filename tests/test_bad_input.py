@@ -26,7 +26,8 @@ from conftest import TINY_CONFIG, make_index
 from typer.testing import CliRunner
 
 from duda_cli.app import app
-from stages import artifact_writer, evaluate, generate_pseudo, pseudo_files, warmup
+from stages import evaluate, generate_pseudo, pseudo, warmup
+from stages.artifacts import writer as artifact_writer
 from stages.config import Config
 
 runner = CliRunner()
@@ -330,7 +331,7 @@ def _read_only_out(stage: str) -> Callable[..., Scenario]:
 def _disk_full_midway(tmp: Path, inputs: dict[str, Path], monkeypatch) -> Scenario:
     """`pseudo export` into a disk that fills after 4 of its 6 PNGs."""
     out = tmp / "export"
-    real, written = pseudo_files.atomic_open, []
+    real, written = pseudo.atomic_open, []
 
     def fill(path: Path):
         written.append(path)
@@ -338,7 +339,7 @@ def _disk_full_midway(tmp: Path, inputs: dict[str, Path], monkeypatch) -> Scenar
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
         return real(path)
 
-    monkeypatch.setattr(pseudo_files, "atomic_open", fill)
+    monkeypatch.setattr(pseudo, "atomic_open", fill)
     return Scenario(_stage_args("pseudo export", inputs, out), absent=[out])
 
 

@@ -7,9 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from stages.artifact_writer import ArtifactWriter
-from stages.artifacts import CHECKPOINT, DATASET_INDEX
-from stages.checkpoint import (
+from stages.artifacts.checkpoint import (
     MODEL_FILE,
     check_compatible,
     load_model,
@@ -17,11 +15,13 @@ from stages.checkpoint import (
     save_torch,
     write_model_file,
 )
-from stages.classes import CITYSCAPES_CLASSES
+from stages.artifacts.manifest import CHECKPOINT, DATASET_INDEX
+from stages.artifacts.writer import ArtifactWriter
 from stages.config import ModelConfig
-from stages.errors import DudaError
+from stages.data.classes import CITYSCAPES_CLASSES
 from stages.nn.model import build_model
 from stages.nn.teacher import MeanTeacher
+from stages.runtime.errors import DudaError
 
 TINY = ModelConfig(backbone="resnet18", width_multiplier=0.25, dropout=0.0)
 

@@ -10,7 +10,7 @@ import pytest
 import zarr
 from zarr.codecs import ZstdCodec
 
-from stages.chunk_files import (
+from stages.store.chunk_files import (
     ChunkDigestError,
     ChunkFiles,
     ChunkLayoutError,

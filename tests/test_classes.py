@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from cityscapesscripts.helpers.labels import labels as cityscapes_labels
 
-from stages.classes import (
+from stages.data.classes import (
     CITYSCAPES_CLASSES,
     CITYSCAPES_ID_TO_TRAINID,
     CITYSCAPES_PALETTE,

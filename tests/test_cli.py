@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 import stages
 from duda_cli.app import app
-from stages.artifacts import Environment, Manifest, StageResult
+from stages.artifacts.manifest import Environment, Manifest, StageResult
 
 runner = CliRunner()
 
@@ -40,7 +40,7 @@ def calls(monkeypatch) -> dict[str, dict[str, Any]]:
     import stages.evaluate
     import stages.generate_pseudo
     import stages.prepare_data
-    import stages.pseudo_files
+    import stages.pseudo
     import stages.self_train
     import stages.update_offline
     import stages.warmup
@@ -48,7 +48,7 @@ def calls(monkeypatch) -> dict[str, dict[str, Any]]:
     for module, out_argument in ((stages.prepare_data, 1), (stages.warmup, 2),
                                  (stages.generate_pseudo, 3), (stages.self_train, 4),
                                  (stages.update_offline, 4), (stages.evaluate, 3),
-                                 (stages.pseudo_files, 2)):
+                                 (stages.pseudo, 2)):
         monkeypatch.setattr(module, "run", recorder(module.__name__.split(".")[-1],
                                                     out_argument))
     return recorded
@@ -114,7 +114,7 @@ def test_prepare_data_and_pseudo_import(calls, tiny_config_file, tmp_path) -> No
     result = invoke("pseudo", "import", tmp_path / "labels", "--data", tmp_path / "d",
                     "--out", tmp_path / "s", "--force", "--json")
     assert result.exit_code == 0, result.output
-    args, kwargs = calls["pseudo_files"]["args"], calls["pseudo_files"]["kwargs"]
+    args, kwargs = calls["pseudo"]["args"], calls["pseudo"]["kwargs"]
     assert args == (tmp_path / "labels", tmp_path / "d", tmp_path / "s") and kwargs["force"]
     assert json.loads(result.stdout)["summary"] == {"miou": 0.5}
 

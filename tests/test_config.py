@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from duda_cli.app import app
 from stages.config import config_hash, load_config, parse_override, read_yaml, stage_config
-from stages.errors import DudaError
+from stages.runtime.errors import DudaError
 
 CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
 runner = CliRunner()

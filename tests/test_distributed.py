@@ -25,8 +25,8 @@ import yaml
 import zarr
 from torch import nn
 
-from stages.distributed import ProcessGroupBatchNorm, Ranks, convert_batchnorm
-from stages.errors import DudaError
+from stages.runtime.distributed import ProcessGroupBatchNorm, Ranks, convert_batchnorm
+from stages.runtime.errors import DudaError
 from tests.conftest import TINY_CONFIG, make_index
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -143,7 +143,7 @@ def test_warmup_two_ranks_equal_one_with_the_same_step_batch(setup) -> None:
 
     from stages.config import load_config
     from stages.nn.model import build_model
-    from stages.training import seed_everything
+    from stages.runtime.seeding import seed_everything
 
     seed_everything(0)  # the start: the seeded random initialisation every run begins from
     start = build_model(load_config(setup["config"]).model, 19)
@@ -271,7 +271,7 @@ def test_evaluate_two_ranks_report_what_one_does(trained) -> None:
 
 @pytest.mark.slow
 def test_every_rank_of_a_job_refused_by_the_lock_exits_2_at_once(trained) -> None:
-    from stages.artifact_writer import ArtifactLock
+    from stages.artifacts.writer import ArtifactLock
 
     out = trained["root"] / "locked"
     lock = ArtifactLock(out)

@@ -14,18 +14,18 @@ from typer.testing import CliRunner
 
 from duda_cli.app import app
 from stages import evaluate
-from stages.artifact_writer import ArtifactWriter
-from stages.artifacts import CHECKPOINT, MANIFEST
-from stages.checkpoint import MODEL_FILE, write_model_file
-from stages.classes import CITYSCAPES_CLASSES
+from stages.artifacts.checkpoint import MODEL_FILE, write_model_file
+from stages.artifacts.manifest import CHECKPOINT, MANIFEST
+from stages.artifacts.writer import ArtifactWriter
 from stages.config import Config, ModelConfig
+from stages.data.classes import CITYSCAPES_CLASSES
 from stages.data.index import load_dataset_index
 from stages.data.io import read_image, read_label
 from stages.data.transforms import normalize
-from stages.errors import DudaError
-from stages.inference import SlidingWindow, predict, predict_classes, window_starts
+from stages.engine.inference import SlidingWindow, predict, predict_classes, window_starts
 from stages.nn.model import build_model
 from stages.nn.teacher import MeanTeacher
+from stages.runtime.errors import DudaError
 
 runner = CliRunner()
 TINY = ModelConfig(backbone="resnet18", width_multiplier=0.25, dropout=0.1,

@@ -18,18 +18,18 @@ from typer.testing import CliRunner
 
 from duda_cli.app import app
 from stages import generate_pseudo
-from stages.artifact_writer import ArtifactWriter
-from stages.artifacts import CHECKPOINT
-from stages.checkpoint import MODEL_FILE, write_model_file
-from stages.classes import CITYSCAPES_CLASSES
+from stages.artifacts.checkpoint import MODEL_FILE, write_model_file
+from stages.artifacts.manifest import CHECKPOINT
+from stages.artifacts.writer import ArtifactWriter
 from stages.config import Config, ModelConfig
+from stages.data.classes import CITYSCAPES_CLASSES
 from stages.data.full_images import FullImageDataset
 from stages.data.index import load_dataset_index
 from stages.data.io import read_label
-from stages.inference import predict
+from stages.engine.inference import predict
+from stages.method.selectors import IastSelector
 from stages.nn.model import build_model
-from stages.pseudo_store import copy_store, open_store
-from stages.selectors import IastSelector
+from stages.store.pseudo_store import copy_store, open_store
 from tests.conftest import make_index
 
 runner = CliRunner()
@@ -62,7 +62,7 @@ def with_pseudo(config: Config, selector: dict, flip: bool = False) -> Config:
 
 def direct_probabilities(index_path: Path, checkpoints: list[Path], flip: bool) -> torch.Tensor:
     """(N, C, 32, 64) mean softmax of the checkpoints, in batches of 2 as the stage runs."""
-    from stages.checkpoint import load_model
+    from stages.artifacts.checkpoint import load_model
 
     samples = load_dataset_index(index_path).samples("target", "train")
     dataset = FullImageDataset(samples, (32, 64), "imagenet_rgb")
@@ -398,7 +398,7 @@ def test_every_label_is_written_once_kept_compressed_or_spilled(
     # The first pass stays in memory (plain, or compressed when the pass is large, with the
     # images past the memory limit going through the store): the same store either way, and
     # an image's labels reach the store twice only past the limit.
-    from stages.store_io import StoreWriter
+    from stages.store.writer import StoreWriter
 
     checkpoint = make_checkpoint(tmp_path / "ckpt")
     config = with_pseudo(tiny_config, {"name": selector})

@@ -17,11 +17,11 @@ from typer.testing import CliRunner
 
 from duda_cli.app import app
 from stages import evaluate, generate_pseudo, self_train
-from stages.artifact_writer import ArtifactWriter
-from stages.artifacts import CHECKPOINT, MANIFEST, load_artifact
-from stages.checkpoint import MODEL_FILE, load_torch, write_model_file
-from stages.classes import CITYSCAPES_CLASSES
+from stages.artifacts.checkpoint import MODEL_FILE, load_torch, write_model_file
+from stages.artifacts.manifest import CHECKPOINT, MANIFEST, load_artifact
+from stages.artifacts.writer import ArtifactWriter
 from stages.config import Config, ModelConfig
+from stages.data.classes import CITYSCAPES_CLASSES
 from stages.nn.model import build_model
 
 runner = CliRunner()

@@ -14,7 +14,7 @@ from PIL import Image
 from stages.config import DomainConfig
 from stages.data.io import image_size, read_label
 from stages.data.layouts import convert_pair, list_split, read_synthia_ids
-from stages.errors import DudaError
+from stages.runtime.errors import DudaError
 
 SIZE = (8, 16)  # H, W
 RNG = np.random.default_rng(0)

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from stages.classes import PROTOCOLS
-from stages.metrics import ConfusionMatrix
+from stages.data.classes import PROTOCOLS
+from stages.engine.metrics import ConfusionMatrix
 
 
 def test_hand_computed_three_class_example() -> None:

@@ -16,23 +16,23 @@ from typer.testing import CliRunner
 
 from duda_cli.app import app
 from stages import evaluate, predict, prepare_data
-from stages.artifact_writer import ArtifactWriter
-from stages.artifacts import CHECKPOINT, MANIFEST, PREDICTIONS, load_artifact
-from stages.checkpoint import MODEL_FILE, write_model_file
-from stages.classes import (
+from stages.artifacts.checkpoint import MODEL_FILE, write_model_file
+from stages.artifacts.manifest import CHECKPOINT, MANIFEST, PREDICTIONS, load_artifact
+from stages.artifacts.writer import ArtifactWriter
+from stages.config import Config, ModelConfig
+from stages.data.classes import (
     CITYSCAPES_CLASSES,
     CITYSCAPES_ID_TO_TRAINID,
     CITYSCAPES_PALETTE,
     cityscapes_label_ids,
     cityscapes_table,
 )
-from stages.config import Config, ModelConfig
 from stages.data.crops import resize_image
 from stages.data.io import read_image
 from stages.data.transforms import normalize
-from stages.errors import DudaError
-from stages.inference import predict_scores
+from stages.engine.inference import predict_scores
 from stages.nn.model import build_model
+from stages.runtime.errors import DudaError
 
 runner = CliRunner()
 TINY = ModelConfig(backbone="resnet18", width_multiplier=0.25, dropout=0.1,

@@ -24,7 +24,7 @@ from typer.testing import CliRunner
 from duda_cli.app import app
 from stages.data.index import load_dataset_index
 from stages.data.io import read_label
-from stages.errors import DudaError
+from stages.runtime.errors import DudaError
 
 runner = CliRunner()
 

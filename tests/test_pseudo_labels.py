@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from stages.nn.pseudo_labels import (
+from stages.method.pseudo_labels import (
     class_percentile_thresholds,
     merge_offline,
     offline_thresholds,

@@ -12,13 +12,13 @@ import pytest
 import torch
 import zarr
 
-from stages.artifact_writer import ArtifactWriter
-from stages.artifacts import PSEUDO_LABELS
-from stages.classes import CITYSCAPES_CLASSES
+from stages.artifacts.manifest import PSEUDO_LABELS
+from stages.artifacts.writer import ArtifactWriter
+from stages.data.classes import CITYSCAPES_CLASSES
 from stages.data.index import load_dataset_index
-from stages.errors import DudaError
-from stages.metrics import label_statistics
-from stages.pseudo_store import (
+from stages.engine.metrics import label_statistics
+from stages.runtime.errors import DudaError
+from stages.store.pseudo_store import (
     STORE_METADATA,
     PseudoLabelStore,
     copy_store,
@@ -227,9 +227,9 @@ class _Items(torch.utils.data.Dataset):
 
 def format_1_store(path: Path, monkeypatch) -> Path:
     """A store as duda wrote them before confidences were stored as levels: float16."""
-    import stages.artifacts
+    import stages.artifacts.manifest
 
-    monkeypatch.setitem(stages.artifacts.VERSIONS, PSEUDO_LABELS, 1)
+    monkeypatch.setitem(stages.artifacts.manifest.VERSIONS, PSEUDO_LABELS, 1)
     with ArtifactWriter(path, kind=PSEUDO_LABELS, stage="test", config={},
                         config_hash="old") as writer:
         group = zarr.open_group(path, mode="a", zarr_format=3)

@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 from reference_deeplab import ReferenceDeepLab, randomize_
 
+from stages.artifacts.weights import import_weights, load_initial_weights
 from stages.config import ModelConfig
 from stages.nn.model import build_model
-from stages.nn.weights import import_weights, load_initial_weights
 
 CAFFE101 = ModelConfig(backbone="resnet101", style="caffe", normalization="caffe_bgr",
                        dropout=0.5)

@@ -17,9 +17,16 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from duda_cli.app import app
-from stages import plots, report
-from stages.artifact_writer import ArtifactWriter
-from stages.artifacts import CHECKPOINT, DATASET_INDEX, EVALUATION, PSEUDO_LABELS, ArtifactRef
+from stages import report
+from stages.artifacts.manifest import (
+    CHECKPOINT,
+    DATASET_INDEX,
+    EVALUATION,
+    PSEUDO_LABELS,
+    ArtifactRef,
+)
+from stages.artifacts.writer import ArtifactWriter
+from stages.figures import plots
 
 runner = CliRunner()
 CLASSES = ["road", "sky", "car"]

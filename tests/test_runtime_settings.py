@@ -12,10 +12,10 @@ import pytest
 from conftest import tiny
 
 from stages import evaluate, generate_pseudo, predict, self_train, update_offline, warmup
-from stages.classes import cityscapes_table
 from stages.config import load_config, recorded_hash, stage_config, stage_hash
-from stages.devices import MAX_AUTO_WORKERS, worker_count
-from stages.metrics import ConfusionMatrix
+from stages.data.classes import cityscapes_table
+from stages.engine.metrics import ConfusionMatrix
+from stages.runtime.devices import MAX_AUTO_WORKERS, worker_count
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -24,7 +24,7 @@ def test_the_inference_precision_reaches_every_inference_path(prepared, tmp_path
                                                               monkeypatch) -> None:
     # On the CPU autocast never changes a result, so what is checked is the setting each
     # inference pass asks autocast for: the stages' model passes and the BN recalibration.
-    import stages.inference
+    import stages.engine.inference
     import stages.nn.teacher
 
     asked: list[str] = []
@@ -33,7 +33,7 @@ def test_the_inference_precision_reaches_every_inference_path(prepared, tmp_path
         asked.append(precision)
         return contextlib.nullcontext()
 
-    monkeypatch.setattr(stages.inference, "autocast", recording)
+    monkeypatch.setattr(stages.engine.inference, "autocast", recording)
     monkeypatch.setattr(stages.nn.teacher, "autocast", recording)
     recalibrate = {"enabled": True, "batches": 1}
     config = tiny(inference_precision="bf16", warmup__eval_every=2,
@@ -63,16 +63,16 @@ def test_the_inference_precision_reaches_every_inference_path(prepared, tmp_path
 
 
 def test_auto_workers_follow_the_cores_and_the_processes_on_the_machine(monkeypatch) -> None:
-    import stages.devices
+    import stages.runtime.devices
 
-    monkeypatch.setattr(stages.devices, "available_cores", lambda: 16)
+    monkeypatch.setattr(stages.runtime.devices, "available_cores", lambda: 16)
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     assert worker_count("auto") == MAX_AUTO_WORKERS  # 15 spare cores, capped
     assert worker_count("auto", loaders=2) == 7
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two GPU processes share the 16 cores
     assert worker_count("auto", loaders=2) == 3
     assert worker_count(5, loaders=2) == 5  # an explicit number wins
-    monkeypatch.setattr(stages.devices, "available_cores", lambda: 2)
+    monkeypatch.setattr(stages.runtime.devices, "available_cores", lambda: 2)
     assert worker_count("auto", loaders=2) == 0  # decoding on a thread
 
 

@@ -25,9 +25,9 @@ from typer.testing import CliRunner
 
 from duda_cli.app import app
 from stages import generate_pseudo, warmup
-from stages.artifact_writer import ArtifactLock
+from stages.artifacts.writer import ArtifactLock
 from stages.config import Config, load_config
-from stages.errors import DudaError
+from stages.runtime.errors import DudaError
 
 runner = CliRunner()
 FAULT_RUNNER = Path(__file__).parent / "fault_runner.py"

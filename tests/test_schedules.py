@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from stages.schedules import alpha_schedule, beta_schedule, lr_factor
+from stages.runtime.schedules import alpha_schedule, beta_schedule, lr_factor
 
 TOTAL = 80000
 

@@ -7,14 +7,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from stages.selectors import (
+from stages.method.selectors import (
     IastSelector,
     LevelHistogram,
     apply_thresholds,
     fixed_thresholds,
-    quantize,
-    threshold_levels,
 )
+from stages.store.levels import quantize, threshold_levels
 
 
 def iast_reference(groups, num_classes, alpha, beta, gamma, theta0):

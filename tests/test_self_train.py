@@ -14,11 +14,11 @@ from typer.testing import CliRunner
 
 from duda_cli.app import app
 from stages import self_train
-from stages.artifacts import CHECKPOINT, PSEUDO_LABELS, load_artifact
-from stages.checkpoint import load_torch
-from stages.errors import DudaError
-from stages.pseudo_store import open_store
-from stages.reporting import Reporter, Task
+from stages.artifacts.checkpoint import load_torch
+from stages.artifacts.manifest import CHECKPOINT, PSEUDO_LABELS, load_artifact
+from stages.runtime.errors import DudaError
+from stages.runtime.progress import Reporter, Task
+from stages.store.pseudo_store import open_store
 
 runner = CliRunner()
 
@@ -249,14 +249,14 @@ def _records(run: Path) -> list[dict]:
 
 def test_label_quality_is_logged_against_the_ground_truth(prepared, tmp_path) -> None:
     # A store holding the ground truth itself: every offline label it gives is right.
-    from stages import pseudo_files
+    from stages import pseudo
     from stages.data.index import load_dataset_index
 
     folder = tmp_path / "truth"
     folder.mkdir()
     for sample in load_dataset_index(prepared["data"]).samples("target", "train"):
         shutil.copy(sample.label, folder / f"{sample.id}.png")
-    truth = pseudo_files.run(folder, prepared["data"], tmp_path / "truth_store").path
+    truth = pseudo.run(folder, prepared["data"], tmp_path / "truth_store").path
     config = tiny(self_train__offline_start=1000)
     result = self_train.run(config, prepared["data"], prepared["checkpoint"], truth,
                             tmp_path / "run", device="cpu")

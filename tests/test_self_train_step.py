@@ -9,9 +9,9 @@ from torch import nn
 
 from stages.config import LossWeights
 from stages.data.transforms import CropParams
+from stages.method.step import StepInputs, needs_teacher, self_train_step
 from stages.nn import losses
 from stages.nn.teacher import MeanTeacher
-from stages.self_train_step import StepInputs, needs_teacher, self_train_step
 
 C, H, W = 3, 8, 12  # classes; crop size (the full view is 2H × 2W)
 

@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from stages.artifacts import link_or_copy
-from stages.errors import DudaError
-from stages.pseudo_store import PseudoLabelStore, create_store
-from stages.store_io import ReadAhead, StoreWriter
+from stages.artifacts.manifest import link_or_copy
+from stages.runtime.errors import DudaError
+from stages.store.pseudo_store import PseudoLabelStore, create_store
+from stages.store.writer import ReadAhead, StoreWriter
 
 H, W = 8, 12
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from stages.classes import SYNTHETIC_PROTOCOL
+from stages.data.classes import SYNTHETIC_PROTOCOL
 from stages.data.io import read_label
 from stages.data.synthetic import generate_sample, write_sample
 

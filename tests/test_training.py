@@ -11,8 +11,7 @@ import pytest
 import torch
 
 from stages.config import OptimizerConfig
-from stages.errors import DudaError
-from stages.training import (
+from stages.engine.training import (
     MetricsLog,
     Progress,
     append_metrics,
@@ -25,6 +24,7 @@ from stages.training import (
     restore_rng_state,
     truncate_metrics,
 )
+from stages.runtime.errors import DudaError
 
 
 def test_optimizer_is_nesterov_sgd_and_scales_each_group_from_its_base():
@@ -79,7 +79,7 @@ def test_resume_check_lists_every_changed_field(tmp_path):
 
 
 def test_check_finite_names_the_diverged_terms_and_the_fix() -> None:
-    from stages.training import check_finite
+    from stages.engine.training import check_finite
 
     check_finite({"loss/source_ce": 1.0, "online/offline_agreement": float("nan")}, 5,
                  "self-training", "self_train")
@@ -104,8 +104,8 @@ class Counter:
 
 
 def test_train_state_round_trips_every_entry(tmp_path) -> None:
-    from stages.distributed import Ranks
-    from stages.training import MetricsLog, Progress, RandomState, TrainState
+    from stages.engine.training import MetricsLog, Progress, RandomState, TrainState
+    from stages.runtime.distributed import Ranks
 
     def objects():
         torch.manual_seed(0)

@@ -10,8 +10,8 @@ from typer.testing import CliRunner
 
 from duda_cli.app import app
 from stages import update_offline
-from stages.artifacts import PSEUDO_LABELS, load_artifact
-from stages.pseudo_store import open_store
+from stages.artifacts.manifest import PSEUDO_LABELS, load_artifact
+from stages.store.pseudo_store import open_store
 
 runner = CliRunner()
 

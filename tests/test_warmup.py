@@ -12,14 +12,14 @@ from typer.testing import CliRunner
 
 from duda_cli.app import app
 from stages import warmup
-from stages.artifacts import read_manifest
-from stages.checkpoint import load_torch
+from stages.artifacts.checkpoint import load_torch
+from stages.artifacts.manifest import read_manifest
 from stages.config import Config, load_config
-from stages.errors import DudaError
 from stages.nn.discriminator import OutputDiscriminator, adversarial_loss, discriminator_loss
 from stages.nn.model import build_model
-from stages.reporting import Reporter, Task
-from stages.training import seed_everything
+from stages.runtime.errors import DudaError
+from stages.runtime.progress import Reporter, Task
+from stages.runtime.seeding import seed_everything
 from tests.conftest import TINY_CONFIG, make_index
 
 

@@ -10,19 +10,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from stages.artifact_writer import ArtifactWriter
-from stages.artifacts import CHECKPOINT
-from stages.checkpoint import MODEL_FILE, write_model_file
-from stages.config import ModelConfig
-from stages.errors import DudaError
-from stages.nn.model import build_model
-from stages.nn.weights import (
+from stages.artifacts.checkpoint import MODEL_FILE, write_model_file
+from stages.artifacts.manifest import CHECKPOINT
+from stages.artifacts.weights import (
     ImportReport,
     detect_format,
     import_weights,
     initialize,
     load_initial_weights,
 )
+from stages.artifacts.writer import ArtifactWriter
+from stages.config import ModelConfig
+from stages.nn.model import build_model
+from stages.runtime.errors import DudaError
 
 TINY = ModelConfig(backbone="resnet18", width_multiplier=0.25, dropout=0.0,
                    normalization="imagenet_rgb")

@@ -10,8 +10,8 @@ from rich.table import Table
 
 from duda_cli import options
 from duda_cli.console import default_path, load, run_stage
-from stages.artifacts import StageResult
-from stages.reporting import Reporter
+from stages.artifacts.manifest import StageResult
+from stages.runtime.progress import Reporter
 
 Checkpoints = Annotated[list[Path], typer.Option(
     "--checkpoint", help="Checkpoint artifact of the teacher; repeat it for an ensemble "

@@ -12,9 +12,9 @@ from rich.table import Table
 
 from duda_cli import options
 from duda_cli.console import default_path, load, run_stage, single_process
-from stages.artifacts import StageResult
-from stages.errors import DudaError
-from stages.reporting import Reporter
+from stages.artifacts.manifest import StageResult
+from stages.runtime.errors import DudaError
+from stages.runtime.progress import Reporter
 
 Source = Annotated[Path, typer.Argument(
     help="Weights file (torch.save state dict) or duda checkpoint artifact.", show_default=False)]

@@ -8,8 +8,8 @@ from rich.table import Table
 
 from duda_cli import options
 from duda_cli.console import default_path, load, run_stage, single_process
-from stages.artifacts import StageResult
-from stages.reporting import Reporter
+from stages.artifacts.manifest import StageResult
+from stages.runtime.progress import Reporter
 
 
 def register(app: typer.Typer) -> None:

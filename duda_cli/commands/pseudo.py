@@ -37,8 +37,8 @@ def export(store: Store,
                "--colour", help="Palette PNGs (the pixel values stay trainIds).")] = False,
            quiet: options.Quiet = False) -> None:
     """Write one label PNG per image: trainIds, 255 = ignore."""
-    from stages.pseudo_files import export
-    from stages.pseudo_store import open_store
+    from stages.pseudo import export
+    from stages.store.pseudo_store import open_store
 
     setup_logging(quiet)
     with user_errors():
@@ -58,8 +58,8 @@ def import_(directory: Annotated[Path, typer.Argument(
             force: options.Force = False, data_root: options.DataRoot = None,
             as_json: options.Json = False, quiet: options.Quiet = False) -> None:
     """Build a pseudo-label store from label PNGs (e.g. published initial labels)."""
-    from stages import pseudo_files
-    from stages.errors import DudaError
+    from stages import pseudo
+    from stages.runtime.errors import DudaError
 
     setup_logging(quiet)
     with user_errors():
@@ -69,7 +69,7 @@ def import_(directory: Annotated[Path, typer.Argument(
                             "pass --data DATA --out STORE, or -c CONFIG for the defaults")
         data_path = data if cfg is None else default_path(cfg, data, "prepare_data")
         out_path = out if cfg is None else default_path(cfg, out, "pseudo_import")
-        result = pseudo_files.run(directory, data_path, out_path, force=force,
+        result = pseudo.run(directory, data_path, out_path, force=force,
                                reporter=ConsoleReporter(quiet))
     finish(result, as_json, quiet, "pseudo-label store")
 
@@ -89,12 +89,12 @@ def show(store: Store, data: Annotated[Path | None, typer.Option(
     with --out, draw its labels and confidence over the first images."""
     from dataclasses import asdict
 
-    from stages.artifacts import PSEUDO_LABELS, lineage
+    from stages.artifacts.manifest import PSEUDO_LABELS, lineage
     from stages.data.index import load_dataset_index
-    from stages.errors import DudaError
-    from stages.metrics import quality
-    from stages.pseudo_files import overlays
-    from stages.pseudo_store import open_store
+    from stages.engine.metrics import quality
+    from stages.pseudo import overlays
+    from stages.runtime.errors import DudaError
+    from stages.store.pseudo_store import open_store
 
     setup_logging(quiet)
     with user_errors():

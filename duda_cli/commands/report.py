@@ -9,9 +9,9 @@ import typer
 
 from duda_cli import options
 from duda_cli.console import run_stage, single_process
-from stages.artifacts import StageResult
-from stages.plots import require_matplotlib
-from stages.reporting import Reporter
+from stages.artifacts.manifest import StageResult
+from stages.figures.plots import require_matplotlib
+from stages.runtime.progress import Reporter
 
 Paths = Annotated[list[Path], typer.Argument(
     help="Checkpoint or evaluation artifacts, or the folder of a training run in progress.",

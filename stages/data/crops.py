@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 from stages.data.index import Sample
 from stages.data.io import read_image
 from stages.data.transforms import Normalization, apply_crop, normalize, sample_crop_params
-from stages.errors import DudaError
+from stages.runtime.errors import DudaError
 
 # What the sampler hands the dataset: (sample index, epoch, position in the epoch's permutation).
 ItemKey = tuple[int, int, int]

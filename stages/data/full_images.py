@@ -19,7 +19,7 @@ from stages.data.crops import resize_image
 from stages.data.index import Sample
 from stages.data.io import read_image
 from stages.data.transforms import Normalization, normalize
-from stages.errors import DudaError
+from stages.runtime.errors import DudaError
 
 
 class FullImageDataset(Dataset):

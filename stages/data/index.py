@@ -21,10 +21,10 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from stages.artifacts import DATASET_INDEX, ArtifactRef, Manifest, load_artifact
-from stages.classes import ClassTable
+from stages.artifacts.manifest import DATASET_INDEX, ArtifactRef, Manifest, load_artifact
+from stages.data.classes import ClassTable
 from stages.data.io import read_label
-from stages.errors import DudaError
+from stages.runtime.errors import DudaError
 
 INDEX_FILE = "index.json"
 

@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from stages.classes import IGNORE_INDEX
-from stages.errors import DudaError
+from stages.data.classes import IGNORE_INDEX
+from stages.runtime.errors import DudaError
 
 # The most pixels an image may claim in its header: 2**27 ≈ 134 megapixels, about six times the
 # largest photos of any supported dataset (Mapillary-class 20-megapixel images; Cityscapes is

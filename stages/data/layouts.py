@@ -27,15 +27,15 @@ from typing import Literal
 import numpy as np
 from PIL import Image
 
-from stages.classes import (
+from stages.config import DomainConfig
+from stages.data.classes import (
     CITYSCAPES_ID_TO_TRAINID,
     IGNORE_INDEX,
     SYNTHIA_ID_TO_TRAINID,
     lookup_table,
 )
-from stages.config import DomainConfig
 from stages.data.io import check_pixels, file_sha256, open_image, open_label_image, write_label
-from stages.errors import DudaError
+from stages.runtime.errors import DudaError
 
 LabelFormat = Literal["train_ids", "cityscapes_ids", "gta5_palette", "synthia_ids",
                       "class_indices"]

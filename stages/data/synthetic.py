@@ -3,7 +3,7 @@
 Every scene is ray-cast from a pinhole camera over a tiny world: a road with sidewalks, façades,
 walls, fences, trees and terrain along both sides, a backdrop closing the street, and upright
 objects (cars, a bus, persons, poles carrying signs and lights) standing on the ground. Labels
-are Cityscapes trainIds (`stages.classes`), so the class tables and protocols apply unchanged;
+are Cityscapes trainIds (`stages.data.classes`), so the class tables and protocols apply unchanged;
 both pairs draw the same 14 classes.
 
 Each pair is a source and a target `Style` (`stages.data.synthetic_styles`), the way GTA5
@@ -23,7 +23,7 @@ from typing import Literal
 import numpy as np
 from PIL import Image
 
-from stages.classes import CITYSCAPES_PALETTE, IGNORE_INDEX
+from stages.data.classes import CITYSCAPES_PALETTE, IGNORE_INDEX
 from stages.data.io import write_label
 from stages.data.synthetic_styles import PAIR_CODES, PAIRS, Style
 
@@ -32,7 +32,7 @@ Domain = Literal["source", "target"]
 DOMAIN_CODES = {"source": 0, "target": 1}
 SPLIT_CODES = {"train": 0, "val": 1}
 
-# Cityscapes trainIds (stages/classes.py).
+# Cityscapes trainIds (stages/data/classes.py).
 ROAD, SIDEWALK, BUILDING, WALL, FENCE, POLE, LIGHT, SIGN, VEGETATION, TERRAIN, SKY = range(11)
 PERSON, RIDER, CAR, TRUCK, BUS = 11, 12, 13, 14, 15
 

@@ -208,7 +208,7 @@ def freeze_batchnorm_affine(model: nn.Module) -> None:
 
 
 def build_model(cfg: ModelConfig, num_classes: int) -> DeepLabV2:
-    """A randomly initialised DeepLabV2 for `num_classes` classes (weights: stages.nn.weights)."""
+    """A randomly initialised DeepLabV2 for `num_classes` classes (weights: stages.artifacts.weights)."""
     if num_classes < 1:
         raise ValueError(f"num_classes must be positive, got {num_classes}")
     return DeepLabV2(cfg, num_classes)

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from stages.devices import autocast
+from stages.runtime.devices import autocast
 
 TeacherMode = Literal["mean", "ema"]
 

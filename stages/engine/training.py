@@ -13,24 +13,23 @@ from __future__ import annotations
 
 import json
 import math
-import random
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-import numpy as np
 import torch
 
 from stages.config import OptimizerConfig, hashed_section
-from stages.errors import DudaError
-from stages.schedules import lr_factor
+from stages.runtime.errors import DudaError
+from stages.runtime.schedules import lr_factor
+from stages.runtime.seeding import capture_rng_state, restore_rng_state
 
 TENSORBOARD_DIR = "tensorboard"
 EVENT_FILES = "events.out.tfevents.*"  # the names TensorBoard's event writer gives its files
 
 if TYPE_CHECKING:
-    from stages.distributed import Ranks
+    from stages.runtime.distributed import Ranks
 
 
 # ------------------------------------------------------------------------------ optimisation
@@ -65,48 +64,6 @@ def apply_lr_factor(optimizer: torch.optim.Optimizer, factor: float) -> float:
     for group in optimizer.param_groups:
         group["lr"] = group["initial_lr"] * factor
     return max(group["lr"] for group in optimizer.param_groups)
-
-
-# ---------------------------------------------------------------------------------- RNG state
-
-
-def seed_everything(seed: int) -> None:
-    """Seed python, numpy and torch (every CUDA device too); cuDNN deterministic
-    (docs/method.md#optimisation)."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-    torch.backends.cudnn.deterministic = True
-    torch.backends.cudnn.benchmark = False
-
-
-def capture_rng_state() -> dict[str, Any]:
-    """Python, numpy, torch and CUDA generator states as weights_only-loadable values."""
-    version, internal, gauss_next = random.getstate()
-    name, keys, position, has_gauss, cached_gaussian = np.random.get_state(legacy=True)
-    state: dict[str, Any] = {
-        "python": {"version": version, "state": torch.tensor(internal, dtype=torch.int64),
-                   "gauss_next": gauss_next},
-        "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)),
-                  "position": int(position), "has_gauss": int(has_gauss),
-                  "cached_gaussian": float(cached_gaussian)},
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }
-    return state
-
-
-def restore_rng_state(state: dict[str, Any]) -> None:
-    """Restore what `capture_rng_state` returned."""
-    python = state["python"]
-    random.setstate((python["version"], tuple(int(v) for v in python["state"].tolist()),
-                     python["gauss_next"]))
-    numpy = state["numpy"]
-    np.random.set_state((numpy["name"], numpy["keys"].numpy().astype(np.uint32),
-                         numpy["position"], numpy["has_gauss"], numpy["cached_gaussian"]))
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"][:torch.cuda.device_count()])
 
 
 # ------------------------------------------------------------------------------------ metrics
@@ -321,7 +278,7 @@ class TrainState:
         self.entries = entries
 
     def save(self) -> None:
-        from stages.checkpoint import save_torch
+        from stages.artifacts.checkpoint import save_torch
 
         state = {name: entry.state_dict() for name, entry in self.entries.items()}
         if self.ranks.is_main:
@@ -329,7 +286,7 @@ class TrainState:
                         **state}, self.path)
 
     def load(self, where: Path) -> None:
-        from stages.checkpoint import load_torch
+        from stages.artifacts.checkpoint import load_torch
 
         state = load_torch(self.path)
         stored = dict(state["identity"])

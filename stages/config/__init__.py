@@ -1,7 +1,7 @@
 """The experiment configuration: the whole config, loading, `--set` overrides, hashing.
 
 One YAML per experiment (`configs/`), no inheritance; the section models live in
-`stages.config_models` (and are importable from here). Errors name the file or the `--set`
+`stages.config.models` (and are importable from here). Errors name the file or the `--set`
 override, the key and the fix; a key that moved when the config was regrouped is refused with its
 new path. Each stage hashes only the sections it depends on (`STAGE_SECTIONS`), so changing the
 evaluate section does not invalidate a trained checkpoint.
@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, Field, ValidationError
 
-from stages.config_models import (
+from stages.config.models import (
     AdversarialConfig,
     AlphaSchedule,
     BetaSchedule,
@@ -49,7 +49,7 @@ from stages.config_models import (
     UpdateOfflineConfig,
     WarmupConfig,
 )
-from stages.errors import DudaError
+from stages.runtime.errors import DudaError
 
 __all__ = [
     "STAGE_SECTIONS",

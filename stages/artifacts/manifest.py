@@ -5,7 +5,7 @@ directory without a valid manifest is unfinished and refused as input. This modu
 an artifact is and how it is read: the manifest model, the content-derived id and the
 manifest's own digest, the check on load that both and the content files still match the
 manifest (an edited manifest or a changed `model.pt` is refused), atomic file writes, and
-lineage. Writing an artifact, with its safety rules, is `stages.artifact_writer`.
+lineage. Writing an artifact, with its safety rules, is `stages.artifacts.writer`.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from typing import Any, BinaryIO
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from stages.errors import DudaError
+from stages.runtime.errors import DudaError
 
 MANIFEST = "manifest.json"
 MARKER = ".duda-artifact"

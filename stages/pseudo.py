@@ -15,16 +15,16 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from stages.artifact_writer import ArtifactWriter, check_not_input, claim, is_ours
-from stages.artifacts import PSEUDO_LABELS, StageResult, atomic_open
-from stages.classes import IGNORE_INDEX
+from stages.artifacts.manifest import PSEUDO_LABELS, StageResult, atomic_open
+from stages.artifacts.writer import ArtifactWriter, check_not_input, claim, is_ours
+from stages.data.classes import IGNORE_INDEX
 from stages.data.index import DatasetIndex, load_dataset_index
 from stages.data.io import image_size, open_image, open_label_image
-from stages.errors import DudaError
-from stages.metrics import label_statistics
-from stages.predict import colorize
-from stages.pseudo_store import STORE_METADATA, PseudoLabelStore, create_store
-from stages.reporting import Reporter
+from stages.engine.metrics import label_statistics
+from stages.engine.predictions import colorize
+from stages.runtime.errors import DudaError
+from stages.runtime.progress import Reporter
+from stages.store.pseudo_store import STORE_METADATA, PseudoLabelStore, create_store
 
 LABEL_EXPORT = "duda.label_export"
 LABEL_OVERLAYS = "duda.label_overlays"

@@ -21,14 +21,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from stages.classes import IGNORE_INDEX
+from stages.data.classes import IGNORE_INDEX
 from stages.data.io import read_label
-from stages.reporting import Reporter
+from stages.runtime.progress import Reporter
 
 if TYPE_CHECKING:
     from stages.data.index import DatasetIndex
-    from stages.distributed import Ranks
-    from stages.pseudo_store import PseudoLabelStore
+    from stages.runtime.distributed import Ranks
+    from stages.store.pseudo_store import PseudoLabelStore
 
 EPSILON = 1e-10
 

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict
 
+from stages.config import DataConfig
+from stages.runtime.errors import DudaError
+
 IGNORE_INDEX = 255
 
 CITYSCAPES_CLASSES: tuple[str, ...] = (
@@ -119,3 +122,27 @@ def custom_table(names: list[str]) -> ClassTable:
     )
     return ClassTable(names=tuple(names), palette=palette,
                       protocols={len(names): tuple(range(len(names)))})
+
+
+def class_table(data: DataConfig) -> ClassTable:
+    """The class table shared by both domains: Cityscapes trainIds, or the folder's classes."""
+    named = [(domain, tuple(getattr(data, domain).classes)) for domain in ("source", "target")
+             if getattr(data, domain).layout == "folder"]
+    if not named:
+        if data.source.layout == data.target.layout == "synthetic":
+            return synthetic_table()
+        return cityscapes_table(data.ordered_protocols())
+    names = named[0][1]
+    if len(names) > 255:
+        raise DudaError(f"data.{named[0][0]}.classes has {len(names)} classes; labels are 8-bit "
+                        "with 255 = ignore, so at most 255 classes fit",
+                        "merge classes")
+    others = [domain for domain, other in named if other != names]
+    if others or (len(named) == 1 and names != CITYSCAPES_CLASSES):
+        raise DudaError("the source and target domains have different classes "
+                        f"(data.{named[0][0]}.classes: {', '.join(names[:4])}, …)",
+                        "give both folder domains the same data.<domain>.classes, or, next to "
+                        "a Cityscapes-style domain, the 19 Cityscapes class names in trainId "
+                        "order")
+    return (cityscapes_table(data.ordered_protocols()) if names == CITYSCAPES_CLASSES
+            else custom_table(list(names)))

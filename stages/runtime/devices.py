@@ -9,7 +9,7 @@ from typing import Literal
 
 import torch
 
-from stages.errors import DudaError
+from stages.runtime.errors import DudaError
 
 DeviceName = Literal["auto", "cpu", "cuda"]
 

@@ -26,10 +26,10 @@ from stages.config import Config, InferenceConfig, Recalibration, Size
 from stages.data.crops import CropDataset, InfiniteLoader
 from stages.data.full_images import FullImageDataset, collate_full_images
 from stages.data.index import DatasetIndex
-from stages.devices import autocast, worker_count
-from stages.metrics import ConfusionMatrix
+from stages.engine.metrics import ConfusionMatrix
 from stages.nn.teacher import recalibrate_batchnorm
-from stages.reporting import Reporter
+from stages.runtime.devices import autocast, worker_count
+from stages.runtime.progress import Reporter
 
 # The recalibration crops' seed, apart from the training loaders' (seed, seed + 1).
 RECALIBRATION_SEED_OFFSET = 2

@@ -46,10 +46,10 @@ import torch
 from pydantic import ValidationError
 from torch import nn
 
-from stages.artifacts import MANIFEST
-from stages.checkpoint import MODEL_FILE, load_checkpoint_manifest
+from stages.artifacts.checkpoint import MODEL_FILE, load_checkpoint_manifest
+from stages.artifacts.manifest import MANIFEST
 from stages.config import ModelConfig
-from stages.errors import DudaError
+from stages.runtime.errors import DudaError
 
 logger = logging.getLogger("duda")
 

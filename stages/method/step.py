@@ -5,7 +5,7 @@ The step is separate from the stage's loop (`stages/self_train.py`) so that its 
 terms can be read top to bottom and tested on tiny models. It returns the named loss terms and the
 teacher's eval-mode probabilities on the full target images, which the loop uses for the in-loop
 offline update (docs/method.md#the-offline-update). Pixels of the offline labels are given already
-cropped; the offline merge itself is `stages.nn.pseudo_labels.merge_offline`.
+cropped; the offline merge itself is `stages.method.pseudo_labels.merge_offline`.
 """
 
 from __future__ import annotations
@@ -16,12 +16,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from stages.classes import IGNORE_INDEX
 from stages.config import LossWeights
+from stages.data.classes import IGNORE_INDEX
 from stages.data.transforms import full_to_crop
-from stages.devices import autocast
+from stages.method.pseudo_labels import online_pseudo_labels
 from stages.nn import losses
-from stages.nn.pseudo_labels import online_pseudo_labels
+from stages.runtime.devices import autocast
 
 
 @dataclass

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from stages.errors import DudaError
+from stages.runtime.errors import DudaError
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes

@@ -9,7 +9,7 @@ The artifact directory is itself the zarr group, so any zarr client opens it dir
 
 each array chunked one image per chunk, zstd with its checksum on (labels level 9, which
 stores them in fewer bytes than PNG files; the rest level 3), and each chunk bound to its image
-by a digest in `<array>/digests/<i>` (`stages.chunk_files`; a store's `chunk_digests` attribute
+by a digest in `<array>/digests/<i>` (`stages.store.chunk_files`; a store's `chunk_digests` attribute
 says it has them: stores written before they existed are read unchecked). Group attributes
 hold the image ids in dataset-index order, the class names (and palette), the dataset index id,
 the class thresholds, the selector, per-class statistics and the parent version.
@@ -24,7 +24,7 @@ is validated (a uint8 array would wrap 300 to 44); every image is one chunk file
 written even when it holds only the fill value, and opening a store checks that every chunk file
 exists (a missing chunk reads back as the fill value); readers open with `mode="r"` (the default
 creates a missing store); consolidated metadata, which goes stale, is never used. Chunks are read
-and written directly (`stages.chunk_files`: the same files, without zarr's per-call overhead).
+and written directly (`stages.store.chunk_files`: the same files, without zarr's per-call overhead).
 
 Write-once: a store is writable only until its `manifest.json` exists. An update makes a new
 version with `copy_store`, whose attributes (and the caller's manifest `inputs["parent"]`) name
@@ -47,8 +47,7 @@ import numpy as np
 import torch
 import zarr
 
-from stages.artifact_writer import write_marker
-from stages.artifacts import (
+from stages.artifacts.manifest import (
     MANIFEST,
     PSEUDO_LABELS,
     ArtifactRef,
@@ -56,7 +55,11 @@ from stages.artifacts import (
     link_or_copy,
     load_artifact,
 )
-from stages.chunk_files import (
+from stages.artifacts.writer import write_marker
+from stages.data.classes import IGNORE_INDEX
+from stages.runtime.errors import DudaError
+from stages.runtime.progress import Reporter
+from stages.store.chunk_files import (
     ARRAY_CONFIG,
     ChunkDigestError,
     ChunkFiles,
@@ -65,10 +68,7 @@ from stages.chunk_files import (
     create_image_array,
     read_array_metadata,
 )
-from stages.classes import IGNORE_INDEX
-from stages.errors import DudaError
-from stages.reporting import Reporter
-from stages.selectors import LEVELS, quantize
+from stages.store.levels import LEVELS, quantize
 
 FORMAT = 2  # 1: float16 confidence (still read; every new store is 2)
 READABLE_FORMATS = (1, 2)
@@ -76,7 +76,7 @@ ARRAYS = ("labels", "confidence")
 # Every zarr.json of a store (the group's attributes, each array's layout): the content files
 # whose digests a store's manifest records (docs/design.md#content-digests-and-ids).
 STORE_METADATA = ("zarr.json", "labels/zarr.json", "confidence/zarr.json")
-# The group attribute saying that every chunk has its digest file (see `stages.chunk_files`).
+# The group attribute saying that every chunk has its digest file (see `stages.store.chunk_files`).
 DIGESTS_ATTRIBUTE, DIGEST_SCHEME = "chunk_digests", "blake2b-128(array/image/chunk bytes)"
 FIXED_ATTRIBUTES = ("duda_pseudo_labels", "ids", "class_names", "index_id", "height", "width",
                     DIGESTS_ATTRIBUTE)
@@ -337,7 +337,7 @@ class PseudoLabelStore:
         self._set_attr("selector", selector)
 
     def set_statistics(self, statistics: dict[str, Any] | None) -> None:
-        """Per-class statistics (see `stages.metrics.label_statistics`)."""
+        """Per-class statistics (see `stages.engine.metrics.label_statistics`)."""
         self._set_attr("statistics", statistics)
 
     def set_attribute(self, key: str, value: Any) -> None:

@@ -17,13 +17,11 @@ Inputs are numpy arrays or tensors of one group of images; nothing here reads fi
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import numpy as np
 import torch
 
-from stages.classes import IGNORE_INDEX
-from stages.nn.pseudo_labels import class_percentile_thresholds
+from stages.data.classes import IGNORE_INDEX
+from stages.method.pseudo_labels import class_percentile_thresholds
 
 # docs/method.md#iast-instance-adaptive-thresholds: a threshold that reaches 1 is set back to 0.999.
 IAST_CAP = 0.999
@@ -71,25 +69,6 @@ class IastSelector:
         updated[updated >= 1.0] = IAST_CAP
         self.thresholds = updated.numpy()
         return self.thresholds.copy()
-
-
-# The stored confidence: a level q in 0..255 stands for q / 255 (predict's confidence PNGs too).
-LEVELS = 255
-
-
-def quantize(confidence: np.ndarray | torch.Tensor) -> np.ndarray:
-    """Confidences in [0, 1] -> uint8 levels round(255 × p) (predict's confidence PNGs too)."""
-    if isinstance(confidence, torch.Tensor):
-        confidence = confidence.detach().cpu().numpy()
-    values = np.clip(np.asarray(confidence, np.float32), 0, 1)
-    return np.rint(values * np.float32(LEVELS)).astype(np.uint8)
-
-
-def threshold_levels(thresholds: Sequence[float] | np.ndarray) -> np.ndarray:
-    """(C,) float thresholds -> (C,) the lowest level whose value reaches each: a level q is
-    kept by θ exactly when q / 255 ≥ θ (a threshold that is itself a level keeps that level)."""
-    return np.ceil(np.asarray(thresholds, np.float64) * LEVELS - 1e-6).clip(0, LEVELS + 1
-                                                                           ).astype(np.int64)
 
 
 class LevelHistogram:

@@ -20,9 +20,9 @@ import torch
 from pydantic import ValidationError
 from torch import nn
 
-from stages.artifacts import CHECKPOINT, Manifest, atomic_open, load_artifact
+from stages.artifacts.manifest import CHECKPOINT, Manifest, atomic_open, load_artifact
 from stages.config import ModelConfig
-from stages.errors import DudaError
+from stages.runtime.errors import DudaError
 
 MODEL_FILE = "model.pt"
 BEST_FILE = "best.pt"

@@ -45,7 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, Self
 
-from stages.artifacts import (
+from stages.artifacts.manifest import (
     MANIFEST,
     MARKER,
     VERSIONS,
@@ -61,7 +61,7 @@ from stages.artifacts import (
     verify,
 )
 from stages.config import recorded_hash
-from stages.errors import DudaError
+from stages.runtime.errors import DudaError
 
 LEGACY_RUN_FILE = "train_state.pt"  # an unfinished training run from before markers existed
 
@@ -407,7 +407,7 @@ def _read_holder(fd: int) -> dict[str, Any]:
 
 
 class RankGroup(Protocol):
-    """What the writer needs of `stages.distributed.Ranks` (kept abstract: no torch here)."""
+    """What the writer needs of `stages.runtime.distributed.Ranks` (kept abstract: no torch here)."""
 
     is_main: bool
 

@@ -20,8 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from stages.artifact_writer import partial_path
-from stages.artifacts import (
+from stages.artifacts.checkpoint import BEST_FILE, METRICS_FILE, MODEL_FILE, TRAIN_STATE_FILE
+from stages.artifacts.manifest import (
     CHECKPOINT,
     EVALUATION,
     MANIFEST,
@@ -31,8 +31,8 @@ from stages.artifacts import (
     Manifest,
     read_manifest,
 )
-from stages.checkpoint import BEST_FILE, METRICS_FILE, MODEL_FILE, TRAIN_STATE_FILE
-from stages.errors import DudaError
+from stages.artifacts.writer import partial_path
+from stages.runtime.errors import DudaError
 
 EVALUATION_REPORT = "report.json"  # what `duda evaluate` writes
 PREDICTIONS_DIR = "predictions"

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 Size = list[int]  # [height, width]
 # A worker count, or `auto`: derived from the CPU cores this process may use
-# (stages.devices.worker_count). Worker counts change no result: no stage hashes them.
+# (stages.runtime.devices.worker_count). Worker counts change no result: no stage hashes them.
 Workers = int | Literal["auto"]
 
 

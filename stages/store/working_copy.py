@@ -15,18 +15,24 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
-from stages.artifacts import link_or_copy
-from stages.distributed import Ranks
-from stages.errors import DudaError
-from stages.pseudo_store import PseudoLabelStore, copy_store, open_unfinished
-from stages.store_io import ReadAhead, StoreWriter
-from stages.training import Progress
+from stages.artifacts.manifest import link_or_copy
+from stages.runtime.distributed import Ranks
+from stages.runtime.errors import DudaError
+from stages.store.pseudo_store import PseudoLabelStore, copy_store, open_unfinished
+from stages.store.writer import ReadAhead, StoreWriter
 
 STORE_DIR = "pseudo"
 SNAPSHOTS_DIR = "snapshots"
+
+
+class AtIteration(Protocol):
+    """What names a snapshot: the training run's progress (`stages.engine.training.Progress`)."""
+
+    iteration: int
 
 
 class WorkingStore:
@@ -34,7 +40,7 @@ class WorkingStore:
     rank 0. Its state is the name of the snapshot that belongs to the saved training state;
     restoring puts that snapshot back as the working store."""
 
-    def __init__(self, out: Path, progress: Progress, ranks: Ranks) -> None:
+    def __init__(self, out: Path, progress: AtIteration, ranks: Ranks) -> None:
         self.path, self.snapshots = out / STORE_DIR, out / SNAPSHOTS_DIR
         self.progress = progress
         self.ranks = ranks

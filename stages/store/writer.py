@@ -21,8 +21,8 @@ from typing import Any, Self
 
 import numpy as np
 
-from stages.errors import DudaError
-from stages.pseudo_store import ArrayLike, PseudoLabelStore
+from stages.runtime.errors import DudaError
+from stages.store.pseudo_store import ArrayLike, PseudoLabelStore
 
 
 class PendingWrites:

@@ -28,10 +28,10 @@ import torch.distributed as dist
 import torch.distributed.nn.functional as dist_functional
 from torch import nn
 
-from stages.devices import resolve_device
-from stages.errors import DudaError
-from stages.reporting import Reporter, Task
-from stages.training import seed_everything
+from stages.runtime.devices import resolve_device
+from stages.runtime.errors import DudaError
+from stages.runtime.progress import Reporter, Task
+from stages.runtime.seeding import seed_everything
 
 COLLECTIVE_TIMEOUT_MINUTES = 60
 
