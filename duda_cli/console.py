@@ -192,7 +192,8 @@ def run_stage(run: Callable[[Reporter], StageResult], *, what: str,
         with user_errors():
             result = run(ConsoleReporter(quiet or not main))
         if main:
-            finish(result, as_json, quiet, what, table(result))
+            with user_errors():  # a table reads the summary: an unreadable one is exit 2 too
+                finish(result, as_json, quiet, what, table(result))
 
 
 def finish(result: StageResult, as_json: bool, quiet: bool, what: str,

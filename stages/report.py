@@ -44,17 +44,18 @@ from stages.config import config_hash
 from stages.data.io import open_image
 from stages.figures import plots
 from stages.figures.inputs import (
-    CURVE_GROUPS,
     DRAWABLE,
     Evaluation,
     Skipped,
     Training,
     class_series,
     curve_group,
+    curve_groups,
     open_artifacts,
     scalar_series,
     short_names,
 )
+from stages.method.offline import CHANGES, complete_changes
 from stages.runtime.errors import DudaError
 from stages.runtime.progress import Reporter
 
@@ -201,9 +202,9 @@ def _draw_runs(page: _Page, runs: list[Training]) -> None:
     keys = list(dict.fromkeys(key for series in per_run.values() for key in series))
     if keys:
         page.run_figures.append("<h3>Training curves</h3>")
-    for group, title in CURVE_GROUPS:
+    for group, title in curve_groups(CHANGES):
         panels = {key: {name: series[key] for name, series in per_run.items() if key in series}
-                  for key in keys if curve_group(key) == group}
+                  for key in keys if curve_group(key, CHANGES) == group}
         if not panels:
             continue
         name = page.name("curves", group)
@@ -407,7 +408,8 @@ def _run_section(training: Training) -> str:
              ('<p class="live">' if live else "<p>") + f"{_e(training.state)}<br>"
              f"<code>{_e(str(training.folder.resolve()))}</code></p>"]
     parts.extend(f"<p>{_e(note)}</p>" for note in training.notes)
-    figures = _summary_figures(training.manifest.summary if training.manifest else {})
+    figures = _summary_figures(training.manifest.summary if training.manifest else {},
+                               f"checkpoint {training.path}")
     if figures:
         parts.append('<ul class="figures">' + "".join(
             f"<li><strong>{_e(key)}</strong> {_e(value)}</li>" for key, value in figures)
@@ -415,9 +417,14 @@ def _run_section(training: Training) -> str:
     return "\n".join(parts)
 
 
-def _summary_figures(summary: dict[str, Any]) -> list[tuple[str, str]]:
-    """The manifest's headline figures, nested dicts flattened one level, digests left out."""
+def _summary_figures(summary: dict[str, Any], where: str) -> list[tuple[str, str]]:
+    """The manifest's headline figures, nested dicts flattened one level, digests left out.
+    A self-train run's offline change counts show every category of `CHANGES`: one its
+    version did not count yet shows 0."""
     flat: list[tuple[str, Any]] = []
+    if "offline_changes" in summary:
+        summary = {**summary, "offline_changes": complete_changes(
+            summary["offline_changes"], 0, where)}
     for key, value in summary.items():
         if isinstance(value, dict):
             flat.extend((f"{key}/{k}", v) for k, v in value.items())

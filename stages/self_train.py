@@ -234,8 +234,7 @@ def _train(config: Config, index: DatasetIndex, checkpoint: Path,
                 if updating:
                     counts = offline_update(working.writes, indices,
                                             outputs.teacher_probabilities, beta,
-                                            cfg.offline_cap, cfg.agree_requires_confidence
-                                            ).changes
+                                            cfg.offline_rule).changes
                     # Summed over ranks; the all-reduce also waits for every rank's writes.
                     counts = changes.add(counts, ranks)
                     for key, per_class in counts.items():

@@ -1,12 +1,13 @@
 """The `update-offline` stage: a whole-set pass of the DUDA offline update.
 
 The stage runs the method's offline update (`stages.method.offline.offline_update`, shared
-with the self-train loop) over every target-train image: the teacher of a checkpoint predicts each one, and the four-case merge combines the
-prediction with the stored labels, with τ^β computed jointly over each batch of
+with the self-train loop, under the same rule: `update_offline.offline_rule`) over every
+target-train image: the teacher of a checkpoint predicts each one, and the four-case merge
+combines the prediction with the stored labels, with τ^β computed jointly over each batch of
 `update_offline.inference.batch_size` images as in the loop; the result is a new store version
-whose manifest names its parent. The input store is never
-modified. Change statistics per class (kept, added, dropped) go into the summary and, where
-target-train has ground truth, the store's quality before and after (diagnostics only).
+whose manifest names its parent. The input store is never modified. Change statistics per class
+(each category of `CHANGES`: kept, added, dropped) go into the summary and, where target-train
+has ground truth, the store's quality before and after (diagnostics only).
 
 Under `torchrun` the images are split across ranks, each writing its own chunks; the change
 counts are summed across ranks and rank 0 writes the manifest.
@@ -91,9 +92,10 @@ def _run(config: Config, data: str | Path, checkpoint: str | Path, pseudo: str |
         summary: dict[str, Any] = {}
         if ranks.is_main:
             store.set_thresholds(None)
+            rule = cfg.offline_rule
             store.set_selector({"name": "duda_offline_update", "beta": cfg.beta,
-                                "cap": cfg.cap, "model": loaded.which,
-                                "agree_requires_confidence": cfg.agree_requires_confidence})
+                                "cap": rule.cap, "model": loaded.which,
+                                "agree_requires_confidence": rule.agree_requires_confidence})
             statistics = statistics_from_counts(counts.kept, len(store) * store.height
                                                 * store.width)
             store.set_statistics({**statistics, "changes": counts.changes.per_class()})
@@ -157,8 +159,7 @@ def _merge_pass(config: Config, model: torch.nn.Module, normalization: str,
                                     sliding_window=window, precision=config.inference_precision)
             rows = batch["index"].tolist()
             updated = offline_update(writes, [positions[p] for p in rows], probabilities,
-                                     cfg.beta, cfg.cap, cfg.agree_requires_confidence,
-                                     parent=parent)
+                                     cfg.beta, cfg.offline_rule, parent=parent)
             counts.add(updated, [samples[p].label for p in rows])
             task.advance(len(rows))
     return counts

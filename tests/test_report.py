@@ -27,6 +27,7 @@ from stages.artifacts.manifest import (
 )
 from stages.artifacts.writer import ArtifactWriter
 from stages.figures import plots
+from stages.method.offline import CHANGES
 
 runner = CliRunner()
 CLASSES = ["road", "sky", "car"]
@@ -350,12 +351,52 @@ def test_short_names_add_parents_only_where_names_repeat() -> None:
 
 
 def test_metrics_keys_fall_into_groups() -> None:
-    assert report.curve_group("loss/online_kld") == "losses"
-    assert report.curve_group("offline/accuracy") == "labels"
-    assert report.curve_group("offline/dropped") == "offline"
-    assert report.curve_group("val/miou") == "evaluation"
-    assert report.curve_group("lr") == "schedules"
-    assert report.curve_group("grad/norm") == "other"
+    assert report.curve_group("loss/online_kld", CHANGES) == "losses"
+    assert report.curve_group("offline/accuracy", CHANGES) == "labels"
+    assert report.curve_group("offline/dropped", CHANGES) == "offline"
+    assert report.curve_group("val/miou", CHANGES) == "evaluation"
+    assert report.curve_group("lr", CHANGES) == "schedules"
+    assert report.curve_group("grad/norm", CHANGES) == "other"
+
+
+def test_the_offline_curves_follow_the_methods_change_categories() -> None:
+    # One list (stages.method.offline.CHANGES) names the categories: a new one is drawn and
+    # titled with the others without touching the figures.
+    categories = (*CHANGES, "relabelled")
+    assert report.curve_group("offline/relabelled", categories) == "offline"
+    assert report.curve_group("offline/relabelled", CHANGES) == "other"
+    titles = dict(report.curve_groups(categories))
+    assert titles["offline"] == "offline update: pixels kept, added, dropped, relabelled"
+
+
+def test_a_run_written_before_a_change_category_existed_shows_it_as_zero(tmp_path: Path) -> None:
+    run = _artifact(tmp_path / "old", CHECKPOINT, "self_train",
+                    {"metrics.jsonl": _metrics_text(_losses(20))},
+                    config={"self_train": {"iterations": 20}},
+                    summary={"iteration": 20, "offline_changes": {"kept": 5, "dropped": 1}})
+    out = tmp_path / "report"
+
+    result = _invoke(run, "--out", out)
+
+    assert result.exit_code == 0, result.output
+    page = (out / "index.html").read_text()
+    for key, value in (("kept", 5), ("added", 0), ("dropped", 1)):
+        assert f"<strong>offline_changes/{key}</strong> {value}</li>" in page
+
+
+def test_change_counts_that_are_not_counts_are_one_message_and_exit_2(tmp_path: Path) -> None:
+    run = _artifact(tmp_path / "odd", CHECKPOINT, "self_train",
+                    {"metrics.jsonl": _metrics_text(_losses(20))},
+                    summary={"iteration": 20, "offline_changes": [5, 2, 1]})
+    out = tmp_path / "report"
+
+    result = _invoke(run, "--out", out)
+
+    assert result.exit_code == 2, result.output
+    said = _said(result)
+    assert f"checkpoint {run} records its offline change counts as list" in said
+    assert "fix: rebuild it with --force" in said and "Traceback" not in result.output
+    assert not (out / "manifest.json").exists()
 
 
 def test_class_names_are_literal_text_in_comparison_md(tmp_path: Path) -> None:

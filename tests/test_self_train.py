@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -10,12 +12,15 @@ import numpy as np
 import pytest
 import torch
 from conftest import TINY_CONFIG, make_index, store_labels, tiny
+from rich.console import Console
 from typer.testing import CliRunner
 
 from duda_cli.app import app
+from duda_cli.commands import self_train as self_train_command
 from stages import self_train
 from stages.artifacts.checkpoint import load_torch
 from stages.artifacts.manifest import CHECKPOINT, PSEUDO_LABELS, load_artifact
+from stages.method.offline import CHANGES, OfflineChanges
 from stages.runtime.errors import DudaError
 from stages.runtime.progress import Reporter, Task
 from stages.store.pseudo_store import open_store
@@ -322,3 +327,39 @@ def test_tensorboard_events_match_the_metrics_across_a_resume(prepared, tmp_path
     assert [step for step, _ in scalars["online/label_accuracy"]] == [3, 4, 5, 6]
     # Per-class lists become one scalar per class, named by the class.
     assert [step for step, _ in scalars["online/thresholds/road"]] == [1, 2, 3, 4, 5, 6]
+
+
+def test_change_counts_saved_before_a_category_existed_resume_with_zeros() -> None:
+    # A train state written when the offline update counted only some categories: the
+    # missing one counted nothing, and the run goes on counting it from there.
+    changes = OfflineChanges(3)
+    changes.load_state_dict({"kept": [4, 0, 1], "dropped": [0, 2, 0]})
+    assert changes.per_class() == {"kept": [4, 0, 1], "added": [0, 0, 0], "dropped": [0, 2, 0]}
+    changes.add({"kept": np.array([1, 1, 1]), "added": np.array([0, 3, 0]),
+                 "dropped": np.array([0, 0, 1])})
+    assert changes.totals() == {"kept": 8, "added": 3, "dropped": 3}
+    assert list(changes.state_dict()) == list(CHANGES)
+
+
+@pytest.mark.parametrize("state, message", [
+    ({"kept": [1, 2, 3], "added": [0, 0, 0], "dropped": [0, 0, 0], "relabelled": [1, 0, 0]},
+     "counts offline changes this version of duda does not know (relabelled)"),
+    ({"kept": [1, 2], "added": [0, 0], "dropped": [0, 0]},
+     "for another number of classes than the run's 3"),
+    ([1, 2, 3], "records its offline change counts as list"),
+])
+def test_change_counts_a_resume_cannot_use_are_one_message(state, message) -> None:
+    with pytest.raises(DudaError, match=re.escape(message)) as raised:
+        OfflineChanges(3).load_state_dict(state)
+    assert "train_state.pt" in raised.value.message and "--force" in raised.value.fix
+
+
+def test_the_cli_table_shows_a_category_an_older_run_did_not_count_as_zero(tmp_path) -> None:
+    older = {"iteration": 40, "teacher": "mean", "offline_changes": {"kept": 9, "dropped": 4}}
+    console = Console(file=io.StringIO(), width=120)
+
+    console.print(self_train_command._table(tmp_path / "run", older))
+
+    text = console.file.getvalue()
+    for key, value in (("kept", 9), ("added", 0), ("dropped", 4)):
+        assert re.search(rf"offline update: pixels {key}\W+{value}\b", text), text

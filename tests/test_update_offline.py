@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import io
 import json
+import re
 
 import numpy as np
+import pytest
 from conftest import store_labels, tiny
+from rich.console import Console
 from typer.testing import CliRunner
 
 from duda_cli.app import app
+from duda_cli.commands import update_offline as command
 from stages import update_offline
 from stages.artifacts.manifest import PSEUDO_LABELS, load_artifact
+from stages.config.models import OfflineRuleConfig, UpdateOfflineConfig
+from stages.method.offline import CHANGES
+from stages.runtime.errors import DudaError
 from stages.store.pseudo_store import open_store
 
 runner = CliRunner()
@@ -64,3 +72,60 @@ def test_cli_table_and_json(prepared, tmp_path, tiny_config_file) -> None:
     assert output["artifact"] == str(tmp_path / "u")
     assert set(output["summary"]["changes"]) == {"kept", "added", "dropped"}
     assert len(open_store(tmp_path / "u")) == len(open_store(prepared["pseudo"]))
+
+
+def test_both_stages_build_one_offline_rule_from_their_own_keys() -> None:
+    looped = tiny(self_train__offline_cap=0.9, self_train__agree_requires_confidence=True)
+    whole = tiny(update_offline__cap=0.9, update_offline__agree_requires_confidence=True)
+    rule = OfflineRuleConfig(cap=0.9, agree_requires_confidence=True)
+    assert looped.self_train.offline_rule == rule == whole.update_offline.offline_rule
+    assert tiny().self_train.offline_rule == tiny().update_offline.offline_rule
+    # The schema says they are the same rule under two names.
+    fields = UpdateOfflineConfig.model_fields
+    assert "self_train.offline_cap" in fields["cap"].description
+    assert "self_train.agree_requires_confidence" in fields[
+        "agree_requires_confidence"].description
+
+
+def test_update_offline_applies_its_sections_rule(prepared, tmp_path) -> None:
+    # Same thresholds, stricter agreement: agreeing but unconfident labels are dropped instead
+    # of kept (docs/method.md#the-four-case-merge); the store records the rule it applied. A
+    # small β sets τ^β high enough that some agreeing stored labels fall under it.
+    default = update_offline.run(tiny(update_offline__beta=0.1), prepared["data"],
+                                 prepared["checkpoint"], prepared["pseudo"],
+                                 tmp_path / "default", device="cpu")
+    strict = update_offline.run(tiny(update_offline__beta=0.1,
+                                     update_offline__agree_requires_confidence=True),
+                                prepared["data"], prepared["checkpoint"], prepared["pseudo"],
+                                tmp_path / "strict", device="cpu")
+    before, after = default.manifest.summary["changes"], strict.manifest.summary["changes"]
+    assert after["added"] == before["added"]
+    assert after["kept"] < before["kept"]
+    assert after["kept"] + after["dropped"] == before["kept"] + before["dropped"]
+    selector = open_store(tmp_path / "strict").selector
+    assert selector["agree_requires_confidence"] is True and selector["cap"] == 0.99
+
+
+def _rows(table) -> dict[str, list[str]]:
+    """A rendered rich table's rows, by their first cell (the box drawing left out)."""
+    console = Console(file=io.StringIO(), width=120)
+    console.print(table)
+    rows = (re.findall(r"[\w,]+", line) for line in console.file.getvalue().splitlines())
+    return {row[0]: row[1:] for row in rows if row}
+
+
+def test_the_cli_table_shows_a_category_an_older_store_did_not_count_as_zero(tmp_path) -> None:
+    older = {"changes": {"kept": 7, "dropped": 2},
+             "per_class": {"road": {"kept": 7, "dropped": 2}, "sky": {"kept": 0, "dropped": 0}}}
+
+    lines = _rows(command._table(tmp_path / "u", older))
+
+    assert lines["class"] == list(CHANGES)
+    assert lines["road"] == ["7", "0", "2"] and lines["all"] == ["7", "0", "2"]
+    assert "sky" not in lines  # a class the update did not touch
+
+
+def test_a_cli_table_of_change_counts_that_are_not_counts_names_the_store(tmp_path) -> None:
+    with pytest.raises(DudaError, match=f"pseudo-label store {tmp_path / 'u'} records its "
+                       "offline change counts as int"):
+        command._table(tmp_path / "u", {"changes": 9, "per_class": {}})

@@ -42,13 +42,17 @@ def self_train(config: options.Config, checkpoint: options.Checkpoint, pseudo: o
 
 
 def _table(path: Path, summary: dict) -> Table:
+    from stages.method.offline import complete_changes  # the stage has imported it already
+
     table = Table(title=f"self-train {path}")
     table.add_column("figure")
     table.add_column("value", justify="right")
     table.add_row("iterations", str(summary.get("iteration")))
     table.add_row("teacher", str(summary.get("teacher")))
-    for key, value in (summary.get("offline_changes") or {}).items():
-        table.add_row(f"offline update: pixels {key}", f"{value:,}")
+    if summary.get("offline_changes") is not None:  # every category; 0: not counted yet
+        changes = complete_changes(summary["offline_changes"], 0, f"self-train run {path}")
+        for key, value in changes.items():
+            table.add_row(f"offline update: pixels {key}", f"{value:,}")
     if summary.get("miou_last") is not None:
         table.add_row("teacher target-val mIoU (last)", f"{100 * summary['miou_last']:.2f}")
         table.add_row(f"teacher target-val mIoU (best, iteration {summary['best_iteration']})",

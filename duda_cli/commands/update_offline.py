@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import typer
 from rich.table import Table
 
@@ -34,17 +36,24 @@ def update_offline(config: options.Config, checkpoint: options.Checkpoint,
                          reporter=reporter)
 
     run_stage(run, what="pseudo-label store",
-              table=lambda result: _table(result.manifest.summary), as_json=as_json,
-              quiet=quiet)
+              table=lambda result: _table(result.path, result.manifest.summary),
+              as_json=as_json, quiet=quiet)
 
 
-def _table(summary: dict) -> Table:
+def _table(path: Path, summary: dict) -> Table:
+    """One column per category of the offline update (`CHANGES`); a category the store's
+    version of duda did not count shows 0."""
+    from stages.method.offline import CHANGES, complete_changes  # imported by the stage already
+
+    where = f"pseudo-label store {path}"
     table = Table(title="offline update per class (pixels)")
-    for column in ("class", "kept", "added", "dropped"):
-        table.add_column(column, justify="left" if column == "class" else "right")
+    table.add_column("class")
+    for key in CHANGES:
+        table.add_column(key, justify="right")
     for name, row in summary.get("per_class", {}).items():
+        row = complete_changes(row, 0, f"{where} (class {name})")
         if any(row.values()):
-            table.add_row(name, f"{row['kept']:,}", f"{row['added']:,}", f"{row['dropped']:,}")
-    totals = summary.get("changes", {})
-    table.add_row("all", *(f"{totals.get(k, 0):,}" for k in ("kept", "added", "dropped")))
+            table.add_row(name, *(f"{row[key]:,}" for key in CHANGES))
+    totals = complete_changes(summary.get("changes", {}), 0, where)
+    table.add_row("all", *(f"{totals[key]:,}" for key in CHANGES))
     return table

@@ -51,26 +51,34 @@ def plural(count: int) -> str:
 DRAWABLE = ("checkpoints (training curves), evaluations (IoU per class, confusion matrix, "
             "predictions) and training runs in progress (a folder with metrics.jsonl)")
 
-# Training-curve figures in page order, each drawing the scalar keys `curve_group` gives it;
-# "other" takes every key no group names. Per-class lists are drawn apart, as heat maps.
-CURVE_GROUPS: tuple[tuple[str, str], ...] = (
-    ("losses", "loss terms"),
-    ("evaluation", "periodic evaluation (target-val)"),
-    ("labels", "pseudo labels: coverage, agreement, accuracy"),
-    ("offline", "offline update: pixels kept, added, dropped"),
-    ("schedules", "learning rate, α, β"),
-    ("other", "other figures"),
-)
+# The training curves take the offline update's outcome categories (`offline/<category>` keys)
+# from the caller: they are the method's `CHANGES`, which this layer does not import
+# (docs/design.md#folder-layout: figures and method are independent).
 
 
-def curve_group(key: str) -> str:
-    """The `CURVE_GROUPS` name a scalar metrics key is drawn in."""
+def curve_groups(changes: Sequence[str]) -> tuple[tuple[str, str], ...]:
+    """Training-curve figures in page order, (name, title) each, each drawing the scalar keys
+    `curve_group` gives it; "other" takes every key no group names. Per-class lists are drawn
+    apart, as heat maps. `changes`: the offline update's outcome categories."""
+    return (
+        ("losses", "loss terms"),
+        ("evaluation", "periodic evaluation (target-val)"),
+        ("labels", "pseudo labels: coverage, agreement, accuracy"),
+        ("offline", "offline update: pixels " + ", ".join(changes)),
+        ("schedules", "learning rate, α, β"),
+        ("other", "other figures"),
+    )
+
+
+def curve_group(key: str, changes: Sequence[str]) -> str:
+    """The `curve_groups` name a scalar metrics key is drawn in; `changes`: the offline
+    update's outcome categories."""
     head, _, tail = key.partition("/")
     if head == "loss":
         return "losses"
     if head == "val":
         return "evaluation"
-    if head == "offline" and tail in ("kept", "added", "dropped"):
+    if head == "offline" and tail in changes:
         return "offline"
     if head in ("lr", "alpha", "beta"):
         return "schedules"
