@@ -6,18 +6,19 @@ Two passes, one forward pass per image:
 1. Inference. The teacher (or student; an ensemble of checkpoints averages probabilities, with
    optional flip TTA, docs/method.md#the-initial-pseudo-labels) sees each image at the configured
    size; its probabilities are resized to the images' native size, and argmax + confidence (max
-   probability) of every pixel go into the store. CBST's per-class confidence histograms are
-   accumulated on the way.
-2. Selection. The class thresholds are computed from the stored confidences — IAST
+   probability) of every pixel go into the store. The selector (`SELECTORS`, the interface
+   `Selector` in stages/method/selectors.py) observes them on the way: CBST accumulates its
+   per-class confidence histograms.
+2. Selection. The class thresholds are computed from the kept first pass — IAST
    (docs/method.md#iast-instance-adaptive-thresholds) by walking the images in index order in
    groups, CBST (docs/method.md#cbst-class-balanced-thresholds) from the histograms, or a fixed
    threshold — and every image's stored argmax is replaced by its thresholded labels.
 
 Under `torchrun` (RANK / WORLD_SIZE set) the images are split across ranks, each writing its own
 chunks. CBST histograms and statistics are summed across ranks (sums do not depend on the
-order). IAST's update depends on the order: rank 0 runs it sequentially over the stored
-confidences in index order and broadcasts the per-group thresholds, so the result is identical
-to a single-process run. Rank 0 writes the attributes and the manifest.
+order). An ordered selector's update (IAST's) depends on the order: rank 0 runs it sequentially
+over the stored confidences in index order and broadcasts the per-group thresholds, so the
+result is identical to a single-process run. Rank 0 writes the attributes and the manifest.
 
 Where target-train has ground truth (Cityscapes does), per-class precision, recall and coverage
 of the pseudo labels are reported as diagnostics; the ground truth is never used otherwise.
@@ -42,10 +43,7 @@ from stages.artifacts.checkpoint import (
 )
 from stages.artifacts.manifest import PSEUDO_LABELS, ArtifactRef, StageResult
 from stages.artifacts.writer import ArtifactWriter
-from stages.config import CbstSelector as CbstConfig
 from stages.config import Config, stage_config, stage_hash
-from stages.config import FixedSelector as FixedConfig
-from stages.config import IastSelector as IastConfig
 from stages.data.full_images import FullImageDataset
 from stages.data.index import DatasetIndex, Sample, load_dataset_index
 from stages.data.io import image_size, read_label
@@ -57,16 +55,11 @@ from stages.engine.inference import (
     sliding_window,
 )
 from stages.engine.metrics import confusion_counts, diagnostics, statistics_from_counts
-from stages.method.selectors import (
-    IastSelector,
-    LevelHistogram,
-    apply_thresholds,
-    fixed_thresholds,
-)
+from stages.method.selectors import SELECTORS, Selector, apply_thresholds
 from stages.runtime.distributed import Ranks, process_group
 from stages.runtime.errors import DudaError
 from stages.runtime.progress import Reporter
-from stages.store.levels import LEVELS, quantize, threshold_levels
+from stages.store.levels import quantize, threshold_levels
 from stages.store.pseudo_store import (
     STORE_METADATA,
     PseudoLabelStore,
@@ -139,28 +132,28 @@ def _run(config: Config, data: str | Path, checkpoint: str | Path | Sequence[str
         mine = ranks.mine(len(samples), cfg.inference.batch_size)
         size = tuple(cfg.inference.size or config.input.target_size)
 
-        # IAST walks every image on rank 0, so under torchrun its first pass goes through the
-        # store; otherwise each rank keeps its own images in memory.
-        iast_across_ranks = isinstance(cfg.selector, IastConfig) and ranks.world_size > 1
-        first = FirstPass(store, limit=0 if iast_across_ranks else COMPRESSED_BYTES,
+        selector = SELECTORS[cfg.selector.name](cfg.selector, store.num_classes)
+        # An ordered selector walks every image on rank 0, so under torchrun its first pass goes
+        # through the store; otherwise each rank keeps its own images in memory.
+        walk_across_ranks = selector.ordered and ranks.world_size > 1
+        first = FirstPass(store, limit=0 if walk_across_ranks else COMPRESSED_BYTES,
                           compress=len(mine) * height * width * 2 > RAW_BYTES)
-        histogram, predicted = _infer(config, models, samples, mine, size, first,
-                                      torch_device, reporter)
+        predicted = _infer(config, models, samples, mine, size, selector, first, torch_device,
+                           reporter)
         ranks.barrier()
         predicted = ranks.sum(predicted)
-        thresholds, group_thresholds = _select(config, first, ranks, histogram, reporter)
-        group_size = cfg.selector.group_size if isinstance(cfg.selector, IastConfig) else 1
+        thresholds, group_thresholds = _select(selector, first, ranks, reporter)
         kept, confusion = _threshold(first, samples, mine, thresholds, group_thresholds,
-                                     group_size, reporter)
+                                     selector.group_size, reporter)
         kept = ranks.sum(kept)
         confusion = ranks.sum(confusion)
         ranks.barrier()
 
-        summary = _summary(config, index, store, models, thresholds, predicted, kept,
-                           confusion, [sample.label is not None for sample in samples])
+        summary = _summary(config, selector, index, store, models, thresholds, predicted,
+                           kept, confusion, [sample.label is not None for sample in samples])
         if ranks.is_main:
             store.set_thresholds(thresholds.tolist())
-            store.set_selector(_selector_description(config))
+            store.set_selector(_selector_description(config, selector))
             if group_thresholds is not None:
                 store.set_attribute("group_thresholds", group_thresholds.tolist())
             store.set_statistics({**statistics_from_counts(
@@ -218,44 +211,62 @@ def ensemble_probabilities(models: Sequence[LoadedModel], images: torch.Tensor,
 
 
 class FirstPass:
-    """This rank's argmax and confidence levels from the inference pass, until the thresholds
-    are known: in memory up to `limit` bytes (plain, or zstd-compressed with `compress`), so
-    that each image is written to the store once; an image past the limit goes to the store
-    and only its labels are replaced by the second pass."""
+    """This rank's argmax and confidence levels from the inference pass, and the selector's own
+    scores if it declares any, until the thresholds are known: in memory up to `limit` bytes
+    (plain, or zstd-compressed with `compress`), so that each image is written to the store
+    once; an image past the limit goes to the store and only its labels are replaced by the
+    second pass. A selector's own scores have no place in the store, so they stay in memory
+    whatever the limit."""
 
     def __init__(self, store: PseudoLabelStore, limit: int, compress: bool) -> None:
         self.store = store
         self.limit = limit
         self.codec = Zstd(level=1) if compress else None
         self.memory: dict[int, tuple[Any, Any]] = {}
+        self.scores: dict[int, Any] = {}
         self.bytes = 0
 
-    def put(self, writes: StoreWriter, i: int, prediction: np.ndarray,
-            levels: np.ndarray) -> None:
-        kept: tuple[Any, Any] = (prediction, levels)
-        if self.codec is not None:
-            kept = (self.codec.encode(prediction), self.codec.encode(levels))
-        size = sum(len(part) if self.codec else part.nbytes for part in kept)
-        if self.bytes + size > self.limit:
+    def _keep(self, array: np.ndarray) -> tuple[Any, int]:
+        """What is held of `array`, and its size in bytes."""
+        if self.codec is None:
+            return array, array.nbytes
+        encoded = self.codec.encode(array)
+        return encoded, len(encoded)
+
+    def _restore(self, kept: Any) -> np.ndarray:
+        if self.codec is None:
+            return kept
+        return np.frombuffer(self.codec.decode(kept), np.uint8).reshape(self.store.height,
+                                                                          self.store.width)
+
+    def put(self, writes: StoreWriter, i: int, prediction: np.ndarray, levels: np.ndarray,
+            scores: np.ndarray | None = None) -> None:
+        """Keep image i's argmax and levels, and the selector's scores (None: the levels)."""
+        if scores is not None:
+            self.scores[i], size = self._keep(scores)
+            self.bytes += size
+        (kept_prediction, prediction_size), (kept_levels, levels_size) = (
+            self._keep(prediction), self._keep(levels))
+        if self.bytes + prediction_size + levels_size > self.limit:
             writes.write(i, prediction, levels)
             return
-        self.memory[i] = kept
-        self.bytes += size
+        self.memory[i] = (kept_prediction, kept_levels)
+        self.bytes += prediction_size + levels_size
 
-    def read(self, i: int) -> tuple[np.ndarray, np.ndarray]:
-        """(prediction, levels) of image i."""
-        if i not in self.memory:
-            return self.store.read(i)
-        prediction, levels = self.memory[i]
-        if self.codec is None:
-            return prediction, levels
-        shape = (self.store.height, self.store.width)
-        return (np.frombuffer(self.codec.decode(prediction), np.uint8).reshape(shape),
-                np.frombuffer(self.codec.decode(levels), np.uint8).reshape(shape))
+    def read(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(prediction, levels, scores) of image i; the scores are the levels unless the
+        selector declares its own."""
+        if i in self.memory:
+            prediction, levels = (self._restore(part) for part in self.memory[i])
+        else:
+            prediction, levels = self.store.read(i)
+        scores = self._restore(self.scores[i]) if i in self.scores else levels
+        return prediction, levels, scores
 
     def finish(self, writes: StoreWriter, i: int, labels: np.ndarray,
                levels: np.ndarray) -> None:
         """Store the thresholded labels of image i (with its levels, if not stored yet)."""
+        self.scores.pop(i, None)
         if self.memory.pop(i, None) is not None:
             writes.write(i, labels, levels)
         else:
@@ -263,16 +274,15 @@ class FirstPass:
 
 
 def _infer(config: Config, models: list[LoadedModel], samples: list[Sample], mine: list[int],
-           size: tuple[int, ...], first: FirstPass, device: torch.device,
-           reporter: Reporter) -> tuple[LevelHistogram | None, np.ndarray]:
-    """Pass 1: the argmax and confidence level of this rank's images; for CBST, histogram the
-    levels."""
+           size: tuple[int, ...], selector: Selector, first: FirstPass, device: torch.device,
+           reporter: Reporter) -> np.ndarray:
+    """Pass 1: the argmax and confidence level of this rank's images (and the selector's own
+    scores), kept by `first`; a selector that is not ordered observes them on the way.
+
+    Returns the predicted pixels per class (C,)."""
     cfg = config.generate_pseudo
     store = first.store
     num_classes = store.num_classes
-    histogram = None
-    if isinstance(cfg.selector, CbstConfig):
-        histogram = LevelHistogram(num_classes)
     predicted = np.zeros(num_classes, np.int64)
     dataset = FullImageDataset([samples[i] for i in mine], size,
                                models[0].model_config.normalization)
@@ -288,45 +298,39 @@ def _infer(config: Config, models: list[LoadedModel], samples: list[Sample], min
             confidence, prediction = probabilities.max(dim=1)
             # The stored confidence levels are what every later step sees.
             levels = quantize(confidence)
+            scores = selector.score(probabilities)
             prediction = prediction.to(torch.uint8).cpu().numpy()
-            if histogram is not None:
-                histogram.add(levels, prediction)
+            if not selector.ordered:
+                selector.observe(levels if scores is None else scores, prediction)
             predicted += np.bincount(prediction.ravel(), minlength=num_classes)
-            for position, label, level in zip(batch["index"].tolist(), prediction, levels,
-                                              strict=True):
-                first.put(writes, mine[position], label, level)
+            for position, label, level, score in zip(
+                    batch["index"].tolist(), prediction, levels,
+                    [None] * len(levels) if scores is None else scores, strict=True):
+                first.put(writes, mine[position], label, level, score)
             task.advance(len(images))
-    return histogram, predicted
+    return predicted
 
 
-def _select(config: Config, first: FirstPass, ranks: Ranks,
-            histogram: LevelHistogram | None, reporter: Reporter,
+def _select(selector: Selector, first: FirstPass, ranks: Ranks, reporter: Reporter,
             ) -> tuple[np.ndarray, np.ndarray | None]:
-    """The class thresholds (C,), and for IAST the thresholds of every group (G, C)."""
-    selector = config.generate_pseudo.selector
-    num_classes = first.store.num_classes
-    if isinstance(selector, FixedConfig):
-        return fixed_thresholds(num_classes, selector.threshold), None
-    if isinstance(selector, CbstConfig):
-        assert histogram is not None
-        histogram.counts = ranks.sum(histogram.counts)
-        return histogram.thresholds(selector.portion), None
-    # IAST: order-dependent, so one process walks the whole set in index order (the reference
-    # walks a sampler's order; index order makes it reproducible).
+    """The class thresholds (C,), and for an ordered selector the thresholds of every group
+    (G, C)."""
+    if not selector.ordered:
+        selector.combine(ranks.sum)
+        return selector.thresholds(), None
+    # Ordered (IAST): one process walks the whole set in index order (the reference walks a
+    # sampler's order; index order makes it reproducible).
     groups = None
     if ranks.is_main:
-        iast = IastSelector(num_classes, selector.alpha, selector.beta, selector.gamma,
-                            selector.theta0)
         count = len(first.store)
         history = []
-        with reporter.task("pseudo labels: IAST thresholds", total=count) as task:
+        with reporter.task(f"pseudo labels: {selector.title} thresholds", total=count) as task:
             for start in range(0, count, selector.group_size):
                 members = [first.read(i) for i in range(start,
                                                         min(start + selector.group_size, count))]
-                prediction = np.stack([member[0] for member in members])
-                confidence = np.stack([member[1] for member in members]).astype(
-                    np.float32) / np.float32(LEVELS)
-                history.append(iast.update(confidence, prediction))
+                selector.observe(np.stack([member[2] for member in members]),
+                                 np.stack([member[0] for member in members]))
+                history.append(selector.thresholds())
                 task.advance(len(members))
         groups = np.stack(history)
     groups = ranks.broadcast(groups)
@@ -344,7 +348,7 @@ def _threshold(first: FirstPass, samples: list[Sample], mine: list[int],
     num_classes = first.store.num_classes
     kept = np.zeros(num_classes, np.int64)
     confusion = np.zeros((num_classes, num_classes + 1), np.int64)
-    def read(i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    def read(i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
         truth = samples[i].label  # diagnostics only
         return (*first.read(i), read_label(truth) if truth is not None else None)
 
@@ -352,10 +356,10 @@ def _threshold(first: FirstPass, samples: list[Sample], mine: list[int],
             StoreWriter(first.store) as writes, ReadAhead(read) as reads:
         for position, i in enumerate(mine):
             reads.prefetch(mine[position + 1:position + 1 + READ_AHEAD])
-            prediction, levels, truth = reads.take([i])[0]
+            prediction, levels, scores, truth = reads.take([i])[0]
             theta = thresholds if group_thresholds is None else group_thresholds[i // group_size]
-            # On the stored levels: a level is kept when level / 255 ≥ θ.
-            labels = apply_thresholds(prediction, levels, threshold_levels(theta))
+            # On the kept score levels: a level is kept when level / 255 ≥ θ.
+            labels = apply_thresholds(prediction, scores, threshold_levels(theta))
             first.finish(writes, i, labels, levels)
             kept += np.bincount(labels.ravel(), minlength=256)[:num_classes]
             if truth is not None:
@@ -364,15 +368,14 @@ def _threshold(first: FirstPass, samples: list[Sample], mine: list[int],
     return kept, confusion
 
 
-def _selector_description(config: Config) -> dict[str, Any]:
-    selector = config.generate_pseudo.selector
-    description = selector.model_dump(mode="json")
-    if isinstance(selector, IastConfig):
+def _selector_description(config: Config, selector: Selector) -> dict[str, Any]:
+    description = config.generate_pseudo.selector.model_dump(mode="json")
+    if selector.ordered:
         description["order"] = "index"
     return description
 
 
-def _summary(config: Config, index: DatasetIndex, store: PseudoLabelStore,
+def _summary(config: Config, selector: Selector, index: DatasetIndex, store: PseudoLabelStore,
              models: list[LoadedModel], thresholds: np.ndarray, predicted: np.ndarray,
              kept: np.ndarray, confusion: np.ndarray, has_truth: list[bool]) -> dict[str, Any]:
     pixels = len(store) * store.height * store.width
@@ -380,7 +383,7 @@ def _summary(config: Config, index: DatasetIndex, store: PseudoLabelStore,
     summary: dict[str, Any] = {
         "images": len(store),
         "label_size": [store.height, store.width],
-        "selector": _selector_description(config),
+        "selector": _selector_description(config, selector),
         "models": [{"checkpoint": str(loaded.path), "weights": loaded.which,
                     "iteration": loaded.iteration} for loaded in models],
         "flip": config.generate_pseudo.inference.flip,

@@ -27,8 +27,9 @@ from stages.data.full_images import FullImageDataset
 from stages.data.index import load_dataset_index
 from stages.data.io import read_label
 from stages.engine.inference import predict
-from stages.method.selectors import IastSelector
+from stages.method.selectors import SELECTORS, FixedSelector, IastSelector
 from stages.nn.model import build_model
+from stages.store.levels import quantize
 from stages.store.pseudo_store import copy_store, open_store
 from tests.conftest import make_index
 
@@ -149,6 +150,42 @@ def test_iast_follows_d1_in_index_order(tiny_index: Path, tiny_config: Config,
         kept = levels[i] / 255 >= np.asarray(groups[i // 4])[prediction[i]]
         np.testing.assert_array_equal(store.read_labels(i), np.where(kept, prediction[i], 255))
     assert store.selector["name"] == "iast"
+
+
+class MarginSelector(FixedSelector):
+    """A fixed threshold on a score of its own: the margin between the two most probable
+    classes."""
+
+    def score(self, probabilities: torch.Tensor) -> np.ndarray | None:
+        top = probabilities.topk(2, dim=1).values
+        return quantize(top[:, 0] - top[:, 1])
+
+
+@pytest.mark.parametrize("kept", ["in memory", "spilled"])
+def test_a_selector_thresholds_the_score_it_declares(tiny_index: Path, tiny_config: Config,
+                                                     tmp_path: Path, monkeypatch,
+                                                     kept: str) -> None:
+    # The first pass keeps the selector's own score beside the confidence levels, even for
+    # images whose levels went through the store; the store still holds the confidence.
+    monkeypatch.setitem(SELECTORS, "fixed", MarginSelector.from_config)
+    if kept == "spilled":
+        monkeypatch.setattr(generate_pseudo, "RAW_BYTES", 0)
+        monkeypatch.setattr(generate_pseudo, "COMPRESSED_BYTES", 1)
+    checkpoint = make_checkpoint(tmp_path / "ckpt")
+    config = with_pseudo(tiny_config, {"name": "fixed", "threshold": 0.3})
+    store = open_store(generate_pseudo.run(config, tiny_index, checkpoint, tmp_path / "pseudo",
+                                           device="cpu").path)
+    probabilities = direct_probabilities(tiny_index, [checkpoint], flip=False)
+    top = probabilities.topk(2, dim=1)
+    margin = quantize(top.values[:, 0] - top.values[:, 1])
+    prediction = top.indices[:, 0].numpy()
+    levels = quantize(top.values[:, 0])
+    for i in range(6):
+        labels, stored_levels = store.read(i)
+        np.testing.assert_array_equal(stored_levels, levels[i])
+        np.testing.assert_array_equal(
+            labels, np.where(margin[i] / 255 >= 0.3 - 1e-9, prediction[i], 255))
+    assert 0 < sum(int((store.read_labels(i) != 255).sum()) for i in range(6)) < 6 * 32 * 64
 
 
 def test_ensemble_with_flip_averages_probabilities(tiny_index: Path, tiny_config: Config,

@@ -1,17 +1,24 @@
 """Selectors (docs/method.md#iast-instance-adaptive-thresholds,
 docs/method.md#cbst-class-balanced-thresholds): IAST against a direct numpy transcription, CBST
-against numpy's exact percentiles, and the thresholding rule."""
+against numpy's exact percentiles, the thresholding rule, and the SELECTORS table that builds
+every configurable selector."""
 
 from __future__ import annotations
 
+import typing
+
 import numpy as np
 import pytest
+import torch
 
+from stages.config import SelectorConfig
 from stages.method.selectors import (
+    SELECTORS,
+    FixedSelector,
     IastSelector,
     LevelHistogram,
+    Selector,
     apply_thresholds,
-    fixed_thresholds,
 )
 from stages.store.levels import quantize, threshold_levels
 
@@ -54,7 +61,7 @@ def test_iast_thresholds_match_the_direct_transcription_of_d1(alpha: float) -> N
         got = selector.update(confidence, prediction)
         np.testing.assert_allclose(got, reference, atol=1e-6)
     # The last class never appears: its threshold stays at θ0 (S_c = {θ_c}).
-    assert selector.thresholds[6] == pytest.approx(0.9)
+    assert selector.thresholds()[6] == pytest.approx(0.9)
 
 
 def test_iast_caps_thresholds_that_reach_one() -> None:
@@ -127,5 +134,28 @@ def test_apply_thresholds_ignores_pixels_below_their_class_threshold() -> None:
     labels = apply_thresholds(prediction, confidence, np.array([0.8, 0.9, 0.1]))
     np.testing.assert_array_equal(labels, [[255, 1, 2], [255, 255, 255]])
     assert labels.dtype == np.uint8
-    fixed = apply_thresholds(prediction, confidence, fixed_thresholds(3, 0.5))
+    fixed = apply_thresholds(prediction, confidence, FixedSelector(3, 0.5).thresholds())
     np.testing.assert_array_equal(fixed, [[0, 1, 255], [255, 1, 0]])
+
+
+def test_every_configurable_selector_has_an_implementation() -> None:
+    # A variant added to the config's union without a SELECTORS entry fails here, not at run
+    # time in generate-pseudo.
+    (union, *_) = typing.get_args(SelectorConfig)
+    variants = typing.get_args(union)
+    names = {typing.get_args(variant.model_fields["name"].annotation)[0]: variant
+             for variant in variants}
+    assert set(names) == set(SELECTORS)
+    for name, variant in names.items():
+        selector = SELECTORS[name](variant(name=name), 19)
+        assert isinstance(selector, Selector)
+        assert selector.thresholds().shape == (19,)
+
+
+def test_an_ordered_selector_cannot_declare_its_own_score() -> None:
+    # Its walk under torchrun reads other processes' images from the store, which keeps only
+    # the confidence levels: the class is refused when it is defined.
+    with pytest.raises(TypeError, match="cannot declare a score of its own"):
+        class Margin(IastSelector):
+            def score(self, probabilities: torch.Tensor) -> np.ndarray | None:
+                return None

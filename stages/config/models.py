@@ -285,7 +285,7 @@ class WarmupConfig(Section):
 # ----------------------------------------------------------------------------- pseudo labels
 
 
-class IastSelector(Section):
+class IastSelectorConfig(Section):
     """IAST's instance-adaptive thresholds, updated per group of images in index order."""
 
     name: Literal["iast"]
@@ -296,7 +296,7 @@ class IastSelector(Section):
     group_size: int = Field(default=2, ge=1, description="images per threshold update")
 
 
-class CbstSelector(Section):
+class CbstSelectorConfig(Section):
     """Class-balanced thresholds over the whole split: each class keeps its `portion` most
     confident pixels."""
 
@@ -304,20 +304,22 @@ class CbstSelector(Section):
     portion: float = Field(default=0.45, gt=0, le=1, description="CBST portion p")
 
 
-class FixedSelector(Section):
+class FixedSelectorConfig(Section):
     """One confidence threshold for every class."""
 
     name: Literal["fixed"]
     threshold: float = Field(default=0.9, ge=0, le=1)
 
 
-Selector = Annotated[IastSelector | CbstSelector | FixedSelector, Field(discriminator="name")]
+# Every variant's `name` is a key of stages.method.selectors.SELECTORS (a test checks it).
+SelectorConfig = Annotated[IastSelectorConfig | CbstSelectorConfig | FixedSelectorConfig,
+                           Field(discriminator="name")]
 
 
 class GeneratePseudoConfig(Section):
     """Offline pseudo-label generation (docs/method.md, the initial pseudo labels)."""
 
-    selector: Selector = CbstSelector(name="cbst")
+    selector: SelectorConfig = CbstSelectorConfig(name="cbst")
     inference: InferenceConfig = InferenceConfig()
     recalibration: Recalibration = Field(
         default=Recalibration(), description="AdaBN before labelling (off in the paper's runs)")
@@ -399,19 +401,6 @@ Teacher = Annotated[MeanTeacherConfig | EmaTeacherConfig | StudentTeacherConfig,
                     Field(discriminator="name")]
 
 
-class OfflineRuleConfig(Section):
-    """The offline update's rule (docs/method.md#the-offline-update), one model for the two
-    stages that apply it. It is built from each stage's own keys (`self_train.offline_cap`,
-    `self_train.agree_requires_confidence`; `update_offline.cap`,
-    `update_offline.agree_requires_confidence`), which stay where they are so that every
-    existing config hashes as before (docs/design.md#configuration)."""
-
-    cap: float = Field(default=0.99, gt=0, le=1, description="the largest threshold τ^β_c")
-    agree_requires_confidence: bool = Field(
-        default=False, description="a stored label the teacher agrees with is kept only if "
-        "the teacher is confident")
-
-
 class SelfTrainConfig(Section):
     iterations: int = Field(default=80000, ge=1)
     source_batch_size: int = Field(default=2, ge=1, description="source crops per step, over "
@@ -430,12 +419,10 @@ class SelfTrainConfig(Section):
                                  "updated during the run (an ablation)")
     offline_start: int = Field(default=10000, ge=0, description="first iteration of the "
                                "in-loop offline update")
-    offline_cap: float = Field(default=0.99, gt=0, le=1, description="the offline rule's cap "
-                               "on τ^β (the same rule as update_offline.cap)")
+    offline_cap: float = Field(default=0.99, gt=0, le=1)
     agree_requires_confidence: bool = Field(
         default=False, description="a stored label the teacher agrees with is kept only if "
-        "confident (the reference keeps it whatever the confidence); the same rule as "
-        "update_offline.agree_requires_confidence")
+        "confident (the reference keeps it whatever the confidence)")
     teacher: Teacher = MeanTeacherConfig(name="mean")
     consistency_teacher_mode: Literal["train", "eval"] = Field(
         default="train", description="train: the stochastic train-mode teacher of the "
@@ -466,30 +453,15 @@ class SelfTrainConfig(Section):
         return Recalibration(enabled=True, batches=self.recalibrate_batches,
                              batch_size=self.recalibrate_batch_size or self.target_batch_size)
 
-    @property
-    def offline_rule(self) -> OfflineRuleConfig:
-        """The in-loop offline update's rule (the same model update-offline builds)."""
-        return OfflineRuleConfig(cap=self.offline_cap,
-                                 agree_requires_confidence=self.agree_requires_confidence)
-
 
 class UpdateOfflineConfig(Section):
     """Whole-set offline update (docs/method.md, the offline update), in batches of
     `inference.batch_size` images whose thresholds are computed jointly."""
 
     beta: float = Field(default=0.75, gt=0, le=1)
-    cap: float = Field(default=0.99, gt=0, le=1, description="the offline rule's cap on τ^β "
-                       "(the same rule as self_train.offline_cap)")
-    agree_requires_confidence: bool = Field(
-        default=False, description="a stored label the teacher agrees with is kept only if "
-        "confident; the same rule as self_train.agree_requires_confidence")
+    cap: float = Field(default=0.99, gt=0, le=1)
+    agree_requires_confidence: bool = False
     inference: InferenceConfig = InferenceConfig()
-
-    @property
-    def offline_rule(self) -> OfflineRuleConfig:
-        """The whole-set update's rule (the same model self-train builds)."""
-        return OfflineRuleConfig(cap=self.cap,
-                                 agree_requires_confidence=self.agree_requires_confidence)
 
 
 # --------------------------------------------------------------------------------- evaluate
