@@ -401,6 +401,19 @@ Teacher = Annotated[MeanTeacherConfig | EmaTeacherConfig | StudentTeacherConfig,
                     Field(discriminator="name")]
 
 
+class OfflineRuleConfig(Section):
+    """The offline update's rule (docs/method.md#the-offline-update), one model for the two
+    stages that apply it. It is built from each stage's own keys (`self_train.offline_cap`,
+    `self_train.agree_requires_confidence`; `update_offline.cap`,
+    `update_offline.agree_requires_confidence`), which stay where they are so that every
+    existing config hashes as before (docs/design.md#configuration)."""
+
+    cap: float = Field(default=0.99, gt=0, le=1, description="the largest threshold τ^β_c")
+    agree_requires_confidence: bool = Field(
+        default=False, description="a stored label the teacher agrees with is kept only if "
+        "the teacher is confident")
+
+
 class SelfTrainConfig(Section):
     iterations: int = Field(default=80000, ge=1)
     source_batch_size: int = Field(default=2, ge=1, description="source crops per step, over "
@@ -419,10 +432,12 @@ class SelfTrainConfig(Section):
                                  "updated during the run (an ablation)")
     offline_start: int = Field(default=10000, ge=0, description="first iteration of the "
                                "in-loop offline update")
-    offline_cap: float = Field(default=0.99, gt=0, le=1)
+    offline_cap: float = Field(default=0.99, gt=0, le=1, description="the offline rule's cap "
+                               "on τ^β (the same rule as update_offline.cap)")
     agree_requires_confidence: bool = Field(
         default=False, description="a stored label the teacher agrees with is kept only if "
-        "confident (the reference keeps it whatever the confidence)")
+        "confident (the reference keeps it whatever the confidence); the same rule as "
+        "update_offline.agree_requires_confidence")
     teacher: Teacher = MeanTeacherConfig(name="mean")
     consistency_teacher_mode: Literal["train", "eval"] = Field(
         default="train", description="train: the stochastic train-mode teacher of the "
@@ -453,15 +468,30 @@ class SelfTrainConfig(Section):
         return Recalibration(enabled=True, batches=self.recalibrate_batches,
                              batch_size=self.recalibrate_batch_size or self.target_batch_size)
 
+    @property
+    def offline_rule(self) -> OfflineRuleConfig:
+        """The in-loop offline update's rule (the same model update-offline builds)."""
+        return OfflineRuleConfig(cap=self.offline_cap,
+                                 agree_requires_confidence=self.agree_requires_confidence)
+
 
 class UpdateOfflineConfig(Section):
     """Whole-set offline update (docs/method.md, the offline update), in batches of
     `inference.batch_size` images whose thresholds are computed jointly."""
 
     beta: float = Field(default=0.75, gt=0, le=1)
-    cap: float = Field(default=0.99, gt=0, le=1)
-    agree_requires_confidence: bool = False
+    cap: float = Field(default=0.99, gt=0, le=1, description="the offline rule's cap on τ^β "
+                       "(the same rule as self_train.offline_cap)")
+    agree_requires_confidence: bool = Field(
+        default=False, description="a stored label the teacher agrees with is kept only if "
+        "confident; the same rule as self_train.agree_requires_confidence")
     inference: InferenceConfig = InferenceConfig()
+
+    @property
+    def offline_rule(self) -> OfflineRuleConfig:
+        """The whole-set update's rule (the same model self-train builds)."""
+        return OfflineRuleConfig(cap=self.cap,
+                                 agree_requires_confidence=self.agree_requires_confidence)
 
 
 # --------------------------------------------------------------------------------- evaluate
