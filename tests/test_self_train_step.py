@@ -1,5 +1,6 @@
 """One self-training step on a one-convolution model: which terms it computes, the target loss it
-backpropagates, the teacher's modes and when the teacher runs at all."""
+backpropagates, the teacher's modes and when the teacher runs at all (derived from the declared
+target terms)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from torch import nn
 
 from stages.config import LossWeights
 from stages.data.transforms import CropParams
-from stages.method.step import StepInputs, needs_teacher, self_train_step
+from stages.method.step import TARGET_TERMS, StepInputs, needs_teacher, self_train_step
 from stages.nn import losses
 from stages.nn.teacher import MeanTeacher
 
@@ -118,6 +119,41 @@ def test_the_offline_update_needs_the_teacher_even_without_online_terms() -> Non
     assert outputs.teacher_probabilities is not None
     torch.testing.assert_close(outputs.teacher_probabilities.sum(1),
                                torch.ones(2, 2 * H, 2 * W))
+
+
+# The LossWeights fields that are not the weight of a target term: the source loss has its own
+# pass (step 2), the other two are the offline term's parameters.
+NOT_TARGET_WEIGHTS = {"source", "offline_sce_a", "offline_sce_b"}
+
+
+def test_every_loss_weight_is_a_declared_term() -> None:
+    # A weight added to LossWeights without its row in TARGET_TERMS would never be applied, and a
+    # teacher-based one would not make the step run the teacher: it must be declared.
+    declared = [term.weight for term in TARGET_TERMS]
+    assert len(declared) == len(set(declared))
+    assert set(declared) == set(LossWeights.model_fields) - NOT_TARGET_WEIGHTS
+    assert len({term.name for term in TARGET_TERMS}) == len(TARGET_TERMS)
+
+
+def alone(weight: str) -> LossWeights:
+    """Every target term switched off but the one weighted by `weight`."""
+    return LossWeights(**{term.weight: 0.5 if term.weight == weight else 0.0
+                          for term in TARGET_TERMS})
+
+
+@pytest.mark.parametrize("term", TARGET_TERMS, ids=lambda term: term.weight)
+def test_a_term_switched_on_alone_runs_the_teacher_it_needs(term) -> None:
+    weights = alone(term.weight)
+    assert needs_teacher(weights, offline_update=False) == term.needs_teacher
+    _, teacher, outputs, _ = run_step(weights)
+    assert set(outputs.terms) == {"loss/source_ce", term.name, "loss/target"}
+    modes = [training for training, _ in teacher.module.calls]
+    if term.against == "offline":
+        assert modes == [] and outputs.online_label is None
+    elif term.against == "consistency":  # its train-mode target, then the eval-mode labels
+        assert modes == [True, False]
+    else:
+        assert modes == [False] and outputs.online_label is not None
 
 
 def test_the_offline_term_is_the_symmetric_cross_entropy_of_the_student() -> None:

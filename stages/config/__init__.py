@@ -152,12 +152,16 @@ STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
 
 # Keys a stage records that do not change what it computes: they stay out of its hash and its
 # resume check, so setting them never makes an artifact out of date or refuses a resume.
-# Worker counts are among them: the same run resumes on a machine with other cores.
+# Worker counts are among them: the same run resumes on a machine with other cores. A key that
+# left the config stays listed while older manifests record it: `self_train.reference_batch`
+# (only ever a note on the run, kept out of its hash) is in every self-train manifest written
+# before it was replaced by the batch sizes per step (tests/test_config_hashing.py).
 UNHASHED: dict[str, tuple[str, ...]] = {
     "prepare_data": ("data.workers",),
     "warmup": ("warmup.runtime.prefetch", "warmup.runtime.num_workers"),
     "generate_pseudo": ("generate_pseudo.inference.num_workers",),
-    "self_train": ("model.init", "self_train.runtime.prefetch", "self_train.runtime.num_workers"),
+    "self_train": ("model.init", "self_train.runtime.prefetch", "self_train.runtime.num_workers",
+                   "self_train.reference_batch"),
     "update_offline": ("update_offline.inference.num_workers",),
     "evaluate": ("evaluate.inference.num_workers",),
     "predict": ("evaluate.inference.num_workers",),
@@ -165,7 +169,9 @@ UNHASHED: dict[str, tuple[str, ...]] = {
 
 # Keys added after artifacts were made with the behaviour of their default: a key at this value
 # stays out of the hash, so adding it left every finished artifact up to date
-# (docs/design.md#configuration).
+# (docs/design.md#configuration). A key of a variant section names no variant: it applies to
+# whichever variant holds it, and a variant section gaining its `name` tag lists the tag with
+# today's only variant (`"model.name": "deeplabv2"`).
 NEUTRAL: dict[str, Any] = {
     "inference_precision": "fp32",
     "data.headline_protocol": None,
@@ -213,11 +219,20 @@ def _get(node: Any, dotted: str, default: Any) -> Any:
 
 
 def _pop(node: Any, dotted: str) -> None:
+    """Remove the key at `dotted`, and each section that removing it left empty: a section added
+    whole, every key at its neutral value, then hashes as the config without it did."""
     *parents, key = dotted.split(".")
+    path = [node]
     for part in parents:
-        node = node.get(part, {}) if isinstance(node, dict) else {}
-    if isinstance(node, dict):
-        node.pop(key, None)
+        node = node.get(part) if isinstance(node, dict) else None
+        path.append(node)
+    if not isinstance(node, dict) or key not in node:
+        return
+    node.pop(key)
+    for parent, part in zip(reversed(path[:-1]), reversed(parents)):
+        if parent[part]:
+            break
+        del parent[part]
 
 
 def config_hash(section: dict[str, Any]) -> str:

@@ -6,12 +6,17 @@ terms can be read top to bottom and tested on tiny models. It returns the named 
 teacher's eval-mode probabilities on the full target images, which the loop uses for the in-loop
 offline update (docs/method.md#the-offline-update). Pixels of the offline labels are given already
 cropped; the offline merge itself is `stages.method.pseudo_labels.merge_offline`.
+
+The target loss terms are declared once, in `TARGET_TERMS`: each names its `LossWeights` field and
+what it is computed against, and the step derives from the active terms which teacher passes it
+runs (`needs_teacher`), so a new term is one row there (docs/method.md#the-losses).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
@@ -81,10 +86,60 @@ class StepOutputs:
             mean([part.online_thresholds for part in parts]))
 
 
+# What a target term compares the student's target logits with: the stored offline labels, the
+# teacher's online labels (its eval-mode pass, step 7), or the teacher's consistency logits (its
+# train-mode pass, step 6, or the eval-mode one with consistency_teacher_mode "eval").
+Against = Literal["offline", "online", "consistency"]
+
+
+@dataclass(frozen=True)
+class TargetTerm:
+    """One term of the target loss: logged as `name`, weighted by the `LossWeights` field
+    `weight` (0 switches it off, and it is then not computed), computed by `loss` from the
+    student's target logits, the target named by `against` and the weights (for a term's own
+    parameters)."""
+
+    name: str
+    weight: str
+    against: Against
+    loss: Callable[[torch.Tensor, torch.Tensor, LossWeights], torch.Tensor]
+
+    @property
+    def needs_teacher(self) -> bool:
+        return self.against != "offline"
+
+    def active(self, weights: LossWeights) -> bool:
+        return getattr(weights, self.weight) > 0
+
+
+# Every target loss term (docs/method.md#the-losses), grouped by what it is computed against in
+# the order the step sums them: the offline terms (step 4), then, after the teacher's passes, the
+# consistency term and the online ones (steps 8–9). A new term is one row, with its weight field
+# in `LossWeights` (tests/test_self_train_step.py holds every weight field to a row).
+TARGET_TERMS: tuple[TargetTerm, ...] = (
+    TargetTerm("loss/offline_sce", "offline", "offline",
+               lambda logits, labels, w: losses.symmetric_cross_entropy(
+                   logits, labels, a=w.offline_sce_a, b=w.offline_sce_b)),
+    TargetTerm("loss/offline_entropy", "offline_entropy", "offline",
+               lambda logits, labels, w: losses.entropy_regularizer(logits, labels)),
+    TargetTerm("loss/offline_kld", "offline_kld", "offline",
+               lambda logits, labels, w: losses.kld_regularizer(logits, labels)),
+    TargetTerm("loss/consistency", "consistency", "consistency",
+               lambda logits, target, w: losses.consistency_mse(logits, target)),
+    TargetTerm("loss/online_ce", "online", "online",
+               lambda logits, labels, w: losses.cross_entropy(logits, labels)),
+    TargetTerm("loss/online_entropy", "online_entropy", "online",
+               lambda logits, labels, w: losses.entropy_regularizer(logits, labels)),
+    TargetTerm("loss/online_kld", "online_kld", "online",
+               lambda logits, labels, w: losses.kld_regularizer(logits, labels)),
+)
+
+
 def needs_teacher(weights: LossWeights, offline_update: bool) -> bool:
-    """Whether the step needs the teacher at all (the offline-only ablation does not)."""
-    return offline_update or any(w > 0 for w in (weights.consistency, weights.online,
-                                                 weights.online_entropy, weights.online_kld))
+    """Whether the step runs the teacher at all: an active term computed against its output, or
+    the offline update, which reads its probabilities (the offline-only ablation needs none)."""
+    return offline_update or any(term.needs_teacher and term.active(weights)
+                                 for term in TARGET_TERMS)
 
 
 def self_train_step(
@@ -148,27 +203,25 @@ def _backward(student: nn.Module, teacher: nn.Module, batch: StepInputs, *,
     with autocast(device, precision):
         target_logits = student(batch.target_image).float()
 
-    # 4. Offline loss: symmetric cross-entropy on the stored labels (docs/method.md#the-losses).
+    # 4. Offline terms: symmetric cross-entropy on the stored labels and, where switched on,
+    # the regularisers on them (docs/method.md#the-losses).
     target_loss = target_logits.new_zeros(())
 
-    def add(name: str, weight: float, compute: Callable[[], torch.Tensor]) -> None:
-        """Add weight·term to the target loss (skipped, not computed, at weight 0)."""
+    def add(against: Against, target: torch.Tensor) -> None:
+        """Add weight·term to the target loss for each active term against `target`."""
         nonlocal target_loss
-        if weight > 0:
-            value = compute()
-            target_loss = target_loss + weight * value
-            terms[name] = value.detach()
+        for term in TARGET_TERMS:
+            if term.against == against and term.active(weights):
+                value = term.loss(target_logits, target, weights)
+                target_loss = target_loss + getattr(weights, term.weight) * value
+                terms[term.name] = value.detach()
 
-    offline = batch.offline_label
-    add("loss/offline_sce", weights.offline, lambda: losses.symmetric_cross_entropy(
-        target_logits, offline, a=weights.offline_sce_a, b=weights.offline_sce_b))
-    add("loss/offline_entropy", weights.offline_entropy,
-        lambda: losses.entropy_regularizer(target_logits, offline))
-    add("loss/offline_kld", weights.offline_kld,
-        lambda: losses.kld_regularizer(target_logits, offline))
+    add("offline", batch.offline_label)
 
     teacher_probabilities = online_label = online_thresholds = None
     if needs_teacher(weights, offline_update):
+        consistency = any(term.against == "consistency" and term.active(weights)
+                          for term in TARGET_TERMS)
         with torch.no_grad():
             # 5. The reference's discarded crop pass
             # (docs/method.md#one-teacher-pass-instead-of-a-wasted-one): only its BN side effect
@@ -179,11 +232,12 @@ def _backward(student: nn.Module, teacher: nn.Module, batch: StepInputs, *,
             # 6. Consistency target from the stochastic train-mode teacher
             # (docs/method.md#the-consistency-teachers-mode).
             consistency_logits = None
-            if weights.consistency > 0 and consistency_teacher_mode == "train":
+            if consistency and consistency_teacher_mode == "train":
                 with autocast(device, precision):
                     consistency_logits = full_to_crop(teacher(batch.target_full).float(),
                                                       batch.target_params)
-            # 7. Eval-mode teacher pass: pseudo labels and the offline update.
+            # 7. Eval-mode teacher pass: pseudo labels and the offline update. It runs whenever
+            # the teacher does: the loop logs its online labels' quality.
             teacher.eval()
             with autocast(device, precision):
                 full_logits = teacher(batch.target_full).float()
@@ -197,15 +251,10 @@ def _backward(student: nn.Module, teacher: nn.Module, batch: StepInputs, *,
             online_label, online_thresholds = online_pseudo_labels(
                 crop_logits.softmax(dim=1), alpha)
 
-        online = online_label
-        add("loss/consistency", weights.consistency,
-            lambda: losses.consistency_mse(target_logits, consistency_logits))
-        # 8. Online cross-entropy; 9. regularisers on the online map (docs/method.md#the-losses).
-        add("loss/online_ce", weights.online, lambda: losses.cross_entropy(target_logits, online))
-        add("loss/online_entropy", weights.online_entropy,
-            lambda: losses.entropy_regularizer(target_logits, online))
-        add("loss/online_kld", weights.online_kld,
-            lambda: losses.kld_regularizer(target_logits, online))
+        # 8. Consistency; online cross-entropy; 9. regularisers on the online map
+        # (docs/method.md#the-losses).
+        add("consistency", consistency_logits)
+        add("online", online_label)
 
     # 10. Target backward (the optimizer steps after the last micro-batch).
     scaler.scale(scaled(target_loss)).backward()
