@@ -6,7 +6,8 @@ then checks every pair in worker processes: the image decodes, the label decodes
 (SYNTHIA: several by design), holds only values of its class table and matches the image size.
 Labels that are not trainIds already are converted once and written into the artifact
 (`labels/<domain>/<split>/<id>.png`); later stages read only trainIds. The index records
-per-class pixel counts per split and the SHA-256 of every label, so a label edited later is
+per-class pixel counts per labelled image (what rare-class sampling draws by,
+docs/method.md#rare-class-sampling) and their sum per split, and the SHA-256 of every label, so a label edited later is
 refused where it is read (stages.data.index); the summary shows the pairs and class pixel shares.
 
 Artifact layout: `index.json` (stages.data.index.IndexFile), `labels/` (converted labels),
@@ -147,7 +148,8 @@ def _convert(listing: SplitListing, config: DomainConfig, classes: ClassTable, w
                 label = (_label_path(listing.domain, listing.split, pair.id)
                          if output is not None else str(pair.label.resolve()))
             samples.append(SampleEntry(id=pair.id, image=str(pair.image.resolve()), label=label,
-                                       label_sha256=result.label_sha256))
+                                       label_sha256=result.label_sha256,
+                                       pixel_counts=result.pixel_counts))
     if mismatches:
         message = (f"{name}: left out {len(mismatches)} {listing.layout} pair(s) whose image "
                    f"and label sizes differ (first: {'; '.join(mismatches[:SHOWN])})")
@@ -199,12 +201,15 @@ def _generate(data: DataConfig, domain: str, split: str, out: Path,
     for folder in ("images", "labels"):
         (out / folder / domain / split).mkdir(parents=True, exist_ok=True)
     counts = np.zeros(len(CITYSCAPES_CLASSES), np.int64)
+    per_image: list[list[int]] = []
     with reporter.task(f"{domain}/{split}: generating synthetic scenes", total=count) as task:
         for pixel_counts in _map(synthetic.write_sample, jobs, _workers(data)):
             counts += np.asarray(pixel_counts, np.int64)
+            per_image.append(pixel_counts)
             task.advance(1)
-    samples = [sample.model_copy(update={"label_sha256": file_sha256(out / sample.label)})
-               for sample in samples]  # every synthetic image has its label
+    samples = [sample.model_copy(update={"label_sha256": file_sha256(out / sample.label),
+                                         "pixel_counts": image_counts})
+               for sample, image_counts in zip(samples, per_image)]  # every image is labelled
     entry = SplitEntry(samples=samples, pixel_counts=[int(c) for c in counts])
     row = {"domain": domain, "split": split, "layout": "synthetic", "pairs": count,
            "images_without_labels": 0, "labels_without_images": 0, "excluded": 0,

@@ -59,6 +59,7 @@ from stages.config import (
 )
 from stages.data.crops import CropDataset, InfiniteLoader, resize_label
 from stages.data.index import DatasetIndex, load_dataset_index
+from stages.data.rare_classes import rare_class_sampler
 from stages.data.transforms import CropParams, crop_label
 from stages.engine.inference import recalibrate_on_target, target_val_miou
 from stages.engine.metrics import LabelQuality, label_statistics, quality
@@ -419,8 +420,9 @@ def _teacher(config: Config, student: torch.nn.Module) -> Teacher:
 
 def _loader(config: Config, index: DatasetIndex, domain: str, batch_size: int, seed: int,
             ranks: Ranks) -> InfiniteLoader:
-    """Source crops with labels; target weak crops with the full image and no label (the
-    offline labels come from the store, read in this process at the step that uses them)."""
+    """Source crops with labels, by rare classes when input.rare_class_sampling is on
+    (docs/method.md#rare-class-sampling); target weak crops with the full image and no label
+    (the offline labels come from the store, read in this process at the step that uses them)."""
     source = domain == "source"
     samples = index.samples(domain, "train")  # type: ignore[arg-type]
     if not source:  # target-train ground truth, where present, is never read for training
@@ -429,7 +431,9 @@ def _loader(config: Config, index: DatasetIndex, domain: str, batch_size: int, s
                           else config.input.target_size, config.input.crop_size,
                           config.input.scale_range, config.input.flip_probability,
                           config.model.normalization, seed=seed, with_full_image=not source,
-                          with_labels=source)
+                          with_labels=source,
+                          rare_classes=rare_class_sampler(config.input.rare_class_sampling,
+                                                          index, "source") if source else None)
     return InfiniteLoader(dataset, batch_size, seed=seed,
                           num_workers=worker_count(config.self_train.runtime.num_workers, 2),
                           rank=ranks.rank,

@@ -42,6 +42,7 @@ from stages.artifacts.writer import ArtifactWriter
 from stages.config import Config, hashed_config, stage_config, stage_hash
 from stages.data.crops import CropDataset, InfiniteLoader
 from stages.data.index import DatasetIndex, load_dataset_index
+from stages.data.rare_classes import rare_class_sampler
 from stages.engine.inference import target_val_miou
 from stages.engine.training import (
     MetricsLog,
@@ -296,11 +297,15 @@ def _adversarial(config: Config, index: DatasetIndex, ranks: Ranks, fp16: bool) 
 
 def _loader(config: Config, index: DatasetIndex, domain: Literal["source", "target"], seed: int,
             ranks: Ranks, labelled: bool) -> InfiniteLoader:
-    """Endless augmented crops of `domain`-train, with labels if `labelled`."""
+    """Endless augmented crops of `domain`-train, with labels if `labelled`; source crops by
+    rare classes when input.rare_class_sampling is on (docs/method.md#rare-class-sampling)."""
     size = config.input.source_size if domain == "source" else config.input.target_size
+    rare_classes = (rare_class_sampler(config.input.rare_class_sampling, index, domain)
+                    if domain == "source" and labelled else None)
     dataset = CropDataset(index.samples(domain, "train"), size, config.input.crop_size,
                           config.input.scale_range, config.input.flip_probability,
-                          config.model.normalization, seed=seed, with_labels=labelled)
+                          config.model.normalization, seed=seed, with_labels=labelled,
+                          rare_classes=rare_classes)
     loaders = 2 if config.warmup.adversarial.enabled else 1  # source, and target crops
     batch = per_process_batch(config.warmup.batch_size, ranks.world_size, 1, "warmup.batch_size")
     return InfiniteLoader(dataset, batch, seed=seed,

@@ -38,6 +38,7 @@ from stages.config.models import (
     ModelConfig,
     OptimizerConfig,
     Precision,
+    RareClassSamplingConfig,
     Recalibration,
     Schedule,
     Section,
@@ -75,6 +76,7 @@ __all__ = [
     "OptimizerConfig",
     "PipelineConfig",
     "Precision",
+    "RareClassSamplingConfig",
     "Recalibration",
     "Schedule",
     "Section",
@@ -177,6 +179,11 @@ NEUTRAL: dict[str, Any] = {
     "data.headline_protocol": None,
     "self_train.gradient_accumulation": 1,
     "self_train.recalibrate_batch_size": None,
+    # rare-class sampling, off unless enabled (docs/method.md#rare-class-sampling)
+    "input.rare_class_sampling.enabled": False,
+    "input.rare_class_sampling.temperature": 0.01,
+    "input.rare_class_sampling.min_pixels": 3000,
+    "input.rare_class_sampling.min_crop_ratio": 0.5,
 }
 
 

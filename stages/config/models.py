@@ -113,6 +113,22 @@ class DataConfig(Section):
 # -------------------------------------------------------------------------------------- input
 
 
+class RareClassSamplingConfig(Section):
+    """DAFormer's rare-class sampling of the source crops (docs/method.md#rare-class-sampling):
+    a class drawn by its pixel share at `temperature`, a source image holding more than
+    `min_pixels` of it, a crop re-drawn until it holds more than min_pixels × min_crop_ratio.
+    Off by default; the defaults are DAFormer's."""
+
+    enabled: bool = Field(default=False, description="draw source crops by rare classes")
+    temperature: float = Field(default=0.01, gt=0, description="T of P(c) ∝ exp((1 − f_c) / T); "
+                               "smaller favours rare classes more")
+    min_pixels: int = Field(default=3000, ge=0, description="an image is drawn for a class only "
+                            "if its label holds more pixels of it than this")
+    min_crop_ratio: float = Field(default=0.5, ge=0, description="re-draw the crop (up to 10 "
+                                  "times) until it holds more than min_pixels × this of the "
+                                  "class; 0 keeps the first crop")
+
+
 class InputConfig(Section):
     """Image sizes and the geometric augmentation of docs/method.md#data-and-augmentation."""
 
@@ -123,6 +139,7 @@ class InputConfig(Section):
     crop_size: Size = Field(default_factory=lambda: [512, 896], description="[H, W] student crop")
     scale_range: list[float] = Field(default_factory=lambda: [0.51, 1.6])
     flip_probability: float = Field(default=0.5, ge=0.0, le=1.0)
+    rare_class_sampling: RareClassSamplingConfig = RareClassSamplingConfig()
 
     @model_validator(mode="after")
     def _check(self) -> InputConfig:

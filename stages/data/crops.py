@@ -4,7 +4,8 @@
 the base size (image Lanczos, label nearest), then a random scale, crop and flip with recorded
 `CropParams`, then normalisation. Its randomness is a pure function of (seed, epoch, position in the
 epoch), so a batch does not depend on the worker that made it, and a resumed run sees the same
-crops.
+crops. With rare-class sampling (stages.data.rare_classes, docs/method.md#rare-class-sampling) the
+same generator also draws the item's class and image, and the key's sample index is not used.
 
 `InfiniteLoader` serves batches forever. Epoch e visits the permutation drawn from (seed, e), the
 same on every rank; rank r takes every world_size-th position of it (the semantics of
@@ -25,7 +26,15 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 
 from stages.data.index import Sample
 from stages.data.io import read_image
-from stages.data.transforms import Normalization, apply_crop, normalize, sample_crop_params
+from stages.data.rare_classes import MAX_CROP_TRIES, RareClassSampler
+from stages.data.transforms import (
+    CropParams,
+    Normalization,
+    apply_crop,
+    crop_label,
+    normalize,
+    sample_crop_params,
+)
 from stages.runtime.errors import DudaError
 
 # What the sampler hands the dataset: (sample index, epoch, position in the epoch's permutation).
@@ -63,6 +72,9 @@ class CropDataset(Dataset):
     `label_reader(index) -> (H, W) uint8` replaces the sample's label file (offline pseudo
     labels); it is resized to the base size by nearest neighbour like any label. With
     `with_labels=False` (unlabelled target crops) items have no "label" and nothing is read.
+    With `rare_classes` (labelled source crops only) each item's class and image are drawn from
+    the item's generator and its crop re-drawn until it holds enough of the class; "index" is
+    then the drawn sample's.
     """
 
     def __init__(self, samples: Sequence[Sample], base_size: Sequence[int],
@@ -70,7 +82,8 @@ class CropDataset(Dataset):
                  flip_probability: float, normalization: Normalization, seed: int,
                  with_full_image: bool = False,
                  label_reader: Callable[[int], np.ndarray] | None = None,
-                 with_labels: bool = True) -> None:
+                 with_labels: bool = True,
+                 rare_classes: RareClassSampler | None = None) -> None:
         self.samples = list(samples)
         self.base_size = (int(base_size[0]), int(base_size[1]))
         self.crop_size = (int(crop_size[0]), int(crop_size[1]))
@@ -81,6 +94,9 @@ class CropDataset(Dataset):
         self.with_full_image = with_full_image
         self.label_reader = label_reader
         self.with_labels = with_labels
+        if rare_classes is not None and (not with_labels or label_reader is not None):
+            raise ValueError("rare-class sampling draws by the samples' own label files")
+        self.rare_classes = rare_classes
         if with_labels and label_reader is None:
             unlabelled = [s.id for s in self.samples if s.label is None]
             if unlabelled:
@@ -116,12 +132,21 @@ class CropDataset(Dataset):
 
     def _item(self, key: ItemKey) -> dict[str, Any]:
         index, epoch, position = (int(v) for v in key)
+        rng = self.rng(epoch, position)
+        sampler, rare_class = self.rare_classes, None
+        if sampler is not None:
+            rare_class, index = sampler.draw(rng)
         image, label = self.base_view(index)
-        params = sample_crop_params(self.rng(epoch, position), *self.base_size, *self.crop_size,
-                                    scale_range=self.scale_range,
-                                    flip_probability=self.flip_probability)
-        image_tensor = torch.tensor(image).permute(2, 0, 1).float()  # (3, H, W), 0..255
         label_tensor = None if label is None else torch.from_numpy(label.astype(np.int64))
+        params = self._crop_params(rng)
+        if sampler is not None and rare_class is not None and label_tensor is not None:
+            # DAFormer's re-draw: further crops from the same generator until one holds enough
+            # of the class; the last is kept when none does (docs/method.md#rare-class-sampling).
+            for _ in range(MAX_CROP_TRIES):
+                if sampler.accepts(crop_label(label_tensor, params).numpy(), rare_class):
+                    break
+                params = self._crop_params(rng)
+        image_tensor = torch.tensor(image).permute(2, 0, 1).float()  # (3, H, W), 0..255
         image_crop, label_crop = apply_crop(image_tensor, label_tensor, params)
         item: dict[str, Any] = {"index": index, "image": normalize(image_crop, self.normalization),
                                 "params": params.to_tensor()}
@@ -130,6 +155,11 @@ class CropDataset(Dataset):
         if self.with_full_image:
             item["full_image"] = normalize(image_tensor, self.normalization)  # (3, H, W)
         return item
+
+    def _crop_params(self, rng: np.random.Generator) -> CropParams:
+        return sample_crop_params(rng, *self.base_size, *self.crop_size,
+                                  scale_range=self.scale_range,
+                                  flip_probability=self.flip_probability)
 
 
 def collate_crops(items: list[dict[str, Any]]) -> dict[str, Any]:

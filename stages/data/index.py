@@ -10,6 +10,10 @@ Each label's SHA-256 is recorded with it (`label_sha256`; absent in an index wri
 digests were recorded), and `Sample.read_label` refuses a label edited after indexing: a value
 outside the class table would otherwise reach the loss, and an edit to another valid class
 would be trained on silently.
+
+Each labelled sample also records its per-class pixel counts (`pixel_counts`, at the label
+file's resolution; absent in an index written before they were kept), which rare-class sampling
+draws images by (stages.data.rare_classes); a split's `pixel_counts` is their sum.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ class SampleEntry(BaseModel):
     image: str
     label: str | None = None
     label_sha256: str | None = None  # of the label file's bytes, as prepare-data checked it
+    pixel_counts: list[int] | None = None  # per trainId, in this sample's label
 
 
 class SplitEntry(BaseModel):
@@ -118,6 +123,25 @@ class DatasetIndex:
                        label=self._resolve(s.label) if s.label is not None else None,
                        label_sha256=s.label_sha256, num_classes=self.num_classes)
                 for s in self.content.domains[domain].splits[split].samples]
+
+    def image_pixel_counts(self, domain: Domain, split: str) -> np.ndarray:
+        """(N, C) int64: per sample of `domain`/`split` (index order), its label's pixels of
+        each class. An index written before per-image counts were kept is refused."""
+        self.samples(domain, split)  # refuses a missing split with its message
+        entries = self.content.domains[domain].splits[split].samples
+        missing = [entry.id for entry in entries if entry.pixel_counts is None]
+        if missing:
+            raise DudaError(f"dataset index {self.path} has no per-image class pixel counts "
+                            f"for {domain}/{split} (first: {missing[0]}); rare-class sampling "
+                            "needs them",
+                            "rerun duda prepare-data --force to rebuild the index with them, "
+                            "or set input.rare_class_sampling.enabled: false")
+        counts = np.asarray([entry.pixel_counts for entry in entries], np.int64)
+        if counts.shape != (len(entries), self.num_classes):
+            raise DudaError(f"dataset index {self.path}: the per-image class pixel counts of "
+                            f"{domain}/{split} do not have {self.num_classes} classes",
+                            "rerun duda prepare-data --force")
+        return counts
 
     def _resolve(self, path: str) -> Path:
         candidate = Path(path)
