@@ -70,7 +70,7 @@ except ImportError:  # run from a checkout without the editable install
 import numpy as np
 import torch
 
-from stages.config import Config, LossWeights, ModelConfig, OptimizerConfig, load_config
+from stages.config import Config, LossWeights, ModelConfig, SgdOptimizerConfig, load_config
 from stages.data.classes import IGNORE_INDEX
 from stages.data.transforms import sample_crop_params
 from stages.engine.inference import predict_classes
@@ -267,7 +267,7 @@ def measure(args: argparse.Namespace, device: torch.device, precision: str,
                                dropout=0.5, freeze_bn_affine=True, normalization="caffe_bgr")
     student = build_model(model_config, NUM_CLASSES).to(device)
     teacher = MeanTeacher(student)
-    optimizer_config = OptimizerConfig()
+    optimizer_config = SgdOptimizerConfig()
     optimizer = build_optimizer(
         parameter_groups(student, optimizer_config.lr, optimizer_config.backbone_lr_multiplier,
                          optimizer_config.weight_decay), optimizer_config)

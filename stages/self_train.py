@@ -73,11 +73,12 @@ from stages.engine.training import (
     build_optimizer,
     check_finite,
     learning_rate_factor,
+    optimizer_groups,
     per_process_batch,
 )
 from stages.method.offline import OfflineChanges, offline_update
 from stages.method.step import StepInputs, StepOutputs, label_agreement, self_train_step
-from stages.nn.model import build_model, parameter_groups
+from stages.nn.model import build_model
 from stages.nn.teacher import MeanTeacher, StudentAsTeacher, batchnorm_statistics
 from stages.runtime.devices import evaluation_workers, worker_count
 from stages.runtime.distributed import Ranks, process_group
@@ -384,7 +385,7 @@ def _finish(config: Config, index: DatasetIndex, student: torch.nn.Module, teach
 
 
 def _models(config: Config, index: DatasetIndex, checkpoint: Path, device: torch.device,
-            ) -> tuple[torch.nn.Module, Teacher, torch.optim.SGD, torch.amp.GradScaler]:
+            ) -> tuple[torch.nn.Module, Teacher, torch.optim.Optimizer, torch.amp.GradScaler]:
     """The student (from the checkpoint), its mean teacher, the optimizer and the AMP scaler,
     built in a fixed order from the seed."""
     cfg = config.self_train
@@ -392,9 +393,7 @@ def _models(config: Config, index: DatasetIndex, checkpoint: Path, device: torch
     student = _initial_student(config, index, checkpoint).to(device).train()
     # The teacher is copied before any batch-norm synchronisation: plain BN.
     teacher = _teacher(config, student)  # a copy of the student: already on the device
-    optimizer = build_optimizer(parameter_groups(student, cfg.optimizer.lr,
-                                                 cfg.optimizer.backbone_lr_multiplier,
-                                                 cfg.optimizer.weight_decay), cfg.optimizer)
+    optimizer = build_optimizer(optimizer_groups(student, cfg.optimizer), cfg.optimizer)
     fp16 = device.type == "cuda" and cfg.runtime.precision == "fp16"
     return student, teacher, optimizer, torch.amp.GradScaler("cuda", enabled=fp16)
 

@@ -53,6 +53,7 @@ from stages.engine.training import (
     build_optimizer,
     check_finite,
     learning_rate_factor,
+    optimizer_groups,
     per_process_batch,
 )
 from stages.nn.discriminator import (
@@ -62,7 +63,7 @@ from stages.nn.discriminator import (
     output_size,
 )
 from stages.nn.losses import cross_entropy
-from stages.nn.model import build_model, parameter_groups
+from stages.nn.model import build_model
 from stages.runtime.devices import autocast, evaluation_workers, worker_count
 from stages.runtime.distributed import Ranks, process_group
 from stages.runtime.errors import DudaError
@@ -150,9 +151,7 @@ def _train(config: Config, index: DatasetIndex, out: Path, *, ranks: Ranks, resu
     model.to(device).train()
     per_process = per_process_batch(cfg.batch_size, ranks.world_size, 1, "warmup.batch_size")
     ranks.announce(reporter, f"{per_process} source crops per process")
-    optimizer = build_optimizer(parameter_groups(model, cfg.optimizer.lr,
-                                                 cfg.optimizer.backbone_lr_multiplier,
-                                                 cfg.optimizer.weight_decay), cfg.optimizer)
+    optimizer = build_optimizer(optimizer_groups(model, cfg.optimizer), cfg.optimizer)
     fp16 = device.type == "cuda" and cfg.runtime.precision == "fp16"
     scaler = torch.amp.GradScaler("cuda", enabled=fp16)
     # The oracle (train_domain: target) trains the same model on target-train labels.

@@ -14,7 +14,7 @@ from duda_cli.app import app
 from stages import warmup
 from stages.artifacts.checkpoint import load_torch
 from stages.artifacts.manifest import read_manifest
-from stages.config import Config, load_config
+from stages.config import Config, apply_overrides, load_config
 from stages.nn.discriminator import OutputDiscriminator, adversarial_loss, discriminator_loss
 from stages.nn.model import build_model
 from stages.runtime.errors import DudaError
@@ -282,3 +282,38 @@ def test_tensorboard_events_beside_the_metrics(tiny_index, tmp_path):
     scalars = events.Scalars("loss/source_ce")
     assert [e.step for e in scalars] == [line["iteration"] for line in lines]
     assert [e.value for e in scalars] == pytest.approx([line["loss/source_ce"] for line in lines])
+
+
+def test_adamw_warmup_trains_and_resumes_bit_identically(tiny_index, tmp_path):
+    # DAFormer's recipe chosen on the command line's shorthand; the tiny config's own lr and
+    # warm-up length merge into it.
+    raw = apply_overrides(TINY_CONFIG, ["warmup.optimizer={name: adamw, warmup_start_lr: 1.0e-3}",
+                                        "warmup.iterations=2", "warmup.checkpoint_every=1"])
+    config = Config.model_validate(raw)
+    assert config.warmup.optimizer.name == "adamw"
+    straight = warmup.run(config, tiny_index, tmp_path / "straight", device="cpu").path
+    lines = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
+    # The head's lr is logged: 10 × the backbone's absolute start, then poly with power 1.
+    assert [line["lr"] for line in lines] == pytest.approx([10 * 1.0e-3, 10 * 0.01 * (1 - 1 / 2)])
+    state = load_torch(straight / "train_state.pt")
+    assert [g["name"] for g in state["optimizer"]["param_groups"]] == ["backbone", "head"]
+    assert {"exp_avg", "exp_avg_sq"} <= set(state["optimizer"]["state"][0])
+    seed_everything(config.seed)  # the model as the stage initialises it
+    initial = build_model(config.model, 19).state_dict()
+    trained = load_torch(straight / "model.pt")["student"]
+    assert not torch.equal(trained["classifier.branches.0.weight"],
+                           initial["classifier.branches.0.weight"])
+
+    # Interrupted during the second step: the checkpoint after the first is resumed.
+    with pytest.raises(Interrupt):
+        warmup.run(config, tiny_index, tmp_path / "resumed", device="cpu",
+                   reporter=InterruptingReporter(after=2))
+    assert load_torch(tmp_path / "resumed" / "train_state.pt")["progress"]["iteration"] == 1
+    resumed = warmup.run(config, tiny_index, tmp_path / "resumed", resume=True,
+                         device="cpu").path
+    for name in ("model.pt", "train_state.pt"):
+        expected, got = _tensors(load_torch(straight / name)), _tensors(load_torch(resumed / name))
+        assert expected.keys() == got.keys() and len(expected) > 10
+        assert [key for key in expected if not torch.equal(expected[key], got[key])] == []
+    assert (resumed / "metrics.jsonl").read_text() == (straight / "metrics.jsonl").read_text()
+    assert read_manifest(resumed).id == read_manifest(straight).id

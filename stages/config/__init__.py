@@ -20,6 +20,7 @@ import yaml
 from pydantic import BaseModel, Field, ValidationError
 
 from stages.config.models import (
+    AdamwOptimizerConfig,
     AdversarialConfig,
     AlphaSchedule,
     BetaSchedule,
@@ -44,6 +45,7 @@ from stages.config.models import (
     Section,
     SelectorConfig,
     SelfTrainConfig,
+    SgdOptimizerConfig,
     Size,
     StudentTeacherConfig,
     SyntheticConfig,
@@ -55,6 +57,7 @@ from stages.runtime.errors import DudaError
 
 __all__ = [
     "STAGE_SECTIONS",
+    "AdamwOptimizerConfig",
     "AdversarialConfig",
     "AlphaSchedule",
     "BetaSchedule",
@@ -82,6 +85,7 @@ __all__ = [
     "Section",
     "SelectorConfig",
     "SelfTrainConfig",
+    "SgdOptimizerConfig",
     "Size",
     "StudentTeacherConfig",
     "SyntheticConfig",
@@ -179,6 +183,10 @@ NEUTRAL: dict[str, Any] = {
     "data.headline_protocol": None,
     "self_train.gradient_accumulation": 1,
     "self_train.recalibrate_batch_size": None,
+    # the optimizer choice: sgd is the optimizer of every run made before it
+    # (docs/method.md#optimisation)
+    "warmup.optimizer.name": "sgd",
+    "self_train.optimizer.name": "sgd",
     # rare-class sampling, off unless enabled (docs/method.md#rare-class-sampling)
     "input.rare_class_sampling.enabled": False,
     "input.rare_class_sampling.temperature": 0.01,
@@ -309,11 +317,15 @@ def _allowed_keys(location: tuple[Any, ...]) -> str:
             if not chosen:
                 return ""
             model = chosen[0]
+        elif variants and type(field.default) in variants:
+            # a default variant validated without its tag in the location (the sgd optimizer)
+            model = type(field.default)
         else:
             return ""
     variant = _variant_name(model)
     # pydantic names a union's variant in the location: [..., section, variant tag, key]
-    owner = f" of {location[-3]} '{variant}'" if variant and len(location) > 2 else ""
+    owner = (f" of {location[-3]} '{variant}'" if variant and len(location) > 2
+             and location[-2] == variant else "")
     return f"; allowed keys{owner}: " + ", ".join(model.model_fields)
 
 

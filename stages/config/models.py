@@ -12,7 +12,15 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidatorFunctionWrapHandler,
+    WrapValidator,
+    field_validator,
+    model_validator,
+)
 
 Size = list[int]  # [height, width]
 # A worker count, or `auto`: derived from the CPU cores this process may use
@@ -200,10 +208,11 @@ class ModelConfig(Section):
         return self
 
 
-class OptimizerConfig(Section):
-    """SGD with Nesterov momentum, linear warm-up then poly decay (docs/method.md,
-    optimisation)."""
+class SgdOptimizerConfig(Section):
+    """SGD with Nesterov momentum, linear warm-up from a fraction of lr then poly decay
+    (docs/method.md#optimisation): the optimizer of every config that names none."""
 
+    name: Literal["sgd"] = "sgd"
     lr: float = Field(default=2.0e-3, gt=0)
     backbone_lr_multiplier: float = Field(default=0.1, ge=0)
     momentum: float = 0.9
@@ -212,6 +221,62 @@ class OptimizerConfig(Section):
     warmup_iterations: int = Field(default=2000, ge=0)
     warmup_start: float = Field(default=0.2, ge=0, le=1)
     poly_power: float = 0.9
+
+    @property
+    def warmup_start_factor(self) -> float:
+        """The learning-rate factor at t = 0."""
+        return self.warmup_start
+
+
+class AdamwOptimizerConfig(Section):
+    """DAFormer's recipe (docs/method.md#optimisation): AdamW, the head at ×10 the backbone's
+    lr, no weight decay on parameters whose names contain `norm` or `pos_block` (biases are
+    decayed), linear warm-up from an absolute lr then poly decay."""
+
+    name: Literal["adamw"]
+    lr: float = Field(default=6.0e-5, gt=0, description="the backbone's lr")
+    head_lr_multiplier: float = Field(default=10.0, ge=0, description="the head's lr is "
+                                      "lr × head_lr_multiplier")
+    betas: list[float] = Field(default_factory=lambda: [0.9, 0.999],
+                               description="Adam's [β1, β2]")
+    weight_decay: float = Field(default=0.01, ge=0)
+    no_decay: list[str] = Field(
+        default_factory=lambda: ["norm", "pos_block"], description="a parameter whose name "
+        "contains one of these gets no weight decay (DAFormer's decay_mult 0)")
+    warmup_iterations: int = Field(default=1500, ge=0)
+    warmup_start_lr: float = Field(default=1.0e-6, ge=0, description="the backbone's lr at "
+                                   "t = 0, an absolute value at most lr (the head's is "
+                                   "head_lr_multiplier times it)")
+    poly_power: float = 1.0
+
+    @model_validator(mode="after")
+    def _check(self) -> AdamwOptimizerConfig:
+        if len(self.betas) != 2 or not all(0 <= beta < 1 for beta in self.betas):
+            raise ValueError(f"optimizer.betas must be [β1, β2], each in [0, 1), got "
+                             f"{self.betas}")
+        if self.warmup_start_lr > self.lr:
+            raise ValueError(f"optimizer.warmup_start_lr ({self.warmup_start_lr}) must not "
+                             f"exceed optimizer.lr ({self.lr}): the warm-up rises to lr")
+        return self
+
+    @property
+    def warmup_start_factor(self) -> float:
+        """The learning-rate factor at t = 0: the absolute start as a fraction of lr."""
+        return self.warmup_start_lr / self.lr
+
+
+def _optimizer_variant(data: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+    """`optimizer: adamw` is shorthand for `{name: adamw}`. A section without a `name` is sgd,
+    the optimizer of every config written before the choice; it is validated on its own, so
+    its errors name its keys where they always were (`warmup.optimizer.lr`, no variant)."""
+    data = _named_variant({"optimizer": data}, "optimizer")["optimizer"]
+    if isinstance(data, dict) and data.get("name", "sgd") == "sgd":
+        return SgdOptimizerConfig.model_validate(data)
+    return handler(data)
+
+
+OptimizerConfig = Annotated[SgdOptimizerConfig | AdamwOptimizerConfig,
+                            WrapValidator(_optimizer_variant), Field(discriminator="name")]
 
 
 Precision = Literal["fp32", "bf16", "fp16"]
@@ -291,7 +356,7 @@ class WarmupConfig(Section):
     iterations: int = Field(default=40000, ge=1)
     batch_size: int = Field(default=2, ge=1, description="source crops per step, over all "
                             "processes (under torchrun each process takes its share)")
-    optimizer: OptimizerConfig = OptimizerConfig(lr=2.5e-4)
+    optimizer: OptimizerConfig = SgdOptimizerConfig(lr=2.5e-4)
     adversarial: AdversarialConfig = AdversarialConfig()
     checkpoint_every: int = Field(default=1000, ge=1)
     eval_every: int = Field(default=0, ge=0, description="evaluate on target-val every N (0: off)")
@@ -441,7 +506,7 @@ class SelfTrainConfig(Section):
         default=1, ge=1, description="micro-batches per step, for a GPU that cannot hold the "
         "step's batch: gradients are summed over them before one optimizer step; batch-norm "
         "statistics and online thresholds are then per micro-batch (docs/method.md)")
-    optimizer: OptimizerConfig = OptimizerConfig()
+    optimizer: OptimizerConfig = SgdOptimizerConfig()
     loss: LossWeights = LossWeights()
     alpha: AlphaSchedule = AlphaSchedule()
     beta: BetaSchedule = BetaSchedule()

@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
-from stages.config import OptimizerConfig, hashed_section
+from stages.config import AdamwOptimizerConfig, OptimizerConfig, hashed_section
+from stages.nn.model import parameter_groups
 from stages.runtime.errors import DudaError
 from stages.runtime.schedules import lr_factor
 from stages.runtime.seeding import capture_rng_state, restore_rng_state
@@ -35,11 +36,24 @@ if TYPE_CHECKING:
 # ------------------------------------------------------------------------------ optimisation
 
 
-def build_optimizer(groups: list[dict[str, Any]], cfg: OptimizerConfig) -> torch.optim.SGD:
-    """SGD with (Nesterov) momentum over parameter groups (docs/method.md#optimisation).
+def optimizer_groups(model: torch.nn.Module, cfg: OptimizerConfig) -> list[dict[str, Any]]:
+    """`model`'s parameter groups under the chosen optimizer (docs/method.md#optimisation):
+    sgd's backbone at lr × backbone_lr_multiplier and head at lr; adamw's backbone at lr and
+    head at lr × head_lr_multiplier, each split into a decayed group and one without weight
+    decay for the parameters named by `no_decay`."""
+    if isinstance(cfg, AdamwOptimizerConfig):
+        return parameter_groups(model, cfg.lr, 1.0, cfg.weight_decay,
+                                head_lr_multiplier=cfg.head_lr_multiplier,
+                                no_decay=cfg.no_decay)
+    return parameter_groups(model, cfg.lr, cfg.backbone_lr_multiplier, cfg.weight_decay)
 
-    Each group carries its own base `lr` (the backbone's is already scaled by its multiplier)
-    and `weight_decay`; the base is kept as `initial_lr` so `apply_lr_factor` can rescale it.
+
+def build_optimizer(groups: list[dict[str, Any]], cfg: OptimizerConfig) -> torch.optim.Optimizer:
+    """The chosen optimizer over parameter groups (docs/method.md#optimisation): SGD with
+    (Nesterov) momentum, or AdamW with `betas`.
+
+    Each group carries its own base `lr` (already scaled by its multiplier) and
+    `weight_decay`; the base is kept as `initial_lr` so `apply_lr_factor` can rescale it.
     """
     prepared = []
     for group in groups:
@@ -48,15 +62,20 @@ def build_optimizer(groups: list[dict[str, Any]], cfg: OptimizerConfig) -> torch
         group.setdefault("weight_decay", cfg.weight_decay)
         group["initial_lr"] = group.get("base_lr", group["lr"])
         prepared.append(group)
+    if isinstance(cfg, AdamwOptimizerConfig):
+        beta1, beta2 = cfg.betas
+        return torch.optim.AdamW(prepared, lr=cfg.lr, betas=(beta1, beta2),
+                                 weight_decay=cfg.weight_decay)
     return torch.optim.SGD(prepared, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
                            weight_decay=cfg.weight_decay)
 
 
 def learning_rate_factor(t: int, total: int, cfg: OptimizerConfig) -> float:
-    """The LR multiplier after t optimizer steps: linear warmup, then poly
+    """The LR multiplier after t optimizer steps: linear warmup from the variant's start (sgd: a
+    fraction of lr; adamw: an absolute lr, as a fraction of lr), then poly
     (docs/method.md#optimisation)."""
     return lr_factor(t, total, warmup_iterations=cfg.warmup_iterations,
-                     warmup_start=cfg.warmup_start, power=cfg.poly_power)
+                     warmup_start=cfg.warmup_start_factor, power=cfg.poly_power)
 
 
 def apply_lr_factor(optimizer: torch.optim.Optimizer, factor: float) -> float:

@@ -17,7 +17,7 @@ its smaller learning rate from that prefix.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -215,24 +215,31 @@ def build_model(cfg: ModelConfig, num_classes: int) -> DeepLabV2:
 
 
 def parameter_groups(model: nn.Module, lr: float, backbone_lr_multiplier: float,
-                     weight_decay: float) -> list[dict[str, Any]]:
-    """Two SGD groups: the backbone at lr × backbone_lr_multiplier, the head at lr.
+                     weight_decay: float, head_lr_multiplier: float = 1.0,
+                     no_decay: Sequence[str] = ()) -> list[dict[str, Any]]:
+    """The optimizer's groups: the backbone at lr × backbone_lr_multiplier, the head at
+    lr × head_lr_multiplier (SGD: 0.1 and 1; DAFormer's AdamW: 1 and 10).
 
-    docs/method.md: every trainable tensor (biases included) gets the weight decay; frozen
+    docs/method.md#optimisation: every trainable tensor (biases included) gets the weight decay
+    except those whose names contain one of `no_decay` (DAFormer's `norm` and `pos_block`),
+    which go to a group of their own (`backbone_no_decay`, `head_no_decay`) with none; frozen
     tensors (BN affine when frozen) are left out. Each group carries `base_lr`, the learning
-    rate a scheduler multiplies by its factor, and a `name`.
+    rate a scheduler multiplies by its factor, and a `name`; empty groups are left out.
     """
-    backbone, head = [], []
+    members: dict[tuple[str, bool], list[nn.Parameter]] = {
+        (part, decayed): [] for part in ("backbone", "head") for decayed in (True, False)}
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad:
             continue
         # Accept a DDP / mean-teacher wrapper's "module." prefix.
         bare = name.removeprefix("module.")
-        (backbone if bare.startswith(BACKBONE_PREFIX) else head).append(parameter)
+        part = "backbone" if bare.startswith(BACKBONE_PREFIX) else "head"
+        members[part, not any(key in bare for key in no_decay)].append(parameter)
+    rates = {"backbone": lr * backbone_lr_multiplier, "head": lr * head_lr_multiplier}
     groups = []
-    for group_name, params, group_lr in (("backbone", backbone, lr * backbone_lr_multiplier),
-                                         ("head", head, lr)):
+    for (part, decayed), params in members.items():
         if params:
-            groups.append({"name": group_name, "params": params, "lr": group_lr,
-                           "base_lr": group_lr, "weight_decay": weight_decay})
+            groups.append({"name": part if decayed else f"{part}_no_decay", "params": params,
+                           "lr": rates[part], "base_lr": rates[part],
+                           "weight_decay": weight_decay if decayed else 0.0})
     return groups
