@@ -159,7 +159,7 @@ def _evaluate(loaded: LoadedModel, samples: list[Sample], size: tuple[int, int],
     dataset = FullImageDataset(samples, size, loaded.model_config.normalization,
                                with_labels=True)
     loader = full_image_loader(dataset, settings.inference.batch_size,
-                               settings.inference.num_workers)
+                               settings.inference.num_workers, device)
     matrix = ConfusionMatrix(len(classes.names))
     with reporter.task(f"evaluating {settings.domain}/{settings.split}",
                        total=len(dataset)) as task, BackgroundWriter() as writer:

@@ -286,7 +286,8 @@ def _infer(config: Config, models: list[LoadedModel], samples: list[Sample], min
     predicted = np.zeros(num_classes, np.int64)
     dataset = FullImageDataset([samples[i] for i in mine], size,
                                models[0].model_config.normalization)
-    loader = full_image_loader(dataset, cfg.inference.batch_size, cfg.inference.num_workers)
+    loader = full_image_loader(dataset, cfg.inference.batch_size, cfg.inference.num_workers,
+                               device)
     window = sliding_window(cfg.inference, config.input.crop_size)
     out_size = (store.height, store.width)
     with reporter.task("pseudo labels: inference", total=len(mine)) as task, \

@@ -282,7 +282,7 @@ def _predict(model: torch.nn.Module, images: list[InputImage], size: tuple[int, 
     Unreadable images do not stop the loop: the rest are still decoded (not segmented) so that
     the error names them all."""
     loader = full_image_loader(_Images(images, size, normalization), batch_size, num_workers,
-                               collate=_collate)
+                               device, collate=_collate)
     sizes: list[tuple[int, int]] = [(0, 0)] * len(images)
     unreadable: list[str] = []
     # Beside a CPU model, whose own threads take every core, one encoding thread is enough;

@@ -148,7 +148,8 @@ def _merge_pass(config: Config, model: torch.nn.Module, normalization: str,
     unlabelled = [dataclasses.replace(sample, label=None) for sample in samples]
     dataset = FullImageDataset(unlabelled, cfg.inference.size or config.input.target_size,
                                normalization)
-    loader = full_image_loader(dataset, cfg.inference.batch_size, cfg.inference.num_workers)
+    loader = full_image_loader(dataset, cfg.inference.batch_size, cfg.inference.num_workers,
+                               device)
     window = sliding_window(cfg.inference, config.input.crop_size)
     counts = PassCounts(store.num_classes)
     with reporter.task("update-offline", total=len(samples)) as task, \

@@ -55,16 +55,16 @@ def sliding_window(settings: InferenceConfig, crop_size: Size) -> SlidingWindow 
 
 
 def full_image_loader(dataset: Dataset, batch_size: int, num_workers: int | str,
+                      device: torch.device,
                       collate: Callable[[list[Any]], Any] = collate_full_images,
                       ) -> Iterable[Any]:
-    """Batches of whole images in index order (`FullImageDataset` items), decoded ahead of the
-    model: in `num_workers` loader processes (`auto`: from the available cores), or with 0 on
-    one background thread (where processes cannot help, as on a CPU whose cores the model
-    already uses)."""
+    """Batches of whole images in index order (`FullImageDataset` items) for a model on
+    `device`: decoded ahead in `num_workers` loader processes (`auto`: from the available
+    cores), or with 0 as `ahead` says (a background thread beside a GPU, in turn on the CPU)."""
     num_workers = worker_count(num_workers)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                        collate_fn=collate, pin_memory=torch.cuda.is_available())
-    return loader if num_workers > 0 else ThreadAhead(loader)
+                        collate_fn=collate, pin_memory=device.type == "cuda")
+    return ahead(loader, num_workers, device)
 
 
 class ThreadAhead:
