@@ -66,6 +66,14 @@ def _tensors(data, prefix=""):
     return found
 
 
+def assert_same_checkpoints(straight: Path, resumed: Path) -> None:
+    """Every tensor of `model.pt` and `train_state.pt` equal in two runs (bit for bit)."""
+    for name in ("model.pt", "train_state.pt"):
+        expected, got = _tensors(load_torch(straight / name)), _tensors(load_torch(resumed / name))
+        assert expected.keys() == got.keys() and len(expected) > 10
+        assert [key for key in expected if not torch.equal(expected[key], got[key])] == []
+
+
 def _invoke(*args: str):
     return CliRunner().invoke(app, ["warmup", *args, "--device", "cpu"])
 
@@ -107,11 +115,7 @@ def test_resume_reaches_bit_identical_weights(tiny_index, tmp_path, adversarial)
     assert load_torch(tmp_path / "resumed" / "train_state.pt")["progress"]["iteration"] == 2
     resumed = warmup.run(config, tiny_index, tmp_path / "resumed", resume=True,
                          device="cpu").path
-    for name in ("model.pt", "train_state.pt"):
-        expected, got = _tensors(load_torch(straight / name)), _tensors(load_torch(resumed / name))
-        assert expected.keys() == got.keys() and len(expected) > 10
-        different = [key for key in expected if not torch.equal(expected[key], got[key])]
-        assert different == []
+    assert_same_checkpoints(straight, resumed)
     if adversarial:
         assert "/discriminator/classifier.weight" in _tensors(
             load_torch(resumed / "train_state.pt"))
@@ -311,9 +315,6 @@ def test_adamw_warmup_trains_and_resumes_bit_identically(tiny_index, tmp_path):
     assert load_torch(tmp_path / "resumed" / "train_state.pt")["progress"]["iteration"] == 1
     resumed = warmup.run(config, tiny_index, tmp_path / "resumed", resume=True,
                          device="cpu").path
-    for name in ("model.pt", "train_state.pt"):
-        expected, got = _tensors(load_torch(straight / name)), _tensors(load_torch(resumed / name))
-        assert expected.keys() == got.keys() and len(expected) > 10
-        assert [key for key in expected if not torch.equal(expected[key], got[key])] == []
+    assert_same_checkpoints(straight, resumed)
     assert (resumed / "metrics.jsonl").read_text() == (straight / "metrics.jsonl").read_text()
     assert read_manifest(resumed).id == read_manifest(straight).id
