@@ -26,7 +26,7 @@ from pathlib import Path
 import yaml
 from common import add_common_arguments, write_checkpoint, write_index
 
-from stages.config import ModelConfig
+from stages.config import DeepLabV2Config
 from stages.nn.model import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,7 +41,7 @@ def main() -> None:
                         help="CPU threads shared by the processes of each layout")
     args = parser.parse_args()
 
-    model_config = ModelConfig(backbone=args.backbone, width_multiplier=args.width,
+    model_config = DeepLabV2Config(backbone=args.backbone, width_multiplier=args.width,
                                normalization="imagenet_rgb")
     height, width = args.size
     with tempfile.TemporaryDirectory() as tmp:

@@ -1,10 +1,15 @@
 """Does DUDA help, and does each of its mechanisms? The ablation table on a built-in domain pair.
 
-Target-val mIoU over seeds, on `--pair hard` (configs/synthetic_hard.yaml) or `--pair easy`
-(configs/synthetic.yaml), of eight rows:
+Target-val mIoU over seeds, on `--pair hard` (configs/synthetic_hard.yaml), `--pair easy`
+(configs/synthetic.yaml) or `--pair mit` (configs/synthetic_mit.yaml: the easy pair's data with
+a MiT-B0 and DAFormer's head and optimizer), of these rows:
 
 - source-only: the warmup model as trained (its source BN statistics);
-- AdaBN: the same model, its BN statistics recomputed on all of target-train;
+- AdaBN: the same model, its BN statistics recomputed on all of target-train (for a MiT, the
+  head's BN only: the encoder has LayerNorm);
+- plain mean teacher: the teacher's online labels alone, by cross-entropy at weight 1 (DAFormer's
+  self-training without its extras): no stored labels, no offline update, no consistency, no
+  regularisers;
 - offline-only: self-training on the stored labels alone (source CE + SCE on the offline labels;
   no online labels, no consistency, no offline update: `offline_start` past the end);
 - online-only: the mean teacher's online labels and consistency, no stored labels
@@ -13,6 +18,8 @@ Target-val mIoU over seeds, on `--pair hard` (configs/synthetic_hard.yaml) or `-
 - CE, not SCE: DUDA with plain cross-entropy on the stored labels (`offline_sce_a=1`,
   `offline_sce_b=0`);
 - DUDA: the full method, one round, as `duda run` runs it;
+- ceiling: the offline-only row's schedule fed target-train ground truth as its stored labels
+  (imported as `duda pseudo import` does): what any labels can reach in that schedule;
 - oracle: the same model trained on target-train labels (`warmup.train_domain=target`).
 
 Every self-training row starts from the same warmup checkpoint and the same stored labels and is
@@ -36,23 +43,34 @@ import time
 from pathlib import Path
 from typing import Any
 
-from stages import evaluate, generate_pseudo, prepare_data, self_train, warmup
+import numpy as np
+from PIL import Image
+
+from stages import evaluate, generate_pseudo, prepare_data, pseudo, self_train, warmup
 from stages.artifacts.checkpoint import METRICS_FILE
 from stages.config import load_config
+from stages.data.index import load_dataset_index
 
 ROOT = Path(__file__).resolve().parents[1]
 PAIRS = {"easy": ROOT / "configs" / "synthetic.yaml",
-         "hard": ROOT / "configs" / "synthetic_hard.yaml"}
+         "hard": ROOT / "configs" / "synthetic_hard.yaml",
+         "mit": ROOT / "configs" / "synthetic_mit.yaml"}
 NEVER = "self_train.offline_start=1000000000"
 # Each self-training row: its overrides of the config (the rest is the config's DUDA).
+OFFLINE_ONLY = ["self_train.loss.consistency=0.0", "self_train.loss.online=0.0",
+                "self_train.loss.online_entropy=0.0", "self_train.loss.online_kld=0.0", NEVER]
 SELF_TRAINING = {
-    "offline-only": ["self_train.loss.consistency=0.0", "self_train.loss.online=0.0",
-                     "self_train.loss.online_entropy=0.0", "self_train.loss.online_kld=0.0",
-                     NEVER],
+    "plain mean teacher": ["self_train.loss.offline=0.0", "self_train.loss.consistency=0.0",
+                           "self_train.loss.online=1.0", "self_train.loss.online_entropy=0.0",
+                           "self_train.loss.online_kld=0.0", "self_train.loss.offline_entropy=0.0",
+                           "self_train.loss.offline_kld=0.0", "self_train.offline_update=false"],
+    "offline-only": OFFLINE_ONLY,
     "online-only": ["self_train.loss.offline=0.0", "self_train.offline_update=false"],
     "no offline update": ["self_train.offline_update=false"],
     "CE, not SCE": ["self_train.loss.offline_sce_a=1.0", "self_train.loss.offline_sce_b=0.0"],
     "DUDA": [],
+    # the offline-only schedule on a store holding target-train ground truth
+    "ceiling": OFFLINE_ONLY,
 }
 ROWS = ["source-only", "AdaBN", *SELF_TRAINING, "oracle"]
 CURVES = ("val/miou", "online/label_accuracy", "offline/label_accuracy",
@@ -116,10 +134,15 @@ def run_seed(config_path: Path, base: list[str], root: Path, data_dir: Path,
         scored["oracle"] = (warmup.run(config("warmup.train_domain=target"), data,
                                        root / "oracle", device=device).path, config(*as_trained))
     training = [name for name in SELF_TRAINING if name in rows]
-    if training:
-        pseudo = generate_pseudo.run(config(), data, source, root / "pseudo", device=device).path
+    stores = {}
+    if any(name != "ceiling" for name in training):
+        stores["labels"] = generate_pseudo.run(config(), data, source, root / "pseudo",
+                                               device=device).path
+    if "ceiling" in training:
+        stores["truth"] = ground_truth_store(data, root)
     for name in training:
-        run = self_train.run(config(*SELF_TRAINING[name]), data, source, pseudo,
+        store = stores["truth" if name == "ceiling" else "labels"]
+        run = self_train.run(config(*SELF_TRAINING[name]), data, source, store,
                              root / _folder(name), device=device).path
         scored[name] = (run, config())
     found = {}
@@ -131,6 +154,18 @@ def run_seed(config_path: Path, base: list[str], root: Path, data_dir: Path,
                        "curves": curves(checkpoint / METRICS_FILE) if name in SELF_TRAINING
                        else {}}
     return found
+
+
+def ground_truth_store(data: Path, root: Path) -> Path:
+    """A store of target-train ground truth, imported from one label PNG per image as
+    `duda pseudo import` does (confidence 1 everywhere labelled)."""
+    folder = root / "target-train-labels"
+    folder.mkdir(parents=True, exist_ok=True)
+    for sample in load_dataset_index(data).samples("target", "train"):
+        path = folder / f"{sample.id}.png"
+        if not path.exists():
+            Image.fromarray(np.ascontiguousarray(sample.read_label())).save(path)
+    return pseudo.run(folder, data, root / "ground-truth").path
 
 
 def _folder(row: str) -> str:

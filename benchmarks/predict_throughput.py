@@ -31,7 +31,7 @@ import torch
 from common import add_common_arguments, memory_batches, write_checkpoint, write_index
 
 from stages import predict
-from stages.config import Config, ModelConfig
+from stages.config import Config, DeepLabV2Config
 from stages.nn.model import build_model
 from stages.runtime.devices import resolve_device
 
@@ -44,7 +44,7 @@ def main() -> None:
     args = parser.parse_args()
 
     device = resolve_device(args.device)
-    model_config = ModelConfig(backbone=args.backbone, width_multiplier=args.width,
+    model_config = DeepLabV2Config(backbone=args.backbone, width_multiplier=args.width,
                                normalization="imagenet_rgb")
     height, width = args.size
     config = Config.model_validate({

@@ -42,8 +42,8 @@ def test_method_evidence_runs_every_row(tiny_config_file, tmp_path) -> None:
         capture_output=True, text=True, timeout=300, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
-    rows = ["source-only", "AdaBN", "offline-only", "online-only", "no offline update",
-            "CE, not SCE", "DUDA", "oracle"]
+    rows = ["source-only", "AdaBN", "plain mean teacher", "offline-only", "online-only",
+            "no offline update", "CE, not SCE", "DUDA", "ceiling", "oracle"]
     for row in rows:
         values = [results["seeds"][seed][row]["miou"] for seed in ("0", "1")]
         assert all(0.0 <= value <= 100.0 for value in values), row
@@ -54,6 +54,11 @@ def test_method_evidence_runs_every_row(tiny_config_file, tmp_path) -> None:
     assert "offline/label_accuracy" in duda and "online/label_accuracy" in duda
     # online-only trains on no stored labels, offline-only on no online ones
     assert "online/label_accuracy" not in results["seeds"]["0"]["offline-only"]["curves"]
+    plain = results["seeds"]["0"]["plain mean teacher"]["curves"]
+    assert "online/label_accuracy" in plain
+    # the ceiling trains on target-train ground truth: its stored labels are all correct
+    ceiling = results["seeds"]["0"]["ceiling"]["curves"]
+    assert all(value == pytest.approx(1.0) for _, value in ceiling["offline/label_accuracy"])
     assert "wall time" in result.stdout
     assert figure.stat().st_size > 10_000
 

@@ -17,17 +17,17 @@ from stages.artifacts.checkpoint import (
 )
 from stages.artifacts.manifest import CHECKPOINT, DATASET_INDEX
 from stages.artifacts.writer import ArtifactWriter
-from stages.config import ModelConfig
+from stages.config import DeepLabV2Config
 from stages.data.classes import CITYSCAPES_CLASSES
 from stages.nn.model import build_model
 from stages.nn.teacher import MeanTeacher
 from stages.runtime.errors import DudaError
 
-TINY = ModelConfig(backbone="resnet18", width_multiplier=0.25, dropout=0.0)
+TINY = DeepLabV2Config(backbone="resnet18", width_multiplier=0.25, dropout=0.0)
 
 
 def write_checkpoint(path: Path, *, teacher: bool = True, classes=CITYSCAPES_CLASSES,
-                     config: ModelConfig = TINY, seed: int = 0) -> tuple[Path, torch.nn.Module]:
+                     config: DeepLabV2Config = TINY, seed: int = 0) -> tuple[Path, torch.nn.Module]:
     torch.manual_seed(seed)
     student = build_model(config, len(classes))
     mean = None
@@ -111,6 +111,6 @@ def test_check_compatible_names_both_class_counts_and_backbones(tmp_path: Path) 
         check_compatible(loaded, CITYSCAPES_CLASSES)
     with pytest.raises(DudaError, match="other names"):
         check_compatible(loaded, ["a", "b", "x"])
-    with pytest.raises(DudaError, match=r"resnet18 \(width × 0.25\) model but the config asks "
-                                        r"for resnet101"):
-        check_compatible(loaded, ["a", "b", "c"], ModelConfig())
+    with pytest.raises(DudaError, match=r"DeepLabV2 resnet18 \(width × 0.25\) model but the "
+                                        r"config asks for DeepLabV2 resnet101"):
+        check_compatible(loaded, ["a", "b", "c"], DeepLabV2Config())

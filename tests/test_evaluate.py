@@ -17,7 +17,7 @@ from stages import evaluate
 from stages.artifacts.checkpoint import MODEL_FILE, write_model_file
 from stages.artifacts.manifest import CHECKPOINT, MANIFEST
 from stages.artifacts.writer import ArtifactWriter
-from stages.config import Config, ModelConfig
+from stages.config import Config, DeepLabV2Config
 from stages.data.classes import CITYSCAPES_CLASSES
 from stages.data.index import load_dataset_index
 from stages.data.io import read_image, read_label
@@ -28,7 +28,7 @@ from stages.nn.teacher import MeanTeacher
 from stages.runtime.errors import DudaError
 
 runner = CliRunner()
-TINY = ModelConfig(backbone="resnet18", width_multiplier=0.25, dropout=0.1,
+TINY = DeepLabV2Config(backbone="resnet18", width_multiplier=0.25, dropout=0.1,
                    normalization="imagenet_rgb")
 
 

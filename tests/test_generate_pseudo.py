@@ -21,7 +21,7 @@ from stages import generate_pseudo
 from stages.artifacts.checkpoint import MODEL_FILE, write_model_file
 from stages.artifacts.manifest import CHECKPOINT
 from stages.artifacts.writer import ArtifactWriter
-from stages.config import Config, ModelConfig
+from stages.config import Config, DeepLabV2Config
 from stages.data.classes import CITYSCAPES_CLASSES
 from stages.data.full_images import FullImageDataset
 from stages.data.index import load_dataset_index
@@ -34,7 +34,7 @@ from stages.store.pseudo_store import copy_store, open_store
 from tests.conftest import make_index
 
 runner = CliRunner()
-TINY = ModelConfig(backbone="resnet18", width_multiplier=0.25, dropout=0.1,
+TINY = DeepLabV2Config(backbone="resnet18", width_multiplier=0.25, dropout=0.1,
                    normalization="imagenet_rgb")
 ROOT = Path(__file__).resolve().parent.parent
 

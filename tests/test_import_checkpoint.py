@@ -20,17 +20,17 @@ from stages import evaluate, generate_pseudo, self_train
 from stages.artifacts.checkpoint import MODEL_FILE, load_torch, write_model_file
 from stages.artifacts.manifest import CHECKPOINT, MANIFEST, load_artifact
 from stages.artifacts.writer import ArtifactWriter
-from stages.config import Config, ModelConfig
+from stages.config import Config, DeepLabV2Config
 from stages.data.classes import CITYSCAPES_CLASSES
 from stages.nn.model import build_model
 
 runner = CliRunner()
-TINY = ModelConfig.model_validate(TINY_CONFIG["model"])
+TINY = DeepLabV2Config.model_validate(TINY_CONFIG["model"])
 CAFFE = ["--set", "model.backbone=resnet50", "--set", "model.width_multiplier=1.0",
          "--set", "model.style=caffe", "--set", "model.normalization=caffe_bgr"]
 
 
-def source_model(config: ModelConfig = TINY, classes: int = 19, seed: int = 1) -> torch.nn.Module:
+def source_model(config: DeepLabV2Config = TINY, classes: int = 19, seed: int = 1) -> torch.nn.Module:
     """A model with random values in every float tensor (built without the costly init)."""
     with torch.device("meta"):
         model = build_model(config, classes)
@@ -146,7 +146,7 @@ def test_an_iast_snapshot_is_a_checkpoint_self_train_starts_from(tmp_path: Path,
 
 def test_reference_mean_teacher_and_adaptsegnet_single_level(tmp_path: Path,
                                                              config_file: Path) -> None:
-    caffe = ModelConfig(backbone="resnet50", style="caffe", normalization="caffe_bgr")
+    caffe = DeepLabV2Config(backbone="resnet50", style="caffe", normalization="caffe_bgr")
     source = source_model(caffe)
     teacher = {"module.module.n_averaged": torch.tensor(5),
                **renamed(source, "backbone.", "decoder.aspp.conv2d_list.",
@@ -246,7 +246,7 @@ def test_weights_of_another_class_count_or_architecture(tmp_path: Path, config_f
     message = refused(tmp_path, config_file, tmp_path / "21.pth")
     assert "do not fit the model (resnet18, 19 classes)" in message
     assert "classifier.branches.0.weight: file (21," in message
-    wider = ModelConfig.model_validate({**TINY_CONFIG["model"], "width_multiplier": 0.5})
+    wider = DeepLabV2Config.model_validate({**TINY_CONFIG["model"], "width_multiplier": 0.5})
     iast_snapshot(tmp_path / "wide.pth", source_model(wider))
     assert "file (32, 3, 7, 7) vs model (16, 3, 7, 7)" in refused(tmp_path, config_file,
                                                                   tmp_path / "wide.pth")

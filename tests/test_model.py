@@ -8,10 +8,10 @@ import torchvision
 from pydantic import ValidationError
 from torch import nn
 
-from stages.config import ModelConfig
+from stages.config import DeepLabV2Config
 from stages.nn.model import build_model, parameter_groups
 
-TINY = ModelConfig(backbone="resnet18", width_multiplier=0.25, dropout=0.1)
+TINY = DeepLabV2Config(backbone="resnet18", width_multiplier=0.25, dropout=0.1)
 
 
 def test_logits_come_back_at_the_input_size() -> None:
@@ -33,7 +33,7 @@ def test_resnet18_backbone_has_output_stride_8(size: tuple[int, int],
 
 
 def test_resnet50_backbone_has_output_stride_8_and_2048_channels() -> None:
-    model = build_model(ModelConfig(backbone="resnet50", dropout=0.0), 3).eval()
+    model = build_model(DeepLabV2Config(backbone="resnet50", dropout=0.0), 3).eval()
     with torch.no_grad():
         out = model.features(torch.randn(1, 3, 64, 64))
     assert out.shape == (1, 2048, 8, 8)
@@ -63,7 +63,7 @@ def test_aspp_has_four_summed_branches_with_the_configured_rates() -> None:
 
 
 def test_resnet18_at_full_width_takes_a_torchvision_state_dict() -> None:
-    model = build_model(ModelConfig(backbone="resnet18"), 19)
+    model = build_model(DeepLabV2Config(backbone="resnet18"), 19)
     reference = torchvision.models.resnet18().state_dict()
     ours = {k.removeprefix("backbone."): v.shape for k, v in model.state_dict().items()
             if k.startswith("backbone.")}
@@ -118,7 +118,7 @@ def test_dropout_zero_means_no_dropout_module() -> None:
     assert any(isinstance(m, nn.Dropout2d) and m.p == 0.1 for m in model.modules())
 
 
-CAFFE50 = ModelConfig(backbone="resnet50", style="caffe", dropout=0.0)
+CAFFE50 = DeepLabV2Config(backbone="resnet50", style="caffe", dropout=0.0)
 
 
 def test_caffe_layout_puts_the_stride_in_the_first_1x1_conv_and_dilates_every_block() -> None:
@@ -155,7 +155,7 @@ def test_feature_map_sizes_of_the_two_layouts(backbone: str, style: str, size: t
                                               features: tuple[int, int]) -> None:
     # Shapes only, on the meta device: a full-size ResNet-101 forward is too slow for a test.
     with torch.device("meta"):
-        model = build_model(ModelConfig(backbone=backbone, style=style), 19)
+        model = build_model(DeepLabV2Config(backbone=backbone, style=style), 19)
         out = model.features(torch.empty(1, 3, *size))
         logits = model(torch.empty(1, 3, *size))
     assert tuple(out.shape) == (1, 2048, *features)
@@ -164,24 +164,24 @@ def test_feature_map_sizes_of_the_two_layouts(backbone: str, style: str, size: t
 
 def test_caffe_style_is_refused_for_resnet18_with_the_fix() -> None:
     with pytest.raises(ValidationError, match="set model.backbone to resnet50 or resnet101"):
-        ModelConfig(backbone="resnet18", style="caffe")
+        DeepLabV2Config(backbone="resnet18", style="caffe")
 
 
 def test_a_stored_model_config_without_style_or_init_reads_as_torchvision_without_init() -> None:
-    stored = ModelConfig(backbone="resnet18").model_dump(mode="json")
+    stored = DeepLabV2Config(backbone="resnet18").model_dump(mode="json")
     del stored["style"], stored["init"]
-    config = ModelConfig.model_validate(stored)
+    config = DeepLabV2Config.model_validate(stored)
     assert config.style == "torchvision" and config.init == "none"
 
 
 def test_imagenet_init_needs_the_torchvision_layout_and_rgb_inputs() -> None:
-    ok = ModelConfig(backbone="resnet50", normalization="imagenet_rgb", init="imagenet")
+    ok = DeepLabV2Config(backbone="resnet50", normalization="imagenet_rgb", init="imagenet")
     assert ok.init == "imagenet"
     for bad in ({"backbone": "resnet50", "normalization": "caffe_bgr"},
                 {"backbone": "resnet50", "normalization": "imagenet_rgb", "style": "caffe"},
                 {"backbone": "resnet18", "normalization": "imagenet_rgb"}):
         with pytest.raises(ValidationError, match="model.style: torchvision and "
                                                   "model.normalization: imagenet_rgb"):
-            ModelConfig(init="imagenet", **bad)
+            DeepLabV2Config(init="imagenet", **bad)
     with pytest.raises(ValidationError, match="model.init is empty"):
-        ModelConfig(init=" ")
+        DeepLabV2Config(init=" ")

@@ -19,7 +19,7 @@ from stages import evaluate, predict, prepare_data
 from stages.artifacts.checkpoint import MODEL_FILE, write_model_file
 from stages.artifacts.manifest import CHECKPOINT, MANIFEST, PREDICTIONS, load_artifact
 from stages.artifacts.writer import ArtifactWriter
-from stages.config import Config, ModelConfig
+from stages.config import Config, DeepLabV2Config
 from stages.data.classes import (
     CITYSCAPES_CLASSES,
     CITYSCAPES_ID_TO_TRAINID,
@@ -35,7 +35,7 @@ from stages.nn.model import build_model
 from stages.runtime.errors import DudaError
 
 runner = CliRunner()
-TINY = ModelConfig(backbone="resnet18", width_multiplier=0.25, dropout=0.1,
+TINY = DeepLabV2Config(backbone="resnet18", width_multiplier=0.25, dropout=0.1,
                    normalization="imagenet_rgb")
 CONFIG = {
     "experiment": "predict",

@@ -12,10 +12,10 @@ import torch.nn.functional as F
 from reference_deeplab import ReferenceDeepLab, randomize_
 
 from stages.artifacts.weights import import_weights, load_initial_weights
-from stages.config import ModelConfig
+from stages.config import DeepLabV2Config
 from stages.nn.model import build_model
 
-CAFFE101 = ModelConfig(backbone="resnet101", style="caffe", normalization="caffe_bgr",
+CAFFE101 = DeepLabV2Config(backbone="resnet101", style="caffe", normalization="caffe_bgr",
                        dropout=0.5)
 # The logits tests run at ResNet-50 depth (layer3 of 6 blocks, not 23) to stay fast on a CPU;
 # the layout under test is the same, and the full depth is checked on the meta device below.
@@ -24,7 +24,7 @@ RESNET50_BLOCKS = (3, 4, 6, 3)
 SIZES = [(65, 97), (33, 47)]
 
 
-def empty_model(config: ModelConfig) -> torch.nn.Module:
+def empty_model(config: DeepLabV2Config) -> torch.nn.Module:
     """A model built without its random initialisation (meta device, then zeros on the CPU):
     every tensor is about to be overwritten by the import."""
     with torch.device("meta"):

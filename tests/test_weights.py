@@ -20,17 +20,17 @@ from stages.artifacts.weights import (
     load_initial_weights,
 )
 from stages.artifacts.writer import ArtifactWriter
-from stages.config import ModelConfig
+from stages.config import DeepLabV2Config
 from stages.nn.model import build_model
 from stages.runtime.errors import DudaError
 
-TINY = ModelConfig(backbone="resnet18", width_multiplier=0.25, dropout=0.0,
+TINY = DeepLabV2Config(backbone="resnet18", width_multiplier=0.25, dropout=0.0,
                    normalization="imagenet_rgb")
-CAFFE = ModelConfig(backbone="resnet50", style="caffe", normalization="caffe_bgr", dropout=0.0)
-TORCHVISION50 = ModelConfig(backbone="resnet50", normalization="imagenet_rgb", dropout=0.0)
+CAFFE = DeepLabV2Config(backbone="resnet50", style="caffe", normalization="caffe_bgr", dropout=0.0)
+TORCHVISION50 = DeepLabV2Config(backbone="resnet50", normalization="imagenet_rgb", dropout=0.0)
 
 
-def blank(config: ModelConfig = TINY, classes: int = 19) -> torch.nn.Module:
+def blank(config: DeepLabV2Config = TINY, classes: int = 19) -> torch.nn.Module:
     """A model of `config` with every tensor zero: built on the meta device and materialised
     without the random initialisation, which is most of the cost of building a ResNet-50."""
     with torch.device("meta"):
@@ -42,7 +42,7 @@ def blank(config: ModelConfig = TINY, classes: int = 19) -> torch.nn.Module:
     return model
 
 
-def source_model(seed: int = 1, classes: int = 19, config: ModelConfig = TINY):
+def source_model(seed: int = 1, classes: int = 19, config: DeepLabV2Config = TINY):
     model = blank(config, classes)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -422,7 +422,7 @@ def test_initialize_imagenet_without_cache_or_network_says_which_file_to_place_w
         raise urllib.error.URLError("no network")
 
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
-    config = ModelConfig(backbone="resnet101", normalization="imagenet_rgb", init="imagenet")
+    config = DeepLabV2Config(backbone="resnet101", normalization="imagenet_rgb", init="imagenet")
     with torch.device("meta"):
         model = build_model(config, 19)
     with pytest.raises(DudaError) as error:

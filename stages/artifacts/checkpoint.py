@@ -21,7 +21,7 @@ from pydantic import ValidationError
 from torch import nn
 
 from stages.artifacts.manifest import CHECKPOINT, Manifest, atomic_open, load_artifact
-from stages.config import ModelConfig
+from stages.config import ModelConfig, parse_model_config
 from stages.runtime.errors import DudaError
 
 MODEL_FILE = "model.pt"
@@ -143,7 +143,7 @@ def read_model_file(path: Path) -> tuple[dict[str, Any], ModelConfig, list[str]]
         raise DudaError(f"checkpoint file {path} lacks {', '.join(missing)}: it is not a duda "
                         "model file", "pass a checkpoint artifact written by duda")
     try:
-        model_config = ModelConfig.model_validate(data["model_config"])
+        model_config = parse_model_config(data["model_config"])
     except ValidationError as error:
         raise DudaError(f"checkpoint file {path} has an invalid model config: "
                         f"{str(error).splitlines()[0]}",
@@ -177,7 +177,7 @@ def load_model(checkpoint_dir: str | Path, which: Which = "teacher",
         model.load_state_dict(state, assign=True)
     except RuntimeError as error:
         raise DudaError(f"checkpoint file {path}: the {which} weights do not fit the model "
-                        f"{model_config.backbone} it describes "
+                        f"{model_config.describe()} it describes "
                         f"({str(error).splitlines()[0]})",
                         "the file is damaged or was edited; rerun the stage that wrote it") from None
     model.to(device).eval()
@@ -206,20 +206,21 @@ def check_compatible(loaded: LoadedModel, class_names: list[str] | tuple[str, ..
     if model_config is None:
         return
     theirs, ours = loaded.model_config, model_config
-    if (theirs.backbone, theirs.width_multiplier) != (ours.backbone, ours.width_multiplier):
-        raise DudaError(f"checkpoint {loaded.path} holds a {_describe(theirs)} model but the "
-                        f"config asks for {_describe(ours)}",
-                        "set model.backbone (and model.width_multiplier) to the checkpoint's, "
-                        "or use a checkpoint of this backbone")
+    if theirs.name != ours.name:
+        raise DudaError(f"checkpoint {loaded.path} holds a {theirs.describe()} (model.name "
+                        f"{theirs.name}) but the config asks for {ours.describe()} (model.name "
+                        f"{ours.name})",
+                        "set model.name and model.backbone to the checkpoint's, or use a "
+                        "checkpoint of this model family")
+    if theirs.describe() != ours.describe():
+        raise DudaError(f"checkpoint {loaded.path} holds a {theirs.describe()} model but the "
+                        f"config asks for {ours.describe()}",
+                        "set model.backbone (and model.width_multiplier or model.head) to the "
+                        "checkpoint's, or use a checkpoint of this backbone")
     differ = [f"model.{key} {getattr(theirs, key)!r} (checkpoint) vs {getattr(ours, key)!r} "
-              "(config)" for key in ("style", "normalization", "aspp_rates")
+              "(config)" for key in ours.FUNCTION_KEYS
               if getattr(theirs, key) != getattr(ours, key)]
     if differ:
         raise DudaError(f"checkpoint {loaded.path} computes another function than the config "
                         f"describes: {'; '.join(differ)}",
                         "set these model keys to the checkpoint's values")
-
-
-def _describe(config: ModelConfig) -> str:
-    width = config.width_multiplier
-    return config.backbone if width == 1.0 else f"{config.backbone} (width × {width:g})"

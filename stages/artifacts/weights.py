@@ -48,7 +48,7 @@ from torch import nn
 
 from stages.artifacts.checkpoint import MODEL_FILE, load_checkpoint_manifest
 from stages.artifacts.manifest import MANIFEST
-from stages.config import ModelConfig
+from stages.config import MODEL_CONFIGS, ModelConfig, parse_model_config
 from stages.runtime.errors import DudaError
 
 logger = logging.getLogger("duda")
@@ -229,7 +229,7 @@ def _unreadable(path: Path, error: BaseException) -> DudaError:
 
 def _checkpoint_layout(data: dict[str, Any], path: Path) -> ModelConfig:
     try:
-        return ModelConfig.model_validate(data["model_config"])
+        return parse_model_config(data["model_config"])
     except ValidationError as error:
         raise DudaError(f"checkpoint file {path} has an invalid model config: "
                         f"{str(error).splitlines()[0]}",
@@ -282,7 +282,7 @@ def _model_config(model: nn.Module, config: ModelConfig | None) -> ModelConfig:
     if config is not None:
         return config
     found = getattr(model, "config", None)
-    if not isinstance(found, ModelConfig):
+    if not isinstance(found, MODEL_CONFIGS):
         raise TypeError("import_weights needs the model's ModelConfig: pass config=, or a "
                         "DeepLabV2 (which keeps it in .config)")
     return found

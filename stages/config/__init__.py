@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from stages.config.models import (
     AdamwOptimizerConfig,
@@ -26,6 +26,7 @@ from stages.config.models import (
     BetaSchedule,
     CbstSelectorConfig,
     DataConfig,
+    DeepLabV2Config,
     DomainConfig,
     EmaTeacherConfig,
     EvaluateConfig,
@@ -36,6 +37,8 @@ from stages.config.models import (
     InputConfig,
     LossWeights,
     MeanTeacherConfig,
+    MIT_ENCODERS,
+    MODEL_CONFIGS,
     ModelConfig,
     OptimizerConfig,
     Precision,
@@ -43,6 +46,7 @@ from stages.config.models import (
     Recalibration,
     Schedule,
     Section,
+    SegFormerConfig,
     SelectorConfig,
     SelfTrainConfig,
     SgdOptimizerConfig,
@@ -64,6 +68,7 @@ __all__ = [
     "CbstSelectorConfig",
     "Config",
     "DataConfig",
+    "DeepLabV2Config",
     "DomainConfig",
     "EmaTeacherConfig",
     "EvaluateConfig",
@@ -74,6 +79,8 @@ __all__ = [
     "InputConfig",
     "LoggingConfig",
     "LossWeights",
+    "MIT_ENCODERS",
+    "MODEL_CONFIGS",
     "MeanTeacherConfig",
     "ModelConfig",
     "OptimizerConfig",
@@ -83,6 +90,7 @@ __all__ = [
     "Recalibration",
     "Schedule",
     "Section",
+    "SegFormerConfig",
     "SelectorConfig",
     "SelfTrainConfig",
     "SgdOptimizerConfig",
@@ -96,6 +104,7 @@ __all__ = [
     "config_schema",
     "hashed_config",
     "load_config",
+    "parse_model_config",
     "stage_config",
     "stage_hash",
 ]
@@ -135,7 +144,7 @@ class Config(Section):
         "warmup and self-train (the CPU always runs fp32)")
     data: DataConfig
     input: InputConfig = InputConfig()
-    model: ModelConfig = ModelConfig()
+    model: ModelConfig = DeepLabV2Config()
     warmup: WarmupConfig = WarmupConfig()
     generate_pseudo: GeneratePseudoConfig = GeneratePseudoConfig()
     self_train: SelfTrainConfig = SelfTrainConfig()
@@ -143,6 +152,16 @@ class Config(Section):
     evaluate: EvaluateConfig = EvaluateConfig()
     pipeline: PipelineConfig = PipelineConfig()
     logging: LoggingConfig = LoggingConfig()
+
+    @model_validator(mode="after")
+    def _check_mit_input(self) -> Config:
+        # A MiT's stage-1 attention reduces its 1/4-size tokens by an 8×8 conv: a crop under
+        # 32 pixels fails inside the encoder.
+        if isinstance(self.model, SegFormerConfig) and min(self.input.crop_size) < MIT_MIN_SIZE:
+            raise ValueError(f"input.crop_size {self.input.crop_size} is too small for a MiT "
+                             f"encoder, which needs at least {MIT_MIN_SIZE} pixels each way "
+                             "(a multiple of 32 wastes none)")
+        return self
 
 
 # Which sections each stage depends on: the part of the config its artifact records and hashes.
@@ -166,7 +185,7 @@ UNHASHED: dict[str, tuple[str, ...]] = {
     "prepare_data": ("data.workers",),
     "warmup": ("warmup.runtime.prefetch", "warmup.runtime.num_workers"),
     "generate_pseudo": ("generate_pseudo.inference.num_workers",),
-    "self_train": ("model.init", "self_train.runtime.prefetch", "self_train.runtime.num_workers",
+    "self_train": ("model.init", "model.init_weights", "self_train.runtime.prefetch", "self_train.runtime.num_workers",
                    "self_train.reference_batch"),
     "update_offline": ("update_offline.inference.num_workers",),
     "evaluate": ("evaluate.inference.num_workers",),
@@ -185,6 +204,8 @@ NEUTRAL: dict[str, Any] = {
     "self_train.recalibrate_batch_size": None,
     # the optimizer choice: sgd is the optimizer of every run made before it
     # (docs/method.md#optimisation)
+    # the model family: deeplabv2 is the model of every run made before the choice
+    "model.name": "deeplabv2",
     "warmup.optimizer.name": "sgd",
     "self_train.optimizer.name": "sgd",
     # rare-class sampling, off unless enabled (docs/method.md#rare-class-sampling)
@@ -193,6 +214,20 @@ NEUTRAL: dict[str, Any] = {
     "input.rare_class_sampling.min_pixels": 3000,
     "input.rare_class_sampling.min_crop_ratio": 0.5,
 }
+
+
+MIT_MIN_SIZE = 32
+
+
+class _ModelSection(Section):
+    model: ModelConfig
+
+
+def parse_model_config(data: Any) -> DeepLabV2Config | SegFormerConfig:
+    """A recorded `model` section (a checkpoint's, a manifest's) as its family's model; one
+    without a `name` is a DeepLabV2, as every section written before the choice. Raises
+    pydantic's ValidationError, whose locations start with `model`."""
+    return _ModelSection.model_validate({"model": data}).model
 
 
 def stage_config(config: Config, stage: str) -> dict[str, Any]:

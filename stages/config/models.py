@@ -10,7 +10,7 @@ share.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
     BaseModel,
@@ -162,7 +162,7 @@ class InputConfig(Section):
 # -------------------------------------------------------------------------------------- model
 
 
-class ModelConfig(Section):
+class DeepLabV2Config(Section):
     """DeepLabV2 and its initial weights (docs/method.md, the network).
 
     `style` picks the ResNet layout: `torchvision` (IAST's: stride on a block's 3×3 conv, the
@@ -174,6 +174,11 @@ class ModelConfig(Section):
     ImageNet weights), or the path of a weights file or checkpoint artifact.
     """
 
+    # Keys beside the backbone that change the function a model's weights compute: a checkpoint
+    # loads only into a config that agrees on them (dropout and the like only change training).
+    FUNCTION_KEYS: ClassVar[tuple[str, ...]] = ("style", "normalization", "aspp_rates")
+
+    name: Literal["deeplabv2"] = "deeplabv2"
     backbone: Literal["resnet101", "resnet50", "resnet18"] = "resnet101"
     style: Literal["torchvision", "caffe"] = Field(
         default="torchvision",
@@ -189,8 +194,13 @@ class ModelConfig(Section):
                       description="initial weights: none, imagenet, or a weights file or "
                                   "checkpoint artifact path")
 
+    def describe(self) -> str:
+        """The network in words: `DeepLabV2 resnet18 (width × 0.5)`."""
+        width = "" if self.width_multiplier == 1.0 else f" (width × {self.width_multiplier:g})"
+        return f"DeepLabV2 {self.backbone}{width}"
+
     @model_validator(mode="after")
-    def _check(self) -> ModelConfig:
+    def _check(self) -> DeepLabV2Config:
         if self.width_multiplier != 1.0 and self.backbone != "resnet18":
             raise ValueError("model.width_multiplier is only supported for backbone resnet18")
         if self.style == "caffe" and self.backbone == "resnet18":
@@ -206,6 +216,82 @@ class ModelConfig(Section):
                              "weights: set model.backbone to resnet50 or resnet101, "
                              "model.style: torchvision and model.normalization: imagenet_rgb")
         return self
+
+
+MIT_ENCODERS = ("mit_b0", "mit_b1", "mit_b2", "mit_b3", "mit_b4", "mit_b5")
+
+
+class SegFormerConfig(Section):
+    """A Mix Transformer (MiT-B0…B5) encoder with a SegFormer or DAFormer decoder head
+    (docs/method.md#the-segformer-family).
+
+    `head: daformer` is DAFormer's context-aware fusion (each stage embedded to
+    `embedding_dim` channels by a linear layer, upsampled to stride 4, concatenated, fused by an
+    ASPP of depthwise-separable convs with dilations 1, 6, 12, 18 and BN); `head: segformer` is
+    SegFormer's all-MLP head (the same embeddings fused by a 1×1 conv with BN). The encoder has
+    LayerNorm only; BatchNorm lives in the head. `init` as for DeepLabV2: `none`, or the path of
+    an NVlabs ImageNet MiT file, a DAFormer checkpoint or a duda checkpoint of this family.
+    """
+
+    FUNCTION_KEYS: ClassVar[tuple[str, ...]] = ("head", "embedding_dim", "fusion_dilations",
+                                                "normalization")
+
+    name: Literal["segformer"]
+    backbone: Literal["mit_b0", "mit_b1", "mit_b2", "mit_b3", "mit_b4", "mit_b5"] = "mit_b5"
+    head: Literal["daformer", "segformer"] = Field(
+        default="daformer", description="daformer (context-aware fusion) or segformer (all-MLP)")
+    embedding_dim: int = Field(default=256, ge=1, description="channels of each stage's "
+                               "embedding and of the fused features (DAFormer: 256)")
+    fusion_dilations: list[int] = Field(
+        default_factory=lambda: [1, 6, 12, 18],
+        description="daformer head: the fusion ASPP's dilations (1 is a 1×1 conv)")
+    dropout: float = Field(default=0.1, ge=0.0, lt=1.0,
+                           description="Dropout2d before the 1×1 classifier (DAFormer: 0.1)")
+    drop_path_rate: float = Field(default=0.1, ge=0.0, lt=1.0,
+                                  description="the encoder's stochastic depth (DAFormer: 0.1)")
+    normalization: Literal["imagenet_rgb"] = Field(
+        default="imagenet_rgb", description="MiT is trained on RGB with ImageNet mean and std")
+    init: str = Field(default="none",
+                      description="initial weights: none, or the path of an NVlabs MiT file, a "
+                                  "DAFormer checkpoint or a duda checkpoint artifact")
+    init_weights: Literal["teacher", "student"] = Field(
+        default="teacher", description="which model of a checkpoint holding two (a DAFormer "
+                                       "checkpoint, a duda self-train checkpoint) to load")
+
+    def describe(self) -> str:
+        """The network in words: `SegFormer mit_b5 with the daformer head`."""
+        return f"SegFormer {self.backbone} with the {self.head} head"
+
+    @model_validator(mode="after")
+    def _check(self) -> SegFormerConfig:
+        if not self.init.strip():
+            raise ValueError("model.init is empty: set it to none, or the path of an NVlabs MiT "
+                             "file, a DAFormer checkpoint or a duda checkpoint artifact")
+        if self.init == "imagenet":
+            raise ValueError("model.init: imagenet names torchvision's ResNet weights, which a "
+                             "MiT encoder cannot load: pass the path of NVlabs' ImageNet "
+                             f"{self.backbone}.pth instead")
+        if self.head == "daformer" and (not self.fusion_dilations
+                                        or min(self.fusion_dilations) < 1):
+            raise ValueError("model.fusion_dilations must be a non-empty list of dilations >= 1, "
+                             f"got {self.fusion_dilations}")
+        return self
+
+
+def _model_variant(data: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+    """`model: segformer` is shorthand for `{name: segformer}`. A section without a `name` is
+    deeplabv2, the model of every config written before the choice; it is validated on its own,
+    so its errors name its keys where they always were (`model.backbone`, no variant)."""
+    data = _named_variant({"model": data}, "model")["model"]
+    if isinstance(data, dict) and data.get("name", "deeplabv2") == "deeplabv2":
+        return DeepLabV2Config.model_validate(data)
+    return handler(data)
+
+
+# The model family: a tagged union on `name` (docs/design.md#configuration).
+ModelConfig = Annotated[DeepLabV2Config | SegFormerConfig,
+                        WrapValidator(_model_variant), Field(discriminator="name")]
+MODEL_CONFIGS = (DeepLabV2Config, SegFormerConfig)
 
 
 class SgdOptimizerConfig(Section):

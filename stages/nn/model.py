@@ -1,4 +1,12 @@
-"""DeepLabV2 with a dilated ResNet backbone, and its optimiser parameter groups.
+"""The model families (`MODELS`, `build_model`), DeepLabV2 with a dilated ResNet backbone, and
+the optimiser parameter groups of either family.
+
+`model.name` picks the family: `deeplabv2` (below) or `segformer` (a Mix Transformer encoder with
+a SegFormer or DAFormer head, stages.nn.segformer). Every model takes normalised images
+(B, 3, H, W) and returns logits (B, num_classes, H, W) at input resolution, keeps its config in
+`.config` and its class count in `.num_classes`, and names its parameters `backbone.*` (the
+encoder, at the backbone's learning rate) or otherwise (the head); everything downstream (the
+step, the teacher, the losses, inference, DDP, AMP, the store) uses that interface only.
 
 The model is `backbone` (a ResNet of output stride 8), an optional `Dropout2d` (DUDA's p = 0.5),
 and `classifier`, the four-branch ASPP of DeepLabV2 whose branch outputs are summed. Logits are
@@ -25,7 +33,8 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models import resnet as tv_resnet
 
-from stages.config import ModelConfig
+from stages.config import DeepLabV2Config, ModelConfig
+from stages.nn.segformer import SegFormer
 
 BACKBONE_PREFIX = "backbone."
 HEAD_PREFIX = "classifier."
@@ -143,7 +152,7 @@ def _torchvision_resnet(layers: list[int]) -> tv_resnet.ResNet:
 BOTTLENECK_LAYERS = {"resnet50": [3, 4, 6, 3], "resnet101": [3, 4, 23, 3]}
 
 # (model.backbone, model.style) -> the ResNet whose conv1 … layer4 become the backbone.
-BACKBONES: dict[tuple[str, str], Callable[[ModelConfig], tv_resnet.ResNet]] = {
+BACKBONES: dict[tuple[str, str], Callable[[DeepLabV2Config], tv_resnet.ResNet]] = {
     ("resnet101", "torchvision"): lambda cfg: _torchvision_resnet(BOTTLENECK_LAYERS["resnet101"]),
     ("resnet101", "caffe"): lambda cfg: _caffe_resnet(BOTTLENECK_LAYERS["resnet101"]),
     ("resnet50", "torchvision"): lambda cfg: _torchvision_resnet(BOTTLENECK_LAYERS["resnet50"]),
@@ -178,7 +187,7 @@ class ASPP(nn.Module):
 class DeepLabV2(nn.Module):
     """forward(x: (B, 3, H, W) normalised float) -> logits (B, num_classes, H, W) float."""
 
-    def __init__(self, config: ModelConfig, num_classes: int) -> None:
+    def __init__(self, config: DeepLabV2Config, num_classes: int) -> None:
         super().__init__()
         self.config = config
         self.num_classes = num_classes
@@ -207,11 +216,19 @@ def freeze_batchnorm_affine(model: nn.Module) -> None:
                 parameter.requires_grad_(False)
 
 
-def build_model(cfg: ModelConfig, num_classes: int) -> DeepLabV2:
-    """A randomly initialised DeepLabV2 for `num_classes` classes (weights: stages.artifacts.weights)."""
+# model.name -> the family's model class, built from its config section and the class count.
+MODELS: dict[str, Callable[[Any, int], nn.Module]] = {
+    "deeplabv2": DeepLabV2,
+    "segformer": SegFormer,
+}
+
+
+def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
+    """A randomly initialised model of `cfg`'s family for `num_classes` classes (weights:
+    stages.artifacts.weights)."""
     if num_classes < 1:
         raise ValueError(f"num_classes must be positive, got {num_classes}")
-    return DeepLabV2(cfg, num_classes)
+    return MODELS[cfg.name](cfg, num_classes)
 
 
 def parameter_groups(model: nn.Module, lr: float, backbone_lr_multiplier: float,
