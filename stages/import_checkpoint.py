@@ -1,20 +1,26 @@
 """The `import-checkpoint` stage: an external state dict becomes a checkpoint artifact, untrained.
 
 The weights (a DUDA reference snapshot, its mean teacher included; an IAST, FDA or AdaptSegNet
-snapshot; the Caffe DeepLab or a torchvision ImageNet init; a duda checkpoint or its `model.pt`)
-are mapped key by key with shape checks onto a model built from `config.model`
-(`stages.artifacts.weights.import_weights`), and written as `model.pt` with the same weights as student
-and teacher, iteration 0. The artifact is a `duda.checkpoint` like warmup's, so `self-train`,
-`generate-pseudo`, `evaluate` and `predict` take it as their `--checkpoint`.
+snapshot; the Caffe DeepLab or a torchvision ImageNet init; NVlabs' ImageNet MiT or a DAFormer
+checkpoint for a SegFormer; a duda checkpoint of either family or its `model.pt`) are mapped key
+by key with shape checks onto a model built from `config.model`
+(`stages.artifacts.weights.import_weights`), and written as `model.pt` with the same weights as
+student and teacher, iteration 0. The artifact is a `duda.checkpoint` like warmup's, so
+`self-train`, `generate-pseudo`, `evaluate` and `predict` take it as their `--checkpoint`. Of a
+file holding two models (a DAFormer checkpoint's student `model.*` and EMA teacher
+`ema_model.*`, a duda self-train checkpoint's student and mean teacher) the one `weights` names
+is imported: by default the config's `model.init_weights` (SegFormer; the teacher unless set),
+the teacher for a DeepLabV2.
 
 The class names come from a dataset index when one is given, else from the config's data
 section (the 19 Cityscapes classes for every layout but `folder`, whose classes it names). The
 manifest's input is the weights file, named by the SHA-256 of its bytes (or the checkpoint
 artifact it came from), and its summary holds the mapping table: the format and lineage, the
-counts of mapped, unused and missing tensors, each unused key with its reason, and the
-assumptions made. Anything that does not fit — a missing or mis-shaped tensor, another class
-count, weights of another layout, a file that is not a state dict — is a DudaError and leaves no
-output behind.
+model family (and a DeepLabV2's style), which of two models was imported, the counts of mapped,
+unused and missing tensors, each unused key with its reason, and the assumptions made. Anything
+that does not fit — a missing or mis-shaped tensor, another class count, weights of another
+layout or model family, a file that is not a state dict — is a DudaError and leaves no output
+behind.
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ from stages.artifacts.checkpoint import (
     write_model_file,
 )
 from stages.artifacts.manifest import CHECKPOINT, MANIFEST, ArtifactRef, StageResult, file_digest
-from stages.artifacts.weights import FORMATS, Format, ImportReport, import_weights
+from stages.artifacts.weights import FORMATS, WHICH, Format, ImportReport, import_weights
 from stages.artifacts.writer import ArtifactWriter
 from stages.config import Config, config_hash
 from stages.data.classes import ClassTable, class_table
@@ -47,14 +53,17 @@ WEIGHTS = "weights"  # the kind recorded for an input that is a plain weights fi
 
 def run(config: Config, source: str | Path, out: str | Path, *, data: str | Path | None = None,
         zero_aspp_branches: Sequence[int] = (), format: str | None = None,
-        force: bool = False, reporter: Reporter | None = None) -> StageResult:
+        weights: str | None = None, force: bool = False,
+        reporter: Reporter | None = None) -> StageResult:
     """Import the weights at `source` into a model of `config.model`; write the checkpoint
     artifact at `out`.
 
     `data`: a dataset index whose class table names the classes (default: the config's).
     `zero_aspp_branches`: classifier branches set to zero after loading ((2, 3) reproduces
-    AdaptSegNet's single-level model). `format`: one of `stages.artifacts.weights.FORMATS`, overriding
-    the detection from key names.
+    AdaptSegNet's single-level model; DeepLabV2 only). `format`: one of
+    `stages.artifacts.weights.FORMATS`, overriding the detection from key names. `weights`:
+    "teacher" or "student", the model to import from a file holding two; None: the config's
+    `model.init_weights` (a SegFormer's), else the teacher.
     """
     reporter = reporter or Reporter()
     source = Path(source).expanduser()
@@ -62,6 +71,16 @@ def run(config: Config, source: str | Path, out: str | Path, *, data: str | Path
         raise DudaError(f"unknown weights format {format!r}",
                         f"use one of {', '.join(get_args(Format))}, or leave --format out to "
                         "detect it from the key names")
+    if weights is not None and weights not in WHICH:
+        raise DudaError(f"unknown --weights {weights!r}: it names the model to import from a "
+                        "file holding two",
+                        "use --weights teacher (DAFormer's ema_model.*, a duda mean teacher) or "
+                        "--weights student (DAFormer's model.*, a duda student)")
+    if zero_aspp_branches and config.model.name != "deeplabv2":
+        raise DudaError(f"--zero-aspp-branches applies to DeepLabV2's summed ASPP classifier, but "
+                        f"model.name is {config.model.name} (a {config.model.describe()}, whose "
+                        "head has no such branches)",
+                        "leave --zero-aspp-branches out for a SegFormer")
     inputs = {WEIGHTS: _source_ref(source)}
     if data is not None:
         index = load_dataset_index(data)
@@ -70,11 +89,14 @@ def run(config: Config, source: str | Path, out: str | Path, *, data: str | Path
     else:
         classes = class_table(config.data)
     branches = tuple(sorted({int(branch) for branch in zero_aspp_branches}))
+    options: dict[str, Any] = {"format": format, "zero_aspp_branches": list(branches),
+                               "class_names": list(classes.names)}
+    if weights is not None:
+        options["weights"] = weights  # recorded only when given: earlier imports keep their hash
     section: dict[str, Any] = {
         "seed": config.seed,
         "model": config.model.model_dump(mode="json"),
-        STAGE: {"format": format, "zero_aspp_branches": list(branches),
-                "class_names": list(classes.names)},
+        STAGE: options,
     }
     with ArtifactWriter(out, kind=CHECKPOINT, stage=STAGE, config=section,
                         config_hash=config_hash(section), inputs=inputs, force=force) as writer:
@@ -85,8 +107,8 @@ def run(config: Config, source: str | Path, out: str | Path, *, data: str | Path
         torch.manual_seed(config.seed)
         model = build_model(config.model, classes.num_classes)
         report = import_weights(model, source, config=config.model,
-                                zero_aspp_branches=branches,
-                                format=format)  # type: ignore[arg-type]
+                                zero_aspp_branches=branches, format=format,  # type: ignore[arg-type]
+                                weights=weights)  # type: ignore[arg-type]
         if report.format == "duda":
             _check_duda_classes(source, classes)
         reporter.info(report.summary())
@@ -131,15 +153,20 @@ def _check_duda_classes(source: Path, classes: ClassTable) -> None:
 
 def _summary(report: ImportReport, config: Config, classes: ClassTable) -> dict[str, Any]:
     """The manifest summary: what a warmup checkpoint records, and the mapping table."""
+    model: dict[str, Any] = {"model": config.model.name, "backbone": config.model.backbone}
+    if config.model.name == "deeplabv2":
+        model["style"] = config.model.style
+    else:
+        model["head"] = config.model.head
     return {
         "iteration": 0,
-        "backbone": config.model.backbone,
-        "style": config.model.style,
+        **model,
         "num_classes": classes.num_classes,
         "format": report.format,
         "description": report.description,
         "lineage": report.lineage,
         "source": report.source,
+        "weights": report.weights,
         "mapped": len(report.mapped),
         "unused": [{"key": key, "reason": reason} for key, reason in report.unused],
         "missing": list(report.missing),

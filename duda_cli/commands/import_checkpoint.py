@@ -20,11 +20,21 @@ Source = Annotated[Path, typer.Argument(
     help="Weights file (torch.save state dict) or duda checkpoint artifact.", show_default=False)]
 ZeroBranches = Annotated[str | None, typer.Option(
     "--zero-aspp-branches", metavar="I,J",
-    help="Classifier branches to zero after loading; 2,3 reproduces AdaptSegNet's single-level "
-         "model (its ASPP returns after branches 0 and 1).", show_default=False)]
+    help="DeepLabV2 classifier branches to zero after loading; 2,3 reproduces AdaptSegNet's "
+         "single-level model (its ASPP returns after branches 0 and 1).", show_default=False)]
 Format = Annotated[str | None, typer.Option(
-    "--format", help="Weights format, instead of detecting it from the key names: torchvision, "
-                     "deeplab_init, adaptsegnet, adaptsegnet_multi, duda_reference, iast, duda.",
+    "--format", help="Weights format, instead of detecting it from the key names: for "
+                     "model.name deeplabv2 torchvision, deeplab_init, adaptsegnet, "
+                     "adaptsegnet_multi, duda_reference, iast; for model.name segformer mit "
+                     "(NVlabs' ImageNet mit_b0.pth … mit_b5.pth), daformer (a DAFormer "
+                     "checkpoint); for either duda.",
+    show_default=False)]
+Weights = Annotated[str | None, typer.Option(
+    "--weights", metavar="teacher|student",
+    help="Which model to import from a file holding two: teacher (a DAFormer checkpoint's EMA "
+         "teacher ema_model.*, a duda self-train checkpoint's mean teacher) or student (DAFormer's "
+         "model.*, the model DAFormer evaluates; a duda student). Default: the config's "
+         "model.init_weights (teacher unless set; a DeepLabV2 config: teacher).",
     show_default=False)]
 ClassesFrom = Annotated[Path | None, typer.Option(
     "--data", help="Dataset index whose class table names the classes (default: the config's "
@@ -38,16 +48,19 @@ def register(app: typer.Typer) -> None:
 
 def import_checkpoint(source: Source, config: options.Config, out: options.Out = None,
                       data: ClassesFrom = None, zero_aspp_branches: ZeroBranches = None,
-                      format_: Format = None, set_: options.Set = None,
+                      format_: Format = None, weights: Weights = None,
+                      set_: options.Set = None,
                       force: options.Force = False, seed: options.Seed = None,
                       data_root: options.DataRoot = None, as_json: options.Json = False,
                       quiet: options.Quiet = False) -> None:
     """Turn external weights into a checkpoint artifact, without training.
 
-    The model is built from the config's model section (backbone, style, normalization) and
-    every tensor is mapped by name with a shape check; the table lists what was mapped, left
-    unused (and why) or left as initialised. Student and teacher both hold the imported weights,
-    so the artifact is a --checkpoint for self-train, generate-pseudo, evaluate and predict.
+    The model is built from the config's model section (model.name deeplabv2: backbone, style,
+    normalization; segformer: backbone, head, embedding_dim) and every tensor is mapped by name
+    with a shape check; the table lists what was mapped, left unused (and why) or left as
+    initialised. Of a DAFormer or duda self-train checkpoint, --weights picks the teacher or
+    the student. Student and teacher of the artifact both hold the imported weights, so it is a
+    --checkpoint for self-train, generate-pseudo, evaluate and predict.
     """
     from stages import import_checkpoint as stage  # imported here: `duda --help` stays fast
 
@@ -56,7 +69,7 @@ def import_checkpoint(source: Source, config: options.Config, out: options.Out =
         cfg = load(config, set_, seed, data_root)
         return stage.run(cfg, source, default_path(cfg, out, "import_checkpoint"), data=data,
                          zero_aspp_branches=parse_branches(zero_aspp_branches), format=format_,
-                         force=force, reporter=reporter)
+                         weights=weights, force=force, reporter=reporter)
 
     run_stage(run, what="checkpoint", table=lambda result: _table(result.manifest.summary),
               as_json=as_json, quiet=quiet)
@@ -75,7 +88,8 @@ def parse_branches(text: str | None) -> tuple[int, ...]:
 
 
 def _table(summary: dict) -> Table:
-    table = Table(title=f"imported {summary.get('description', '')} "
+    which = f"the {summary['weights']} of " if summary.get("weights") else ""
+    table = Table(title=f"imported {which}{summary.get('description', '')} "
                         f"({summary.get('format', '')}, {summary.get('lineage', '')} lineage)")
     table.add_column("tensors")
     table.add_column("count", justify="right")
@@ -98,6 +112,7 @@ def _table(summary: dict) -> Table:
 
 
 def _groups(keys: list[str]) -> list[str]:
-    """Model keys grouped by their first two name parts: 'classifier.branches.*' (8)."""
+    """Model keys grouped by their first two name parts: 'classifier.branches.*' (8),
+    'decode_head.embed_layers.*' (8)."""
     counts = Counter(".".join(key.split(".")[:2]) for key in keys)
     return [f"{group}.* ({count})" for group, count in counts.items()]

@@ -14,8 +14,10 @@ from stages.artifacts.manifest import StageResult
 from stages.runtime.progress import Reporter
 
 Init = Annotated[Path | None, typer.Option(
-    "--init", help="Initial weights: a torchvision ImageNet ResNet state dict, a checkpoint "
-    "artifact, or an external DeepLabV2 checkpoint.", show_default=False)]
+    "--init", help="Initial weights (model.init): for model.name deeplabv2 a torchvision "
+    "ImageNet ResNet state dict or an external DeepLabV2 checkpoint; for segformer NVlabs' "
+    "ImageNet mit_b0.pth … mit_b5.pth or a DAFormer checkpoint (its model.init_weights: teacher "
+    "or student); for either a duda checkpoint artifact.", show_default=False)]
 
 
 def register(app: typer.Typer) -> None:
