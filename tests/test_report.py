@@ -7,6 +7,7 @@ import base64
 import csv
 import io
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from stages.artifacts.manifest import (
 )
 from stages.artifacts.writer import ArtifactWriter
 from stages.figures import plots
+from stages.figures.inputs import adabn_label, open_artifacts
 from stages.method.offline import CHANGES
 
 runner = CliRunner()
@@ -414,3 +416,53 @@ def test_class_names_are_literal_text_in_comparison_md(tmp_path: Path) -> None:
     assert "| a\\|b \\*c\\* | 25.0 |" in markdown  # one cell, no emphasis
     rows = {row[0]: row[1:] for row in csv.reader((tmp_path / "report" / "comparison.csv").open())}
     assert rows[hostile] == ["50.00"]  # the CSV keeps the name as it is
+
+
+def _recalibrated_evaluation(root: Path, model: dict | None, recalibrated: bool = True) -> Path:
+    """An evaluation of a warmup checkpoint whose manifest records `model` (None: no model
+    section), with or without BN recalibration."""
+    checkpoint = _artifact(root / "warmup", CHECKPOINT, "warmup", {},
+                           config={} if model is None else {"model": model})
+    content = {"miou": 0.5, "per_class": {"road": 0.5}, "primary_protocol": "19",
+               "protocol": {"domain": "target", "split": "val", "images": 2, "model": "student",
+                            "iteration": 40, "bn_recalibration": {"applied": True}
+                            if recalibrated else None}}
+    ref = ArtifactRef(kind=CHECKPOINT, id="warmup", path=str(checkpoint.resolve()))
+    return _artifact(root / "evaluate_adabn", EVALUATION, "evaluate",
+                     {"report.json": json.dumps(content)}, inputs={"checkpoint": ref})
+
+
+SEGFORMER_SCOPE = "BN recalibrated on target-train (decoder BN only: the MiT encoder has LayerNorm)"
+
+
+def test_a_segformer_evaluation_with_adabn_says_only_the_decoder_bn_was_recalibrated(
+        tmp_path: Path) -> None:
+    segformer = {"name": "segformer", "backbone": "mit_b0", "head": "daformer"}
+    path = _recalibrated_evaluation(tmp_path / "mit", segformer)
+    [evaluation] = open_artifacts(path, "evaluate_adabn")
+    assert evaluation.model_name == "segformer"
+    assert evaluation.headline == ("mIoU-19 50.0 on target/val (2 images), student at iteration "
+                                   f"40, {SEGFORMER_SCOPE}")
+    # Without recalibration there is nothing to qualify.
+    path = _recalibrated_evaluation(tmp_path / "plain", segformer, recalibrated=False)
+    assert "BN" not in open_artifacts(path, "evaluate_warmup")[0].headline
+
+
+@pytest.mark.parametrize("model", [{"backbone": "resnet18"}, {"name": "deeplabv2"}, None])
+def test_a_deeplab_evaluation_with_adabn_is_named_as_before(tmp_path: Path,
+                                                            model: dict | None) -> None:
+    # A model section without a name (every checkpoint written before the choice) is a
+    # DeepLabV2, every BN of which is recalibrated: the headline is as it always was.
+    [evaluation] = open_artifacts(_recalibrated_evaluation(tmp_path, model), "evaluate_adabn")
+    assert evaluation.model_name == (None if model is None else "deeplabv2")
+    assert evaluation.headline == ("mIoU-19 50.0 on target/val (2 images), student at iteration "
+                                   "40")
+
+
+def test_an_evaluation_whose_checkpoint_is_gone_is_still_drawn(tmp_path: Path) -> None:
+    path = _recalibrated_evaluation(tmp_path, {"name": "segformer"})
+    shutil.rmtree(tmp_path / "warmup")
+    [evaluation] = open_artifacts(path, "evaluate_adabn")
+    assert evaluation.model_name is None and "BN" not in evaluation.headline
+    assert adabn_label(None) == adabn_label("deeplabv2") == "AdaBN"
+    assert adabn_label("segformer") == "AdaBN (decoder BN only: the MiT encoder has LayerNorm)"

@@ -48,17 +48,16 @@ def run(config: options.Config, out: Root = None, init: Init = None, set_: optio
         root = out if out is not None else Path("runs") / cfg.experiment
         result = pipeline.run(cfg, root, init=init, force=force, device=device,
                               reporter=ConsoleReporter(quiet))
-    rows = {"source-only": result.stages["evaluate_warmup"],
-            "source-only + AdaBN": result.stages["evaluate_adabn"],
-            "DUDA (mean teacher)": result.final}
-    summaries = {name: stage.manifest.summary for name, stage in rows.items()}
+    # source-only, + AdaBN (named by what it recomputes), DUDA (named by its teacher)
+    summaries = {name: stage.manifest.summary for name, stage in result.comparison.items()}
+    final = result.final.manifest.summary
     if as_json:
         print(json.dumps({
-            "artifact": str(result.final.path), "summary": summaries["DUDA (mean teacher)"],
+            "artifact": str(result.final.path), "summary": final,
             "stages": {name: str(r.path) for name, r in result.stages.items()},
-            "warmup_miou": summaries["source-only"]["miou"],
-            "adabn_miou": summaries["source-only + AdaBN"]["miou"],
-            "protocol": summaries["DUDA (mean teacher)"].get("primary_protocol"),
+            "warmup_miou": result.stages["evaluate_warmup"].manifest.summary["miou"],
+            "adabn_miou": result.stages["evaluate_adabn"].manifest.summary["miou"],
+            "protocol": final.get("primary_protocol"),
             "comparison": {name: {"miou_by_protocol": summary["miou_by_protocol"],
                                   "per_class": summary["per_class"]}
                            for name, summary in summaries.items()}}))

@@ -5,6 +5,10 @@ killed mid-write, is skipped and counted), its manifest and, for a run still in 
 folder with `metrics.jsonl` and no manifest), its `train_state.pt` for the planned length. An
 evaluation artifact is read through its `report.json` and saved predictions. Anything else is a
 `Skipped` entry that says why, so the report can draw what it can and list the rest.
+
+An evaluation also knows the model family of the checkpoint it evaluated (from that checkpoint's
+manifest), so that a BN recalibration is named by what it recomputed: every BN of a DeepLabV2,
+only the decoder's of a SegFormer, whose MiT encoder has LayerNorm (`adabn_label`).
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from stages.artifacts.manifest import (
     read_manifest,
 )
 from stages.artifacts.writer import partial_path
+from stages.config import parse_model_config
 from stages.runtime.errors import DudaError
 
 EVALUATION_REPORT = "report.json"  # what `duda evaluate` writes
@@ -39,6 +44,19 @@ PREDICTIONS_DIR = "predictions"
 MAX_PANELS = 4  # prediction panels embedded per evaluation
 
 logger = logging.getLogger("duda")
+
+# What a BN recalibration (AdaBN, on a source-only model) recomputes, by model family, where it
+# is not every normalisation of the network: a MiT encoder normalises with LayerNorm, which keeps
+# no running statistics, so only the BatchNorm of the decoder head is recomputed.
+RECALIBRATION_SCOPE = {"segformer": "decoder BN only: the MiT encoder has LayerNorm"}
+
+
+def adabn_label(model_name: str | None) -> str:
+    """AdaBN (BN statistics recomputed on target-train) named for the model family `model_name`
+    (`model.name`): `AdaBN`, or `AdaBN (decoder BN only: the MiT encoder has LayerNorm)` for
+    a segformer."""
+    scope = RECALIBRATION_SCOPE.get(model_name or "")
+    return f"AdaBN ({scope})" if scope else "AdaBN"
 
 def is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
@@ -190,6 +208,7 @@ class Evaluation:
     report: dict[str, Any]
     predictions: list[Path]
     prediction_caption: str
+    model_name: str | None = None  # the evaluated checkpoint's model family, if known
 
     @property
     def ref(self) -> ArtifactRef:
@@ -215,6 +234,9 @@ class Evaluation:
                 f"({protocol.get('images', '?')} images)")
         if protocol.get("model"):
             text += f", {protocol['model']} at iteration {protocol.get('iteration', '?')}"
+        scope = RECALIBRATION_SCOPE.get(self.model_name or "")
+        if protocol.get("bn_recalibration") and scope:
+            text += f", BN recalibrated on target-train ({scope})"
         return text
 
 
@@ -391,7 +413,22 @@ def _evaluation(path: Path, name: str, manifest: Manifest) -> Evaluation | Skipp
         return Skipped(path, f"is an evaluation whose {EVALUATION_REPORT} is missing or "
                        "unreadable", "rebuild it with `duda evaluate --force`")
     predictions, caption = _prediction_images(path / PREDICTIONS_DIR)
-    return Evaluation(name, path, manifest, report, predictions, caption)
+    return Evaluation(name, path, manifest, report, predictions, caption,
+                      _model_family(manifest))
+
+
+def _model_family(manifest: Manifest) -> str | None:
+    """`model.name` of the checkpoint an evaluation evaluated, from that checkpoint's manifest
+    (a model section without a name is a deeplabv2); None where it cannot be read (the
+    checkpoint moved or was deleted since)."""
+    ref = manifest.inputs.get("checkpoint")
+    if ref is None:
+        return None
+    try:
+        model = read_manifest(Path(ref.path)).config.get("model")
+        return None if model is None else parse_model_config(model).name
+    except (DudaError, OSError, ValueError):  # pydantic's ValidationError is a ValueError
+        return None
 
 
 def _prediction_images(folder: Path) -> tuple[list[Path], str]:
